@@ -1,0 +1,5 @@
+import sys
+
+from hwrel.cli import main
+
+sys.exit(main())
