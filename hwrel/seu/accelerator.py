@@ -18,12 +18,11 @@ from typing import Any
 import pandas as pd
 
 from hwrel.errors import HwrelError
+from hwrel.formats import parse_format
 
 CONFIDENCES = ("verified", "secondary", "assumed")
 PROTECTIONS = ("none", "parity", "secded")
 HOLDS = ("weights", "activations", "accumulators")
-FLOAT_FORMATS = ("fp32", "fp16", "bf16", "fp8_e4m3", "fp8_e5m2")
-_INT_FORMAT = re.compile(r"u?int([2-9]|[12][0-9]|3[0-2])")
 _SLUG = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*")
 ENV_DIR = "HWREL_ACCELERATORS"
 
@@ -261,7 +260,8 @@ def _strings(d: dict[str, Any], key: str, path: Path, where: str) -> tuple[str, 
 def _unknown_keys(d: dict[str, Any], allowed: set[str], path: Path, where: str) -> None:
     extra = sorted(set(d) - allowed)
     if extra:
-        raise _fail(path, f"{where}{extra[0]}", f"unknown field (valid: {', '.join(sorted(allowed))})")
+        valid = ", ".join(sorted(allowed))
+        raise _fail(path, f"{where}{extra[0]}", f"unknown field (valid: {valid})")
 
 
 def _confidence(d: dict[str, Any], numbers: tuple[str, ...], extra: tuple[str, ...], path: Path,
@@ -283,9 +283,13 @@ def _confidence(d: dict[str, Any], numbers: tuple[str, ...], extra: tuple[str, .
 
 
 def _check_format(name: str, path: Path) -> None:
-    if name not in FLOAT_FORMATS and not _INT_FORMAT.fullmatch(name):
-        raise _fail(path, "formats", f"unknown format {name!r} (valid: int2..int32, uint2..uint32, "
-                    f"{', '.join(FLOAT_FORMATS)})")
+    # One vocabulary with the flip arithmetic: names must be hwrel.formats' canonical ones.
+    try:
+        canonical = parse_format(name).name
+    except HwrelError as exc:
+        raise _fail(path, "formats", _one_line(str(exc))) from None
+    if canonical != name:
+        raise _fail(path, "formats", f"write {name!r} as its canonical name {canonical!r}")
 
 
 def _protection(m: dict[str, Any], word_bits: int, path: Path, where: str) -> Protection:
@@ -338,7 +342,8 @@ def _memory(m: Any, index: int, path: Path) -> Memory:
         if not text.strip():
             raise _fail(path, f"{where}{key}", "empty: every number needs its source")
     off_chip = _get(m, "off_chip", bool, path, where, required=False, default=False)
-    mbu = float(_number(m, "mbu_fraction", path, where, positive=False, required=False, default=0.0))
+    mbu = float(_number(m, "mbu_fraction", path, where, positive=False, required=False,
+                        default=0.0))
     if mbu > 1:
         raise _fail(path, f"{where}mbu_fraction", f"must be in [0, 1], got {mbu!r}")
     confidence = _confidence(m, _MEMORY_NUMBERS, ("protection", "holds"), path, where)

@@ -218,7 +218,8 @@ def combine_windows(p_window: float, n_windows: float) -> float:
     return -math.expm1(n * math.log1p(-p))
 
 
-def mission_failure_probability(fit: float, hours: float, scrub_hours: float | None = None) -> float:
+def mission_failure_probability(fit: float, hours: float,
+                                scrub_hours: float | None = None) -> float:
     """Probability of at least one failure over a mission of ``hours`` at constant rate ``fit``.
 
     Without scrubbing: ``1 - exp(-fit * 1e-9 * hours)``. With ``scrub_hours``: per window
