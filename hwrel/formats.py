@@ -292,17 +292,25 @@ def _binade_candidates(fmt: FloatFormat, max_abs: float) -> torch.Tensor:
     exponent for mantissa bits and grows with the mantissa for sign and exponent bits, so these
     candidates attain the worst case (checked against exhaustive enumeration in the tests).
     """
-    lim = torch.tensor(max_abs, dtype=torch.float64).to(fmt.torch_dtype)
-    if float(lim) < max_abs:
-        lim = torch.nextafter(lim, torch.tensor(math.inf, dtype=fmt.torch_dtype))
     top = (1 << (fmt.bits - 1)) - (1 << fmt.man_bits) - 1  # largest finite pattern
-    p_lim = min(int(to_bits(fmt, lim)), top) if math.isfinite(float(lim)) else top
+    lim = torch.tensor(max_abs, dtype=torch.float64).to(fmt.torch_dtype)
+    p_lim = int(to_bits(fmt, lim)) if math.isfinite(float(lim)) else top
+    if float(lim) < max_abs:  # patterns of non-negative floats are ordered like their values
+        p_lim += 1
+    p_lim = min(p_lim, top)
     tops = torch.arange(1 << fmt.exp_bits) * (1 << fmt.man_bits) + (1 << fmt.man_bits) - 1
     pats = torch.cat([tops[tops <= p_lim], torch.tensor([p_lim])])
     return from_bits(fmt, pats).to(torch.float64)
 
 
+def _saturates(fmt: FloatFormat) -> bool:
+    """True when torch's cast maps +-Inf to a finite value (fp8_e4m3 has no Inf)."""
+    return math.isfinite(float(torch.tensor(math.inf).to(fmt.torch_dtype)))
+
+
 def _float_worst(fmt: FloatFormat, bit: int, max_abs: float) -> float:
+    if max_abs > torch.finfo(fmt.torch_dtype).max and not _saturates(fmt):
+        return math.inf  # such values may be stored as Inf (a flip then gives Inf or NaN)
     if fmt.bits <= 16:
         vals, deltas, run = _float_table(fmt, bit)
         idx = min(int(torch.searchsorted(vals, torch.tensor([max_abs], dtype=torch.float64))),
@@ -333,10 +341,13 @@ def max_flip_delta(fmt: Format, bit: int, max_abs: float, scale: float = 1.0,
       the code.
     * FloatFormat: the exact worst case over all finite representable values not larger than
       ``max_abs`` rounded up to the format (so it also covers real values ``<= max_abs`` before
-      rounding), itself rounded up to float64. At most ``max_abs * 2^(k-m)`` for mantissa bit ``k``
+      rounding), itself rounded up to float64; ``inf`` when ``max_abs`` exceeds the largest finite
+      value of a format with Inf, as the cast may store Inf. At most ``max_abs * 2^(k-m)`` for mantissa bit ``k``
       in the normal range and ``2 * max_abs`` for the sign when ``max_abs`` is representable; may be
       ``inf`` for exponent bits (Inf/NaN results).
-    * ``clamp=R`` (values read through :func:`range_restrict`): ``min(raw, R + scale * max_abs)``.
+    * ``clamp=R`` (old and new values both read through :func:`range_restrict` at ``R``):
+      IntFormat ``min(raw, R + scale * max_abs)``; FloatFormat ``min(raw, R)`` for non-sign bits and
+      ``min(raw, 2R)`` for the sign, tighter than ``R + max_abs`` because restriction keeps the sign.
     """
     _check_bit_int(fmt, bit)
     s = _positive_finite(scale, "scale")
@@ -350,20 +361,13 @@ def max_flip_delta(fmt: Format, bit: int, max_abs: float, scale: float = 1.0,
     if clamp is None:
         return raw
     r = _positive_finite(clamp, "range-restriction limit")
+    if isinstance(fmt, FloatFormat):
+        # Restricted values keep the stored sign (NaN -> 0): a non-sign flip moves a value within
+        # [0, R] or [-R, 0]; the sign flip maps r(x) to -r(x).
+        return min(raw, r if fmt.bit_role(bit) != "sign" else 2 * r)
     if math.isinf(m):
         return raw
-    # Round |stored| up to the format so the bound covers the stored (rounded) old value.
-    if isinstance(fmt, FloatFormat):
-        m = float(_binade_candidates(fmt, m)[-1]) if fmt.bits > 16 else _float_limit(fmt, m)
     return min(raw, _ceil(Fraction(r) + Fraction(_ceil(Fraction(s) * Fraction(m)))))
-
-
-def _float_limit(fmt: FloatFormat, max_abs: float) -> float:
-    """Smallest finite value of the format >= max_abs (its largest finite value if none)."""
-    vals = _float_table(fmt, 0)[0]
-    idx = min(int(torch.searchsorted(vals, torch.tensor([max_abs], dtype=torch.float64))),
-              len(vals) - 1)
-    return float(vals[idx])
 
 
 # --- quantized integer storage ------------------------------------------------------------------
