@@ -38,7 +38,8 @@ class IntFormat:
     signed: bool = True
 
     def __post_init__(self) -> None:
-        check(isinstance(self.bits, int) and not isinstance(self.bits, bool) and 2 <= self.bits <= 16,
+        ok = isinstance(self.bits, int) and not isinstance(self.bits, bool)
+        check(ok and 2 <= self.bits <= 16,
               f"integer format width {self.bits!r} not supported: use 2..16 bits")
 
     @property
@@ -73,8 +74,8 @@ class FloatFormat:
     def __post_init__(self) -> None:
         width = torch.finfo(self.torch_dtype).bits
         check(1 + self.exp_bits + self.man_bits == width and width in _INT_VIEW,
-              f"float format {self.name}: 1 + {self.exp_bits} + {self.man_bits} bits does not match "
-              f"{self.torch_dtype}")
+              f"float format {self.name}: 1 + {self.exp_bits} + {self.man_bits} bits does not "
+              f"match {self.torch_dtype}")
 
     @property
     def bits(self) -> int:
@@ -103,7 +104,7 @@ _VALID = ("int2..int16, uint2..uint16, fp32 (float32), fp16, bf16, fp8_e4m3 (e4m
 
 
 def parse_format(text: str) -> Format:
-    """Format from its name (case-insensitive), e.g. ``"int8"``, ``"uint4"``, ``"bf16"``, ``"e4m3"``."""
+    """Format from its name, case-insensitive: ``"int8"``, ``"uint4"``, ``"bf16"``, ``"e4m3"``..."""
     key = str(text).strip().lower()
     if key in _FLOAT_NAMES:
         return _FLOAT_NAMES[key]
@@ -165,7 +166,8 @@ def to_bits(fmt: Format, values: torch.Tensor | float | int) -> torch.Tensor:
     mask = (1 << fmt.bits) - 1
     if isinstance(fmt, IntFormat):
         codes = _int_tensor(values, "codes", fmt)
-        _check_range(codes, fmt.qmin, fmt.qmax, "code", fmt, f"codes lie in [{fmt.qmin}, {fmt.qmax}]")
+        _check_range(codes, fmt.qmin, fmt.qmax, "code", fmt,
+                     f"codes lie in [{fmt.qmin}, {fmt.qmax}]")
         return codes & mask
     t = torch.as_tensor(values)
     stored = t.to(fmt.torch_dtype).contiguous()
@@ -201,15 +203,16 @@ def flip(fmt: Format, values: torch.Tensor | float | int, bit: int | torch.Tenso
     For several flips in one word use :func:`flip_mask`.
     """
     b = _bit_tensor(fmt, bit)
-    return _apply(fmt, values, lambda p: p ^ (torch.ones_like(b) << b))
+    return _apply(fmt, values, lambda p: p ^ (torch.ones_like(b) << b).to(p.device))
 
 
-def flip_mask(fmt: Format, values: torch.Tensor | float | int, mask: int | torch.Tensor) -> torch.Tensor:
+def flip_mask(fmt: Format, values: torch.Tensor | float | int,
+              mask: int | torch.Tensor) -> torch.Tensor:
     """Values with every bit set in ``mask`` (an int pattern in ``[0, 2^bits)``) inverted. Exact."""
     m = _int_tensor(mask, "flip masks", fmt)
     _check_range(m, 0, (1 << fmt.bits) - 1, "flip mask", fmt,
                  f"masks lie in [0, {(1 << fmt.bits) - 1}]")
-    return _apply(fmt, values, lambda p: p ^ m)
+    return _apply(fmt, values, lambda p: p ^ m.to(p.device))
 
 
 def positions_to_mask(fmt: Format, positions: torch.Tensor) -> torch.Tensor:
@@ -232,13 +235,20 @@ def stuck_at(fmt: Format, values: torch.Tensor | float | int, bit: int | torch.T
     lv = _int_tensor(level, "stuck-at levels", fmt)
     _check_range(lv, 0, 1, "stuck-at level", fmt, "levels are 0 or 1")
     m = torch.ones_like(b) << b
-    return _apply(fmt, values, lambda p: torch.where(lv == 1, p | m, p & ~m))
+
+    def force(p: torch.Tensor) -> torch.Tensor:
+        mm = m.to(p.device)
+        return torch.where(lv.to(p.device) == 1, p | mm, p & ~mm)
+    return _apply(fmt, values, force)
 
 
 # --- flip magnitudes ----------------------------------------------------------------------------
 
 def range_restrict(values: torch.Tensor, limit: float) -> torch.Tensor:
-    """NaN -> 0, then clamp to ``[-limit, limit]`` (+-Inf -> +-limit). ``torch.clamp`` alone passes NaN."""
+    """NaN -> 0, then clamp to ``[-limit, limit]`` (+-Inf -> +-limit). Exact.
+
+    ``torch.clamp`` alone passes NaN, hence ``nan_to_num`` first.
+    """
     lim = _positive_finite(limit, "range-restriction limit")
     return torch.nan_to_num(values, nan=0.0).clamp(-lim, lim)
 
@@ -248,8 +258,8 @@ def flip_delta(fmt: Format, values: torch.Tensor | float | int, bit: int | torch
     """``|new - old|`` for flipping ``bit`` of each stored value, as float64 (one rounding).
 
     Units: real value ``scale * stored`` (``stored`` = the code for IntFormat, the rounded float for
-    FloatFormat). Without ``clamp``, Inf when old or new is Inf/NaN. With ``clamp=R`` both old and new
-    pass through :func:`range_restrict` at ``R`` (the deployed model reads restricted values).
+    FloatFormat). Without ``clamp``, Inf when old or new is Inf/NaN. With ``clamp=R`` both old and
+    new pass through :func:`range_restrict` at ``R`` (the deployed model reads restricted values).
     """
     s = _positive_finite(scale, "scale")
     old = from_bits(fmt, to_bits(fmt, values)).to(torch.float64)
@@ -334,20 +344,22 @@ def max_flip_delta(fmt: Format, bit: int, max_abs: float, scale: float = 1.0,
                    clamp: float | None = None) -> float:
     """Sound upper bound on ``|new - old|`` (real units) when bit ``bit`` of a stored value flips.
 
-    Real value = ``scale * stored``; ``max_abs`` bounds ``|stored|`` (code units for IntFormat, where
-    with a zero point it must bound ``|code - zero_point|``; the float's own units for FloatFormat).
+    Real value = ``scale * stored``; ``max_abs`` bounds ``|stored|`` (code units for IntFormat,
+    where with a zero point it must bound ``|code - zero_point|``; the float's own units for
+    FloatFormat).
 
     * IntFormat: exact, ``2^k * scale`` for bit ``k`` (the sign bit ``2^(b-1) * scale``), whatever
       the code.
     * FloatFormat: the exact worst case over all finite representable values not larger than
       ``max_abs`` rounded up to the format (so it also covers real values ``<= max_abs`` before
       rounding), itself rounded up to float64; ``inf`` when ``max_abs`` exceeds the largest finite
-      value of a format with Inf, as the cast may store Inf. At most ``max_abs * 2^(k-m)`` for mantissa bit ``k``
-      in the normal range and ``2 * max_abs`` for the sign when ``max_abs`` is representable; may be
-      ``inf`` for exponent bits (Inf/NaN results).
+      value of a format with Inf, as the cast may store Inf. At most ``max_abs * 2^(k-m)`` for
+      mantissa bit ``k`` in the normal range (not below: subnormal flips do not shrink with
+      ``|x|``) and ``2 * max_abs`` for the sign when ``max_abs`` is representable; may be ``inf``
+      for exponent bits and, in fp8_e4m3's top binade, mantissa bits (Inf/NaN results).
     * ``clamp=R`` (old and new values both read through :func:`range_restrict` at ``R``):
       IntFormat ``min(raw, R + scale * max_abs)``; FloatFormat ``min(raw, R)`` for non-sign bits and
-      ``min(raw, 2R)`` for the sign, tighter than ``R + max_abs`` because restriction keeps the sign.
+      ``min(raw, 2R)`` for the sign: tighter than ``R + max_abs``, as restriction keeps the sign.
     """
     _check_bit_int(fmt, bit)
     s = _positive_finite(scale, "scale")
@@ -391,7 +403,8 @@ class IntStorage:
         check(isinstance(self.fmt, IntFormat), f"IntStorage needs an IntFormat, got {self.fmt!r}")
         codes = from_bits(self.fmt, to_bits(self.fmt, self.codes))  # validates dtype and range
         scale = torch.as_tensor(self.scale)
-        check(scale.is_floating_point(), f"IntStorage scale must be floating point, got {scale.dtype}")
+        check(scale.is_floating_point(),
+              f"IntStorage scale must be floating point, got {scale.dtype}")
         zp = _int_tensor(self.zero_point, "zero points", self.fmt)
         channels = codes.shape[0] if codes.dim() else 1
         for name, t in (("scale", scale), ("zero_point", zp)):
@@ -445,7 +458,8 @@ class IntStorage:
         w64 = torch.as_tensor(w).detach().to(torch.float64)
         check(w64.numel() > 0 and bool(torch.isfinite(w64).all()),
               "cannot quantize an empty tensor or one with NaN/Inf")
-        check(not per_channel or w64.dim() >= 1, "per-channel quantization needs a tensor with dim >= 1")
+        check(not per_channel or w64.dim() >= 1,
+              "per-channel quantization needs a tensor with dim >= 1")
         rows = w64.reshape(w64.shape[0], -1) if per_channel else w64.reshape(1, -1)
         lo = rows.amin(1).clamp(max=0.0)
         hi = rows.amax(1).clamp(min=0.0)
