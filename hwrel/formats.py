@@ -32,15 +32,19 @@ _INT_VIEW = {8: torch.int8, 16: torch.int16, 32: torch.int32}
 
 @dataclass(frozen=True)
 class IntFormat:
-    """``bits``-wide integer code (2..16 bits), two's complement when ``signed``."""
+    """``bits``-wide integer code (2..32 bits), two's complement when ``signed``.
+
+    32 bits covers the int32 biases of int8 accelerators (theory 5: bit 31 of a bias is critical).
+    Codes and patterns are int64 tensors, which hold every 32-bit code exactly.
+    """
 
     bits: int
     signed: bool = True
 
     def __post_init__(self) -> None:
         ok = isinstance(self.bits, int) and not isinstance(self.bits, bool)
-        check(ok and 2 <= self.bits <= 16,
-              f"integer format width {self.bits!r} not supported: use 2..16 bits")
+        check(ok and 2 <= self.bits <= 32,
+              f"integer format width {self.bits!r} not supported: use 2..32 bits")
 
     @property
     def name(self) -> str:
@@ -99,7 +103,7 @@ FP8_E5M2 = FloatFormat("fp8_e5m2", 5, 2, torch.float8_e5m2)
 _FLOAT_NAMES = {"fp32": FP32, "float32": FP32, "fp16": FP16, "float16": FP16, "bf16": BF16,
                 "bfloat16": BF16, "fp8_e4m3": FP8_E4M3, "e4m3": FP8_E4M3, "fp8_e5m2": FP8_E5M2,
                 "e5m2": FP8_E5M2}
-_VALID = ("int2..int16, uint2..uint16, fp32 (float32), fp16, bf16, fp8_e4m3 (e4m3), "
+_VALID = ("int2..int32, uint2..uint32, fp32 (float32), fp16, bf16, fp8_e4m3 (e4m3), "
           "fp8_e5m2 (e5m2)")
 
 
@@ -109,7 +113,7 @@ def parse_format(text: str) -> Format:
     if key in _FLOAT_NAMES:
         return _FLOAT_NAMES[key]
     m = re.fullmatch(r"(u?)int(\d+)", key)
-    if m and 2 <= int(m.group(2)) <= 16:
+    if m and 2 <= int(m.group(2)) <= 32:
         return IntFormat(int(m.group(2)), signed=not m.group(1))
     raise HwrelError(f"unknown storage format {text!r}: valid are {_VALID}")
 
