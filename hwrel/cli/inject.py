@@ -1,0 +1,171 @@
+"""``hwrel inject``: a resumable, shardable fault-injection campaign with a summary of rates."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from hwrel.errors import HwrelError, check
+from hwrel.formats import IntFormat, IntStorage, parse_format
+from hwrel.network import Network
+
+DESCRIPTION = """\
+Inject faults into MODEL (a built-in name, see 'hwrel models', or a model file) and measure, per
+fault configuration, the output change on the model's test inputs (or, for model files, seeded
+random inputs in the domain). Bit faults (bitflip, stuck0, stuck1) hit the stored bits of weights
+and biases in --format; crash and byzantine hit neurons of hidden layers. Results go to --out (a
+folder of Parquet chunks, or one .parquet file) as the campaign runs: run the same command again
+to continue after an interruption. With --format intB a float model is quantized first: with
+Brevitas post-training quantization (hwrel.quantize.ptq, calibrated on the training data) when
+available, otherwise per-tensor symmetric round-to-nearest integer codes of every weight
+(biases stay fp32)."""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inject", help="run a fault-injection campaign", description=DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="MODEL", help="built-in model name or model file")
+    p.add_argument("--fault", default="bitflip",
+                   help="bitflip | stuck0 | stuck1 | crash | byzantine (default bitflip)")
+    p.add_argument("--format", default="fp32", help="storage format: int8, int4, fp32, fp16, bf16, "
+                   "fp8_e4m3, fp8_e5m2, ... (default fp32)")
+    p.add_argument("--count", default=None, metavar="N", help="number of random configurations "
+                   "(with --ber: number of trials, default 100)")
+    p.add_argument("--ber", default=None, metavar="P", help="bit-error rate in [0, 1]: every stored "
+                   "bit flips independently with probability P in each configuration")
+    p.add_argument("--exhaustive", action="store_true", help="one configuration per site "
+                   "(restrict with --layer and --bit)")
+    p.add_argument("--layer", default=None, help="only this layer (node name)")
+    p.add_argument("--bit", default=None, metavar="K", help="only bit position K")
+    p.add_argument("--site", action="append", default=None, choices=["weight", "bias", "neuron", "synapse"],
+                   help="fault sites (repeatable; default weight and bias for bit faults, neuron "
+                   "otherwise)")
+    p.add_argument("--capacity", default=None, metavar="C", help="Byzantine values lie in [-C, C]")
+    p.add_argument("--seed", default="0", help="sampling seed (default 0)")
+    p.add_argument("--out", default=None, help="results folder, or a file ending in .parquet")
+    p.add_argument("--shard", default=None, metavar="i/n", help="run only shard i of n")
+    p.add_argument("--chunk-size", default="256", help="configurations per chunk (default 256)")
+    p.add_argument("--inputs", default="256", metavar="B", help="test inputs to evaluate on "
+                   "(default 256)")
+    p.add_argument("--range-limit", default=None, metavar="R", help="restrict stored weights to "
+                   "[-R, R] (NaN -> 0), as a deployed protection would")
+    p.add_argument("--input-shape", default=None, help="per-sample input shape of a model file, "
+                   "e.g. 1,28,28")
+    p.add_argument("--architecture", default=None, help="built-in architecture of a state-dict file")
+    p.add_argument("--trust-pickle", action="store_true", help="allow unpickling a model file")
+    p.add_argument("--confidence", default="0.95", help="confidence of the intervals (default 0.95)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _num(text: str | None, what: str, kind: type = float) -> Any:
+    if text is None:
+        return None
+    try:
+        v = kind(text)
+    except ValueError:
+        raise HwrelError(f"{what} must be {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+    check(kind is int or math.isfinite(v), f"{what} must be finite, got {text!r}")
+    return v
+
+
+def quantize_network(net: Network, fmt: IntFormat) -> Network:
+    """Integer codes for every float weight: per-tensor symmetric round to nearest
+    (:meth:`IntStorage.from_float`), scale fixed; ``|w - w_q| <= scale / 2``. Biases unchanged."""
+    nodes = list(net.nodes)
+    for i in net.synapse_layers:
+        a = nodes[i].affine
+        if a.codes is not None:
+            continue
+        st = IntStorage.from_float(a.weight, fmt)
+        aff = replace(a, weight=st.dequantize().to(a.weight.dtype), codes=st.codes, scale=st.scale.float(),
+                      zero_point=st.zero_point.float(), bit_width=fmt.bits, signed=fmt.signed)
+        nodes[i] = replace(nodes[i], affine=aff)
+    return replace(net, nodes=tuple(nodes))
+
+
+def _model(args: argparse.Namespace, fmt: Any) -> tuple[Network, torch.Tensor, torch.Tensor | None, str]:
+    from hwrel import models
+
+    module, ref = models.resolve_model(args.model, args.trust_pickle, architecture=args.architecture)
+    n_inputs = _num(args.inputs, "--inputs", int)
+    check(n_inputs > 0, f"--inputs must be a positive integer, got {args.inputs!r}")
+    shape = None
+    if args.input_shape is not None:
+        try:
+            shape = tuple(int(s) for s in args.input_shape.split(","))
+        except ValueError:
+            raise HwrelError(f"--input-shape must be comma-separated integers, got {args.input_shape!r}") from None
+    if ref is not None:
+        shape = ref.input_shape
+    net = Network.from_module(module, input_domain=(0.0, 1.0), input_shape=shape)
+    how = "native"
+    if isinstance(fmt, IntFormat) and any(net.nodes[i].affine.codes is None for i in net.synapse_layers):
+        net, how = _quantize(module, net, ref, fmt), "quantized"
+    if ref is not None:
+        x, y = ref.x_test[:n_inputs], ref.y_test[:n_inputs]
+    else:
+        g = torch.Generator().manual_seed(0)
+        lo, hi = net.input_lo.float(), net.input_hi.float()
+        x, y = lo + (hi - lo) * torch.rand(n_inputs, *net.input_shape, generator=g), None
+    return net, x, y, how
+
+
+def _quantize(module: torch.nn.Module, net: Network, ref: Any, fmt: IntFormat) -> Network:
+    try:
+        from hwrel.quantize import ptq  # Brevitas PTQ, when that module is available
+    except ImportError:
+        ptq = None
+    if ptq is not None and ref is not None:
+        qmodel = ptq(module, ref.x_train, bits=fmt.bits)
+        qnet = Network.from_module(qmodel, input_domain=(0.0, 1.0), input_shape=ref.input_shape)
+        if all(qnet.nodes[i].affine.codes is not None and qnet.nodes[i].affine.bit_width == fmt.bits
+               for i in qnet.synapse_layers):
+            return qnet
+    return quantize_network(net, fmt)
+
+
+def run(args: argparse.Namespace) -> int:
+    from hwrel.inject.campaign import run_campaign, summarize
+    from hwrel.inject.sampling import CampaignSpec, SiteSpace
+    from hwrel.inject.stats import margin_of_error
+
+    fmt = parse_format(args.format)
+    spec = CampaignSpec(
+        fault=args.fault, format=fmt.name, count=_num(args.count, "--count", int),
+        ber=_num(args.ber, "--ber"), exhaustive=args.exhaustive, layer=args.layer,
+        bit=_num(args.bit, "--bit", int), sites=tuple(args.site) if args.site else None,
+        capacity=_num(args.capacity, "--capacity"), chunk_size=_num(args.chunk_size, "--chunk-size", int))
+    seed = _num(args.seed, "--seed", int)
+    confidence = _num(args.confidence, "--confidence")
+    check(0 < confidence < 1, f"--confidence must lie strictly between 0 and 1, got {args.confidence!r}")
+    net, x, y, how = _model(args, fmt)
+    space = SiteSpace(net, spec)  # validates layer and bit against the model before any work
+    df = run_campaign(net, spec, x, y, out=args.out, seed=seed, shard=args.shard,
+                      progress=not args.no_progress,
+                      range_limit=_num(args.range_limit, "--range-limit"))
+    summary = summarize(df, confidence=confidence)
+    moe = None
+    if not spec.exhaustive and spec.ber is None and len(df):
+        moe = margin_of_error(min(len(df), space.total), confidence, population=space.total)
+    info = {"model": args.model, "storage": how, "spec": spec.to_dict(), "seed": seed,
+            "shard": args.shard, "configs": int(len(df)), "sites": space.total,
+            "margin_of_error": moe, "confidence": confidence, "out": args.out,
+            "summary": json.loads(summary.to_json(orient="records"))}
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    mode = ("exhaustive" if spec.exhaustive else f"BER {spec.ber:g}" if spec.ber is not None
+            else "random")
+    print(f"{args.model}: {spec.fault} on {', '.join(spec.sites)} ({fmt.name}, {how} storage), "
+          f"{mode}, {len(df)} configurations over {space.total} sites, seed {seed}"
+          + (f", shard {args.shard}" if args.shard else ""))
+    if moe is not None:
+        print(f"margin of error (worst case p=0.5, {confidence:.0%} confidence): +-{moe:.4f}")
+    print(summary.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    return 0

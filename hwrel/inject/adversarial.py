@@ -1,0 +1,338 @@
+"""Adversarial search for the worst faults: the measured lower end that bounds are judged by.
+
+* :func:`worst_neuron_failures`: the worst set of ``f_l`` failed neurons per hidden layer (crash:
+  transmits 0; Byzantine: any value ``|v| <= C``) and the worst input in the domain box. Greedy
+  over sets (add the failure that increases the output error most over a pool of candidate
+  inputs, Byzantine values tried at ``+-C``), then projected gradient ascent on the input (torch
+  autograd through the faulty network, random restarts from a seeded generator; Byzantine values
+  follow ``C * sign(gradient)``), two rounds.
+* :func:`worst_weight_flips`: the worst ``k`` stored-bit flips of weights and biases, greedy: rank
+  every (element, bit) by a first-order score ``|dF/dw| * |new - old|``, then re-evaluate the best
+  candidates exactly and keep the worst.
+
+Every reported ``max_abs_delta`` is *measured*: ``max_o |F_o(x) - F~_o(x)|`` of a float32 forward
+of the faulty network at the returned input (a lower bound on the true worst case, never an
+estimate of it). A certified bound below it is a soundness bug.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from hwrel.errors import HwrelError, check
+from hwrel.formats import FloatFormat, IntFormat, flip, parse_format
+from hwrel.network import Network
+
+Failures = dict[int, tuple[Tensor, Tensor | None]]  # node -> (flat indices, values or None=crash)
+
+
+@dataclass(frozen=True)
+class AdversarialResult:
+    """A measured worst case.
+
+    ``failure_sets``: per hidden layer (in ``net.layers`` order) the flat neuron indices that fail;
+    ``values``: per hidden layer the Byzantine values sent (empty for crash); ``x``: the input
+    ``(1, *input_shape)`` attaining ``max_abs_delta`` (output units). For weight flips,
+    ``flips`` lists ``(layer name, "weight"|"bias", flat index, bit)`` and ``failure_sets`` is empty.
+    """
+
+    max_abs_delta: float
+    failure_sets: tuple[tuple[int, ...], ...]
+    x: Tensor
+    values: tuple[tuple[float, ...], ...] = ()
+    flips: tuple[tuple[str, str, int, int], ...] = field(default=())
+
+
+# --------------------------------------------------------------------------- faulty forward
+
+def faulty_forward(net: Network, x: Tensor, failures: Failures) -> Tensor:
+    """Output of ``net`` on ``x`` with act-node outputs overwritten: ``failures[node] = (idx,
+    values)``, flat per-sample indices ``(m,)`` or per row ``(B, m)``; values broadcastable to
+    ``(B, m)``, or None for crash (0). Exact: the same as writing the values into the activations
+    of a copy and running forward."""
+    vals: list[Tensor] = []
+    for i, node in enumerate(net.nodes):
+        v = x if node.op == "input" else node.apply([vals[j] for j in node.inputs])
+        if i in failures:
+            idx, fv = failures[i]
+            flat = v.reshape(v.shape[0], -1)
+            idx = idx.to(torch.long).expand(flat.shape[0], idx.shape[-1])
+            src = torch.zeros(idx.shape, dtype=flat.dtype) if fv is None else \
+                torch.as_tensor(fv, dtype=flat.dtype).expand(idx.shape)
+            v = flat.scatter(1, idx, src).reshape(v.shape)
+        vals.append(v)
+    return vals[-1]
+
+
+def _delta(ref: Tensor, out: Tensor) -> Tensor:
+    """Per-sample ``max_o |out - ref|``; non-finite outputs count as ``inf``."""
+    d = (out - ref).abs().reshape(out.shape[0], -1)
+    d = torch.where(torch.isfinite(out.reshape(d.shape)), d, torch.full_like(d, float("inf")))
+    return d.amax(1)
+
+
+def _box(net: Network) -> tuple[Tensor, Tensor]:
+    return net.input_lo.float()[None], net.input_hi.float()[None]
+
+
+def _pool(net: Network, inputs: Tensor | None, n_random: int, g: torch.Generator) -> Tensor:
+    lo, hi = _box(net)
+    rand = lo + (hi - lo) * torch.rand(n_random, *net.input_shape, generator=g)
+    parts = [rand, (lo + hi) / 2]
+    if inputs is not None:
+        xs = torch.as_tensor(inputs).float().reshape(-1, *net.input_shape)
+        parts.insert(0, torch.minimum(torch.maximum(xs, lo), hi))
+    return torch.cat(parts)
+
+
+def _check_failures(net: Network, failures: Sequence[int]) -> list[int]:
+    check(not isinstance(failures, (str, int)) and len(failures) == len(net.layers),
+          f"failures must list one count per hidden layer ({len(net.layers)}), got {failures!r}")
+    out = []
+    for k, (f, size) in enumerate(zip(failures, net.layer_sizes())):
+        ok = isinstance(f, int) and not isinstance(f, bool) and 0 <= f <= size
+        check(ok, f"failures[{k}] = {f!r}: expected an integer in 0..{size} (layer {net.layer_names()[k]})")
+        out.append(int(f))
+    return out
+
+
+# --------------------------------------------------------------------------- neuron failures
+
+Sets = dict[int, list[int]]  # node -> failed flat indices
+Values = dict[int, Tensor]  # node -> Byzantine values, (m,) or per row (B, m)
+
+
+class _NeuronSearch:
+    def __init__(self, net: Network, fault: str, capacity: float | None):
+        self.net, self.fault = net.to(torch.float32), fault
+        self.c = float(capacity) if capacity is not None else 0.0
+
+    def fails(self, sets: Sets, values: Values) -> Failures:
+        return {n: (torch.tensor(s, dtype=torch.long), None if self.fault == "crash" else values[n])
+                for n, s in sets.items() if s}
+
+    @torch.no_grad()
+    def errors(self, x: Tensor, sets: Sets, values: Values) -> Tensor:
+        return _delta(self.net.forward(x), faulty_forward(self.net, x, self.fails(sets, values)))
+
+    @torch.no_grad()
+    def greedy(self, pool: Tensor, budget: dict[int, int]) -> tuple[Sets, Values]:
+        """Add, one at a time, the failure (and Byzantine value +-C) maximising the pool error."""
+        sets: Sets = {n: [] for n in budget}
+        values: Values = {n: torch.zeros(0) for n in budget}
+        ref = self.net.forward(pool)
+        choices = (0.0,) if self.fault == "crash" else (self.c, -self.c)
+        for _ in range(sum(budget.values())):
+            best = (-1.0, -1, -1, 0.0)
+            for node, f in budget.items():
+                if len(sets[node]) >= f:
+                    continue
+                taken = set(sets[node])
+                cand = torch.tensor([j for j in range(self.net.nodes[node].size) if j not in taken])
+                for v in choices:
+                    err = self._try(pool, ref, sets, values, node, cand, v)
+                    k = int(err.argmax())
+                    if float(err[k]) > best[0]:
+                        best = (float(err[k]), node, int(cand[k]), v)
+            _, node, j, v = best
+            sets[node].append(j)
+            values[node] = torch.cat([values[node], torch.tensor([v])])
+        return sets, values
+
+    def _try(self, pool: Tensor, ref: Tensor, sets: Sets, values: Values, node: int,
+             cand: Tensor, v: float) -> Tensor:
+        """Per candidate neuron of ``node``: max pool error with it failed on top of ``sets``."""
+        out = torch.empty(len(cand))
+        per = max(1, 16384 // len(pool))
+        for a in range(0, len(cand), per):
+            cc = cand[a:a + per]
+            m, p = len(cc), len(pool)
+            x = pool.repeat(m, *([1] * (pool.dim() - 1)))
+            fails = self.fails(sets, values)
+            shared = torch.tensor(sets[node], dtype=torch.long)
+            idx = torch.cat([shared.expand(m * p, -1), cc.repeat_interleave(p)[:, None]], 1)
+            fv = None if self.fault == "crash" else torch.cat([values[node], torch.tensor([v])])
+            fails[node] = (idx, fv)
+            err = _delta(ref.repeat(m, *([1] * (ref.dim() - 1))), faulty_forward(self.net, x, fails))
+            out[a:a + m] = err.reshape(m, p).amax(1)
+        return out
+
+    def ascend(self, starts: Tensor, sets: Sets, values: Values, steps: int) -> tuple[Tensor, Values]:
+        """Projected sign-gradient ascent of the error over the input box, per start; Byzantine
+        values (per start) are reset to ``C * sign(d error / d value)`` each step."""
+        lo, hi = _box(self.net)
+        x = starts.clone()
+        vals = {n: values[n].expand(len(x), -1).clone() for n in sets if sets[n]} \
+            if self.fault == "byzantine" else {}
+        for t in range(steps):
+            x.requires_grad_(True)
+            for v in vals.values():
+                v.requires_grad_(True)
+            with torch.enable_grad():
+                err = _delta(self.net.forward(x).detach(), faulty_forward(self.net, x, self.fails(sets, vals)))
+                grads = torch.autograd.grad(err.sum(), [x, *vals.values()], allow_unused=True)
+            with torch.no_grad():
+                step = (0.1 * (1.0 - t / steps) + 0.002) * (hi - lo)
+                gx = grads[0] if grads[0] is not None else torch.zeros_like(x)
+                x = torch.minimum(torch.maximum(x + step * gx.sign(), lo), hi).detach()
+                new = {}
+                for (n, v), gv in zip(vals.items(), grads[1:]):
+                    s = torch.zeros_like(v) if gv is None else gv.sign()
+                    new[n] = torch.where(s == 0, v, self.c * s).detach()
+                vals = new
+        return x.detach(), vals
+
+
+def worst_neuron_failures(net: Network, failures: Sequence[int], fault: str = "crash",
+                          capacity: float | None = None, inputs: Tensor | None = None,
+                          steps: int = 50, restarts: int = 8, pool_size: int = 64,
+                          seed: int = 0) -> AdversarialResult:
+    """Measured worst output error for ``failures[l]`` failed neurons in hidden layer ``l``.
+
+    Heuristic search (greedy sets over a pool of inputs, gradient ascent on the input from
+    seeded restarts, two rounds); the returned ``max_abs_delta`` is re-measured exactly at ``x``
+    with ``failure_sets`` (and ``values``), in float32: a lower bound on the true worst case over
+    the input box. ``inputs`` are extra candidate inputs (clamped to the box). Byzantine faults
+    need ``capacity`` (``|v| <= C``).
+    """
+    check(isinstance(net, Network), f"expected a hwrel Network, got {type(net).__name__}")
+    check(fault in ("crash", "byzantine"), f"unknown neuron fault {fault!r}: use crash or byzantine")
+    if fault == "byzantine":
+        ok = isinstance(capacity, (int, float)) and not isinstance(capacity, bool)
+        check(ok and 0 <= capacity < float("inf"), f"Byzantine faults need a finite capacity C >= 0, "
+              f"got {capacity!r}")
+    for name, v in (("steps", steps), ("restarts", restarts), ("pool_size", pool_size), ("seed", seed)):
+        check(isinstance(v, int) and not isinstance(v, bool) and v >= 0, f"{name} must be an integer >= 0")
+    counts = _check_failures(net, failures)
+    g = torch.Generator().manual_seed(seed)
+    search = _NeuronSearch(net, fault, capacity)
+    lo, hi = _box(search.net)
+    budget = {n: f for n, f in zip(net.layers, counts) if f > 0}
+    pool = _pool(search.net, inputs, pool_size, g)
+    best: tuple[float, Sets, Values, Tensor] = (-1.0, {}, {}, pool[:1])
+    for _ in range(2 if budget else 1):
+        sets, values = search.greedy(pool, budget)
+        err = search.errors(pool, sets, values)
+        k = int(err.argmax())
+        if float(err[k]) > best[0]:
+            best = (float(err[k]), sets, values, pool[k:k + 1])
+        if not budget or not steps:
+            break
+        starts = torch.cat([pool[err.argsort(descending=True)[:restarts]],
+                            lo + (hi - lo) * torch.rand(restarts, *net.input_shape, generator=g)])
+        xs, vals = search.ascend(starts, sets, values, steps)
+        for r in range(len(xs)):
+            row = {**values, **{n: v[r] for n, v in vals.items()}}
+            e = float(search.errors(xs[r:r + 1], sets, row))
+            if e > best[0]:
+                best = (e, sets, row, xs[r:r + 1])
+        pool = torch.cat([pool, xs])  # second round: greedy again over the enriched pool
+    _, sets, values, x = best
+    fsets = tuple(tuple(sets.get(n, [])) for n in net.layers)
+    fvals = tuple(tuple(float(v) for v in values[n]) if fault == "byzantine" and sets.get(n) else ()
+                  for n in net.layers)
+    # Re-measure the reported configuration from scratch: this is what bounds are compared with.
+    fails = {n: (torch.tensor(s, dtype=torch.long), None if fault == "crash" else torch.tensor(fv))
+             for n, s, fv in zip(net.layers, fsets, fvals) if s}
+    with torch.no_grad():
+        measured = float(_delta(search.net.forward(x), faulty_forward(search.net, x, fails))[0])
+    return AdversarialResult(measured, fsets, x.detach().clone(), fvals)
+
+
+# --------------------------------------------------------------------------- weight bit flips
+
+def _stored(net: Network, node: int, site: str, fmt: FloatFormat | IntFormat):
+    """(stored values, to_real(new_stored) -> real tensor, format) of a weight or bias."""
+    a = net.nodes[node].affine
+    if site == "weight" and a.codes is not None:
+        f = IntFormat(int(a.bit_width), bool(a.signed))
+        shape = (-1,) + (1,) * (a.codes.dim() - 1)
+        scale = a.scale.float().reshape(shape) if a.scale.numel() > 1 else a.scale.float().reshape(())
+        zp = a.zero_point.float().reshape(shape) if a.zero_point.numel() > 1 else a.zero_point.float().reshape(())
+        return a.codes, (lambda c: scale * (c.float() - zp)), f
+    t = a.weight if site == "weight" else a.bias
+    f = fmt if isinstance(fmt, FloatFormat) else parse_format("fp32")
+    return t.float().to(f.torch_dtype).float(), (lambda v: v.float()), f
+
+
+def worst_weight_flips(net: Network, k: int = 1, format: str = "fp32", inputs: Tensor | None = None,
+                       candidates: int = 64, pool_size: int = 32, seed: int = 0) -> AdversarialResult:
+    """Measured worst output error of ``k`` stored-bit flips in weights and biases.
+
+    Float weights are stored in ``format`` (the nominal network is the one with weights rounded to
+    it); integer-coded weights flip their codes with the scale held fixed. Greedy: at each of
+    ``k`` steps, score every (element, bit) by ``max_o |dF_o/dw| * |new - old|`` summed over the
+    pool, then evaluate the ``candidates`` best exactly and keep the worst. ``max_abs_delta`` is
+    measured at ``x`` (``inf`` if an output becomes non-finite).
+    """
+    check(isinstance(net, Network), f"expected a hwrel Network, got {type(net).__name__}")
+    check(isinstance(k, int) and not isinstance(k, bool) and k >= 1, f"k must be an integer >= 1, got {k!r}")
+    fmt = parse_format(format)
+    g = torch.Generator().manual_seed(seed)
+    net32 = net.to(torch.float32)
+    pool = _pool(net32, inputs, pool_size, g)
+    tensors = {}  # (node, site) -> [stored, to_real, fmt]
+    for n in net32.synapse_layers:
+        for site in ("weight", "bias"):
+            if site == "bias" and net32.nodes[n].affine.bias is None:
+                continue
+            tensors[(n, site)] = _stored(net32, n, site, fmt)
+    nominal = {key: to_real(st) for key, (st, to_real, _) in tensors.items()}
+
+    def forward(x: Tensor, params: dict) -> Tensor:
+        vals: list[Tensor] = []
+        for i, node in enumerate(net32.nodes):
+            if node.op == "input":
+                vals.append(x)
+            elif node.op == "affine":
+                vals.append(node.affine(vals[node.inputs[0]], params[(i, "weight")], params.get((i, "bias"))))
+            else:
+                vals.append(node.apply([vals[j] for j in node.inputs]))
+        return vals[-1]
+
+    ref = forward(pool, nominal).detach()
+    current = {key: st.clone() for key, (st, _, _) in tensors.items()}
+    flips: list[tuple[str, str, int, int]] = []
+    for _ in range(k):
+        params = {key: tensors[key][1](current[key]).detach().requires_grad_(True) for key in tensors}
+        out = forward(pool, params)
+        sens = {key: torch.zeros_like(p) for key, p in params.items()}
+        for o in range(out.reshape(len(pool), -1).shape[1]):
+            grads = torch.autograd.grad(out.reshape(len(pool), -1)[:, o].sum(), list(params.values()),
+                                        retain_graph=True)
+            for key, gr in zip(params, grads):
+                sens[key] = torch.maximum(sens[key], gr.abs())
+        scored = []
+        for key, (_, to_real, f) in tensors.items():
+            st = current[key]
+            old = to_real(st)
+            for b in range(f.bits):
+                new = to_real(flip(f, st, b))
+                d = (new - old).abs()
+                d = torch.where(torch.isfinite(d), d, torch.full_like(d, float("inf")))
+                s = (sens[key] * d).reshape(-1)
+                s = torch.where(torch.isnan(s), torch.full_like(s, float("inf")), s)
+                top = s.topk(min(candidates, s.numel()))
+                scored += [(float(v), key, int(i), b) for v, i in zip(top.values, top.indices)]
+        scored.sort(key=lambda t: -t[0])
+        best = (-1.0, None)
+        with torch.no_grad():
+            for _, key, i, b in scored[:candidates]:
+                trial = current[key].clone()
+                flat = trial.view(-1)
+                flat[i] = flip(tensors[key][2], flat[i], b)
+                params = {kk: tensors[kk][1](trial if kk == key else current[kk]) for kk in tensors}
+                e = float(_delta(ref, forward(pool, params)).max())
+                if e > best[0]:
+                    best = (e, (key, i, b, trial))
+        key, i, b, trial = best[1]
+        current[key] = trial
+        flips.append((net32.nodes[key[0]].name, key[1], i, b))
+    with torch.no_grad():
+        params = {kk: tensors[kk][1](current[kk]) for kk in tensors}
+        errs = _delta(ref, forward(pool, params))
+    j = int(errs.argmax())
+    return AdversarialResult(float(errs[j]), (), pool[j:j + 1].clone(), (), tuple(flips))

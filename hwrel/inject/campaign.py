@@ -1,0 +1,366 @@
+"""Resumable, shardable fault-injection campaigns.
+
+:func:`run_campaign` samples configurations chunk by chunk (:mod:`hwrel.inject.sampling`),
+measures each with the exact injection engine (:class:`hwrel.inject.engine.Injector`) and writes
+every finished chunk atomically (:mod:`hwrel.inject.store`). Killed and run again with the same
+arguments it continues where it stopped; the rows of the finished campaign equal those of an
+uninterrupted run exactly. ``shard=(i, n)`` runs only the chunks ``c`` with ``c % n == i``;
+:func:`merge_shards` joins the shards' results and checks that none is missing.
+
+Rows (one per configuration, sorted by ``config_id``): ``config_id``, ``n_faults``, the fault
+columns ``layer``, ``site``, ``kind``, ``index``, ``bit``, ``format`` (``"*"`` / ``-1`` when the
+faults of a configuration differ), ``faults`` (JSON list of every fault), the engine's
+``old_value``, ``new_value``, ``max_abs_delta``, ``mismatch_rate``, ``nonfinite`` and, with labels,
+``accuracy``. :func:`summarize` gives rates with confidence intervals.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from hwrel.errors import HwrelError, check
+from hwrel.inject.sampling import CampaignSpec, ChunkFaults, SiteSpace, chunk_table, sample_chunk
+from hwrel.inject.stats import wilson_interval
+from hwrel.inject.store import MAGIC, ChunkStore, check_same, file_manifest, write_parquet
+from hwrel.network import Network
+
+MEASURES = ("old_value", "new_value", "max_abs_delta", "mismatch_rate", "nonfinite", "accuracy")
+
+
+# ------------------------------------------------------------------------------ identities
+
+def parse_shard(shard: str | Sequence[int] | None) -> tuple[int, int] | None:
+    """``"i/n"`` or ``(i, n)`` with ``0 <= i < n``; None means the whole campaign."""
+    if shard is None:
+        return None
+    if isinstance(shard, str):
+        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", shard)
+        if not m:
+            raise HwrelError(f"shard {shard!r} is not of the form i/n (e.g. 0/4)")
+        i, n = int(m.group(1)), int(m.group(2))
+    else:
+        try:
+            i, n = shard
+        except (TypeError, ValueError):
+            raise HwrelError(f"shard {shard!r} is not a pair (i, n)") from None
+        ok = all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (i, n))
+        check(ok, f"shard {shard!r}: i and n must be integers")
+    check(n > 0, f"shard {i}/{n}: the number of shards n must be >= 1")
+    check(0 <= i < n, f"shard {i}/{n}: the shard index must lie in 0..{n - 1}")
+    return int(i), int(n)
+
+
+def _hash_tensor(h: "hashlib._Hash", t: torch.Tensor | None) -> None:
+    if t is None:
+        h.update(b"none")
+        return
+    t = t.detach().cpu().contiguous()
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def network_fingerprint(net: Network) -> str:
+    """Hash of the structure and every stored tensor of ``net`` (weights, biases, codes, scales,
+    input box)."""
+    h = hashlib.sha256()
+    for node in net.nodes:
+        h.update(repr((node.name, node.op, node.inputs, node.shape, node.act, node.pool)).encode())
+        a = node.affine
+        if a is not None:
+            h.update(repr((a.kind, a.stride, a.padding, a.dilation, a.groups, a.bit_width,
+                           a.signed)).encode())
+            for t in (a.weight, a.bias, a.codes, a.scale, a.zero_point):
+                _hash_tensor(h, t)
+    _hash_tensor(h, net.input_lo)
+    _hash_tensor(h, net.input_hi)
+    return h.hexdigest()[:16]
+
+
+def data_fingerprint(inputs: torch.Tensor, labels: torch.Tensor | None) -> str:
+    h = hashlib.sha256()
+    _hash_tensor(h, torch.as_tensor(inputs))
+    _hash_tensor(h, None if labels is None else torch.as_tensor(labels))
+    return h.hexdigest()[:16]
+
+
+def as_spec(spec: CampaignSpec | dict[str, Any] | None, **kwargs: Any) -> CampaignSpec:
+    if isinstance(spec, CampaignSpec):
+        check(not kwargs, f"give the spec either as a CampaignSpec or as keywords, not both: {kwargs}")
+        return spec
+    d = dict(spec or {}, **kwargs)
+    unknown = set(d) - set(CampaignSpec.__dataclass_fields__)
+    check(not unknown, f"unknown campaign spec fields: {', '.join(sorted(unknown))}")
+    return CampaignSpec(**d)
+
+
+# ------------------------------------------------------------------------------ rows
+
+def _fault_objects(records: list[list[dict[str, Any]]]) -> list[tuple]:
+    from hwrel.inject.faults import Fault
+
+    return [tuple(Fault(**r) for r in recs) for recs in records]
+
+
+def _common(recs: list[dict[str, Any]], key: str, missing: Any) -> Any:
+    vals = {r[key] for r in recs}
+    if not vals:
+        return missing
+    if len(vals) == 1:
+        v = vals.pop()
+        return missing if v is None else v
+    return "*" if isinstance(missing, str) else missing
+
+
+def chunk_rows(faults: ChunkFaults, records: list[list[dict[str, Any]]],
+               measured: dict[str, np.ndarray], labels: bool) -> pd.DataFrame:
+    """The result rows of one chunk (fixed column order and dtypes)."""
+    n = len(faults.config_ids)
+    cols: dict[str, Any] = {
+        "config_id": faults.config_ids.astype(np.int64),
+        "n_faults": np.array([sum(max(1, len(x["bits"])) for x in r) for r in records], dtype=np.int64),
+        "layer": [_common(r, "layer", "") for r in records],
+        "site": [_common(r, "site", "") for r in records],
+        "kind": [_common(r, "kind", "") for r in records],
+        "index": np.array([r[0]["index"] if len(r) == 1 else -1 for r in records], dtype=np.int64),
+        "bit": np.array([_common(r, "bit", -1) for r in records], dtype=np.int64),
+        "format": [_common(r, "format", "") for r in records],
+        "faults": [json.dumps([{k: (list(v) if isinstance(v, tuple) else v) for k, v in x.items()}
+                               for x in r], separators=(",", ":")) for r in records],
+    }
+    for key in MEASURES:
+        if key == "accuracy" and not labels:
+            continue
+        arr = np.asarray(measured[key])
+        check(arr.shape == (n,), f"engine returned {key} of shape {arr.shape}, expected ({n},)")
+        cols[key] = arr.astype(bool if key == "nonfinite" else np.float64)
+    return pd.DataFrame(cols)
+
+
+# ------------------------------------------------------------------------------ campaign
+
+def _progress(total: int, initial: int, enabled: bool, desc: str):  # noqa: ANN202
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="cfg", desc=desc, file=sys.stderr,
+                disable=not enabled or not sys.stderr.isatty(), dynamic_ncols=True)
+
+
+def _as_network(model: nn.Module | Network, input_domain: Any, input_shape: Any) -> Network:
+    if isinstance(model, Network):
+        return model
+    check(isinstance(model, nn.Module), f"expected an nn.Module or hwrel Network, got {type(model).__name__}")
+    return Network.from_module(model, input_domain=input_domain, input_shape=input_shape)
+
+
+class _Measure:
+    """Measures configurations with the engine (built on first use: a finished campaign
+    needs no engine)."""
+
+    def __init__(self, net: Network, inputs: torch.Tensor, labels: torch.Tensor | None,
+                 spec: CampaignSpec, engine_kwargs: dict[str, Any]):
+        self.args = (net, inputs, labels, spec, engine_kwargs)
+        self.injector = None
+
+    def __call__(self, configs: list[tuple]) -> dict[str, np.ndarray]:
+        net, inputs, labels, spec, kw = self.args
+        if self.injector is None:
+            from hwrel.inject.engine import Injector
+
+            self.injector = Injector(net, inputs, labels=labels, format=spec.format, **kw)
+        inj = self.injector
+        n = len(configs)
+        # A bit-error-rate configuration may flip nothing: the clean model, measured as such.
+        res: dict[str, np.ndarray] = {
+            "old_value": np.full(n, np.nan, np.float32), "new_value": np.full(n, np.nan, np.float32),
+            "max_abs_delta": np.zeros(n), "mismatch_rate": np.zeros(n), "nonfinite": np.zeros(n, bool)}
+        if labels is not None:
+            res["accuracy"] = np.full(n, float((inj.clean_top1 == inj.labels).double().mean()))
+        live = [i for i, c in enumerate(configs) if len(c)]
+        if live:
+            got = inj.run([configs[i] for i in live])
+            for key, arr in res.items():
+                arr[live] = got[key]
+        return res
+
+
+def run_campaign(model: nn.Module | Network, spec: CampaignSpec | dict[str, Any] | None,
+                 inputs: torch.Tensor, labels: torch.Tensor | None = None, *,
+                 out: str | os.PathLike[str] | None = None, seed: int = 0,
+                 shard: str | Sequence[int] | None = None, progress: bool = True,
+                 input_domain: Any = (0.0, 1.0), input_shape: Sequence[int] | None = None,
+                 range_limit: float | None = None, device: str = "cpu",
+                 **spec_fields: Any) -> pd.DataFrame:
+    """Run (or continue) a campaign and return its rows, sorted by ``config_id``.
+
+    Exact: every row is measured by the injection engine; the configurations are a pure function
+    of ``(seed, spec, model)`` (not of the shard, the chunk order or interruptions). ``out`` is a
+    results folder, or a path ending in ``.parquet`` for a single results file; without ``out``
+    nothing is written. With ``shard=(i, n)`` only that shard's chunks run and are returned.
+    A results folder or file of another campaign raises :class:`HwrelError` and is left as it is.
+    """
+    spec = as_spec(spec, **spec_fields)
+    sh = parse_shard(shard)
+    ok = isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and seed >= 0
+    check(ok, f"seed must be an integer >= 0, got {seed!r}")
+    sample_seed = int(seed)
+    net = _as_network(model, input_domain, input_shape)
+    x = torch.as_tensor(inputs)
+    y = None if labels is None else torch.as_tensor(labels)
+    check(x.dim() >= 2 and len(x) > 0, f"inputs must be a non-empty batch, got shape {tuple(x.shape)}")
+    check(y is None or (y.dim() == 1 and len(y) == len(x)),
+          f"labels must be one per input ({len(x)}), got shape {None if y is None else tuple(y.shape)}")
+    space = SiteSpace(net, spec)
+    total, n_chunks = space.num_configs(), space.num_chunks()
+    mine = [c for c in range(n_chunks) if sh is None or c % sh[1] == sh[0]]
+    from hwrel import __version__
+
+    manifest = {
+        "format": MAGIC, "spec": spec.to_dict(), "spec_hash": spec.hash, "seed": int(seed),
+        "model_fingerprint": network_fingerprint(net), "data_fingerprint": data_fingerprint(x, y),
+        "hwrel_version": __version__, "configs": total, "chunk_size": spec.chunk_size,
+        "chunks": n_chunks, "sites": space.total, "range_limit": range_limit,
+    }
+    measure = _Measure(net, x, y, spec, {"range_limit": range_limit, "device": device})
+
+    def compute(chunk: int) -> pd.DataFrame:
+        faults = sample_chunk(space, sample_seed, chunk)
+        records = chunk_table(space, faults)
+        measured = measure(_fault_objects(records))
+        return chunk_rows(faults, records, measured, y is not None)
+
+    def sizes(chunks: Iterable[int]) -> int:
+        return sum(min(spec.chunk_size, total - c * spec.chunk_size) for c in chunks)
+
+    if out is None:
+        frames = []
+        with _progress(sizes(mine), 0, progress, "inject") as bar:
+            for c in mine:
+                frames.append(compute(c))
+                bar.update(len(frames[-1]))
+        return pd.concat(frames, ignore_index=True)
+
+    path = Path(out)
+    single_file = path.suffix == ".parquet"
+    if single_file and path.exists():
+        found = file_manifest(path)
+        if found is None:
+            raise HwrelError(f"results file {path}: exists and is not a hwrel campaign file; "
+                             "choose another --out")
+        check_same(found, manifest, path)
+        df = pd.read_parquet(path)
+        need = set(mine)
+        have = set((df["config_id"] // spec.chunk_size).unique().tolist())
+        check(need <= have, f"results file {path}: holds other chunks of this campaign (another "
+              "shard?); choose another --out")
+        return df[(df["config_id"] // spec.chunk_size).isin(need)].reset_index(drop=True)
+    store = ChunkStore(path.with_name(path.name + ".parts") if single_file else path, manifest)
+    done = store.done()
+    todo = [c for c in mine if c not in done]
+    with _progress(sizes(mine), sizes(c for c in mine if c in done), progress, "inject") as bar:
+        for c in todo:
+            df = compute(c)
+            store.write(c, df)
+            bar.update(len(df))
+    result = store.read(mine)
+    if single_file:
+        file_meta = dict(manifest, shard=None if sh is None else list(sh))
+        write_parquet(path, result, file_meta)
+        shutil.rmtree(store.folder, ignore_errors=True)
+    return result
+
+
+# ------------------------------------------------------------------------------ shards
+
+def _load_results(path: Path) -> tuple[dict[str, Any], pd.DataFrame]:
+    if path.is_dir():
+        mpath = path / "manifest.json"
+        if not mpath.is_file():
+            raise HwrelError(f"results folder {path}: holds no manifest.json")
+        try:
+            manifest = json.loads(mpath.read_text())
+        except ValueError as exc:
+            raise HwrelError(f"{mpath}: unreadable manifest") from exc
+        return manifest, ChunkStore(path, manifest).read()
+    if not path.is_file():
+        raise HwrelError(f"results {path}: not found")
+    manifest = file_manifest(path)
+    if manifest is None:
+        raise HwrelError(f"results file {path}: not a hwrel campaign file")
+    return manifest, pd.read_parquet(path)
+
+
+def merge_shards(paths: Sequence[str | os.PathLike[str]]) -> pd.DataFrame:
+    """Rows of a whole campaign from its shards' results (folders or files), sorted by
+    ``config_id``. Checks that all are the same campaign and that every configuration is present
+    exactly once (a chunk found in two places must hold identical rows)."""
+    check(len(paths) > 0, "merge_shards needs at least one results path")
+    first: dict[str, Any] | None = None
+    frames = []
+    for p in map(Path, paths):
+        manifest, df = _load_results(p)
+        if first is None:
+            first = manifest
+        else:
+            check_same(manifest, first, p)
+        frames.append(df)
+    frames = [f for f in frames if len(f)]
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"config_id": []})
+    df = df.drop_duplicates().sort_values("config_id", kind="stable").reset_index(drop=True)
+    ids = df["config_id"].to_numpy()
+    if len(ids) != len(np.unique(ids)):
+        dup = int(ids[np.nonzero(np.diff(ids) == 0)[0][0]])
+        raise HwrelError(f"configuration {dup} has different results in different shards")
+    total = int(first["configs"])
+    if len(ids) != total or (total and not np.array_equal(ids, np.arange(total))):
+        missing = sorted(set(range(total)) - set(ids.tolist()))
+        raise HwrelError(f"incomplete campaign: {len(missing)} of {total} configurations missing "
+                         f"(first {missing[:1]}); run the missing shards")
+    return df
+
+
+# ------------------------------------------------------------------------------ summary
+
+def summarize(df: pd.DataFrame, by: Sequence[str] = ("layer", "bit"), confidence: float = 0.95
+              ) -> pd.DataFrame:
+    """Per group (default per layer and bit position) and in total (``layer == "all"``):
+    ``configs``; ``sdc`` (configurations that changed the top-1 class of at least one input) with
+    ``sdc_rate`` and its Wilson interval ``sdc_lo``/``sdc_hi`` at ``confidence`` (valid for random
+    or exhaustive configurations); the mean ``mismatch_rate`` (fraction of (configuration, input)
+    pairs with a changed class); ``nonfinite_rate``; mean and max of ``max_abs_delta``; and the mean
+    ``accuracy`` when measured. Estimates, not bounds."""
+    need = {"config_id", "max_abs_delta", "mismatch_rate", "nonfinite"} | set(by)
+    missing = need - set(df.columns)
+    check(not missing, f"results lack columns {', '.join(sorted(missing))}")
+
+    def agg(g: pd.DataFrame) -> dict[str, Any]:
+        n = len(g)
+        k = int((g["mismatch_rate"] > 0).sum())
+        lo, hi = wilson_interval(k, n, confidence)
+        row = {"configs": n, "sdc": k, "sdc_rate": k / n if n else float("nan"),
+               "sdc_lo": lo, "sdc_hi": hi, "mismatch_rate": float(g["mismatch_rate"].mean()),
+               "nonfinite_rate": float(g["nonfinite"].astype(bool).mean()),
+               "mean_max_abs_delta": float(g["max_abs_delta"].mean()),
+               "max_max_abs_delta": float(g["max_abs_delta"].max())}
+        if "accuracy" in g:
+            row["accuracy"] = float(g["accuracy"].mean())
+        return row
+
+    rows = []
+    if len(df):
+        for key, g in df.groupby(list(by), sort=True):
+            key = key if isinstance(key, tuple) else (key,)
+            rows.append({**dict(zip(by, key)), **agg(g)})
+    total = {b: ("all" if b == "layer" else -1 if df[b].dtype.kind in "iu" else "all") for b in by}
+    rows.append({**total, **agg(df)})
+    return pd.DataFrame(rows)
