@@ -21,6 +21,7 @@ affine nodes; synapse failure counts index them in order (the last one feeds the
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Sequence
 
 import pandas as pd
@@ -62,9 +63,14 @@ class Affine:
             return F.linear(x, w, b)
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
+    @cached_property
+    def abs_weight(self) -> Tensor:
+        """``|W|``, computed once (the bounds use it many times)."""
+        return self.weight.abs()
+
     def abs_map(self, e: Tensor) -> Tensor:
         """``|W| e`` (no bias): the positive linear map that propagates elementwise error radii."""
-        w = self.weight.abs()
+        w = self.abs_weight
         if self.kind == "linear":
             return F.linear(e, w)
         return F.conv2d(e, w, None, self.stride, self.padding, self.dilation, self.groups)

@@ -138,3 +138,18 @@ def test_reference_models_extract_exactly():
         x = rm.x_test[:64]
         with torch.no_grad():
             torch.testing.assert_close(net.forward(x), rm.module(x), rtol=1e-4, atol=1e-4)
+
+
+def test_torch_export_programs_extract_like_the_module():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU6(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(18, 5), nn.Sigmoid(), nn.Linear(5, 2)).eval()
+    with torch.no_grad():
+        model[1].running_var.uniform_(0.5, 2)
+    exported = torch.export.export(model, (torch.rand(1, 1, 8, 8),)).module()
+    net = hwrel.Network.from_module(exported, (0.0, 1.0), (1, 8, 8))
+    ref = hwrel.Network.from_module(model, (0.0, 1.0), (1, 8, 8))
+    x = torch.rand(7, 1, 8, 8)
+    torch.testing.assert_close(net.forward(x), model(x), rtol=1e-5, atol=1e-5)
+    assert net.layer_sizes() == ref.layer_sizes()
+    assert hwrel.fep(net, [2, 1]).bound == pytest.approx(hwrel.fep(ref, [2, 1]).bound, rel=1e-6)

@@ -37,21 +37,36 @@ class _State:
     affine: int | None = None  # affine outputs: node index
 
 
-def column_topsums(net: Network, idx: int) -> Tensor:
-    """``cs[k]`` = the largest sum of ``k`` outgoing |weights| of any one input neuron (k = 0..N_out)."""
-    a = net.nodes[idx].affine
-    w = a.weight.abs()
-    if a.kind == "linear":
-        cols = w  # (out, in): column i = outgoing weights of input i
-    else:
-        cols = w.transpose(0, 1).reshape(w.shape[1], -1).T  # (c_out*kh*kw, c_in/groups)
-    srt = torch.sort(cols, dim=0, descending=True).values
-    cs = torch.cumsum(srt, dim=0).max(dim=1).values
-    cs = torch.cat([cs.new_zeros(1), cs])
-    n_out = net.nodes[idx].size
-    if n_out + 1 > cs.numel():  # more receivers than distinct weights: saturates
-        cs = torch.cat([cs, cs[-1].expand(n_out + 1 - cs.numel())])
-    return cs[: n_out + 1]
+class ColumnTopsums:
+    """``cs(k)`` = the largest sum of ``k`` outgoing |weights| of any one input neuron.
+
+    For a convolution the outgoing weights of an input neuron are a subset of its input channel's
+    kernel entries over all output channels (each used at most once), so their top sums bound it.
+    Sorting is only done when some ``k`` is below the number of entries (otherwise ``cs(k)`` is the
+    largest column sum).
+    """
+
+    def __init__(self, net: Network, idx: int):
+        a = net.nodes[idx].affine
+        w = a.abs_weight
+        self.cols = w if a.kind == "linear" else w.transpose(0, 1).reshape(w.shape[1], -1).T
+        self.rows = self.cols.shape[0]
+        self.full = float(self.cols.sum(0).max())
+        self._sorted: Tensor | None = None
+
+    def __call__(self, ks: Tensor) -> Tensor:
+        ks = ks.long()
+        if bool((ks >= self.rows).all()):
+            return torch.full(ks.shape, self.full, dtype=torch.float64)
+        if self._sorted is None:
+            srt = torch.sort(self.cols, dim=0, descending=True).values
+            cs = torch.cumsum(srt, dim=0).max(dim=1).values
+            self._sorted = torch.cat([cs.new_zeros(1), cs]).to(torch.float64)
+        return self._sorted[ks.clamp(max=self.rows)]
+
+
+def column_topsums(net: Network, idx: int) -> ColumnTopsums:
+    return ColumnTopsums(net, idx)
 
 
 def layer_deltas(net: Network, nominal_sup: list[Tensor]) -> list[float]:
@@ -74,6 +89,13 @@ def propagate(net: Network, fault: FaultModel, failures: list[int], nominal_sup:
     for node_idx, f in zip(net.synapse_layers if fault.synapse else net.layers, failures):
         target[node_idx] = int(f)
     sups = layer_deltas(net, nominal_sup)
+    cs_cache: dict[int, Tensor] = {}
+
+    def cs_of(idx: int) -> Tensor:
+        if idx not in cs_cache:
+            cs_cache[idx] = column_topsums(net, idx)
+        return cs_cache[idx]
+
     st: list[_State] = []
     for i, node in enumerate(net.nodes):
         if node.op == "input":
@@ -91,13 +113,12 @@ def propagate(net: Network, fault: FaultModel, failures: list[int], nominal_sup:
                 E = node.size * base_u + extra
                 u = base_u + extra
             else:
-                cs = column_topsums(net, i)
-                E = float(cs[-1]) * ins[0].E + extra
-                row_l1 = float(node.affine.weight.abs().flatten(1).sum(1).max())
+                E = cs_of(i).full * ins[0].E + extra
+                row_l1 = float(node.affine.abs_weight.flatten(1).sum(1).max())
                 u = min(base_u, row_l1 * ins[0].u) + extra
             st.append(_State(E, u, base_u, extra, ins[0].E, i))
         elif node.op == "act":
-            st.append(_act(net, i, ins[0], layer_f.get(i, 0), fault, sups[i], variant, at_most))
+            st.append(_act(net, i, ins[0], layer_f.get(i, 0), fault, sups[i], variant, at_most, cs_of))
         elif node.op == "pool":
             s = ins[0]
             st.append(_State(min(node.pool.overlap * s.E, node.size * s.u), s.u))
@@ -112,7 +133,7 @@ def propagate(net: Network, fault: FaultModel, failures: list[int], nominal_sup:
 
 
 def _act(net: Network, i: int, s: _State, f: int, fault: FaultModel, sup: float, variant: str,
-         at_most: bool) -> _State:
+         at_most: bool, cs_of) -> _State:
     node = net.nodes[i]
     act = node.act
     n = node.size
@@ -121,8 +142,7 @@ def _act(net: Network, i: int, s: _State, f: int, fault: FaultModel, sup: float,
     delta = float(fault.delta(torch.tensor(sup))) if (f and not fault.synapse) else 0.0
     fs = torch.arange(0, f + 1, dtype=torch.float64) if at_most else torch.tensor([float(f)], dtype=torch.float64)
     if s.affine is not None and variant == "topsum":
-        cs = column_topsums(net, s.affine)
-        correct = cs[(n - fs).long()] * s.E_src + s.extra
+        correct = cs_of(s.affine)(n - fs) * s.E_src + s.extra
     elif s.affine is not None:
         correct = (n - fs) * s.base_u + s.extra
     else:

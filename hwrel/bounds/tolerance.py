@@ -94,7 +94,7 @@ def tolerance(net: Network, epsilon: float, fault: str | FaultModel = "crash", *
     caps = [an.net.nodes[i].affine.weight.numel() if fm.synapse else an.net.nodes[i].size for i in nodes]
 
     def ok(vec: list[int]) -> bool:
-        return an.all_methods(fm, vec, at_most=True)[method] <= budget
+        return an.all_methods(fm, vec, at_most=True, only=method)[method] <= budget
 
     def largest(vec: list[int], k: int) -> int:
         lo, hi = vec[k], caps[k]  # vec[k] is known to be ok
@@ -113,6 +113,6 @@ def tolerance(net: Network, epsilon: float, fault: str | FaultModel = "crash", *
     vec = list(zeros)
     for k in range(len(nodes)):
         vec[k] = largest(vec, k)
-    bound = an.all_methods(fm, vec, at_most=True)[method]
+    bound = an.all_methods(fm, vec, at_most=True, only=method)[method]
     return ToleranceResult(tuple(per_layer), tuple(vec), budget, float(epsilon), float(epsilon_prime), method,
                            fm.describe(), bound, tuple(an.net.nodes[i].name for i in nodes), tuple(caps))
