@@ -63,7 +63,7 @@ def per_sample_bounds(an: Analyzer, fault: FaultModel, failures: Sequence[int], 
                       method: str = "best", chunk: int = 256) -> Tensor:
     """Sound per-sample, per-output error bounds ``(B, n_out)`` for inputs inside the domain."""
     counts = an.counts(failures, fault)
-    x = inputs.to(torch.float64)
+    x = inputs.to(torch.float64).to(an.device)
     lo, hi = an.net.input_lo, an.net.input_hi
     if bool(((x < lo - 1e-12) | (x > hi + 1e-12)).any()):
         raise HwrelError("some inputs lie outside the network's input_domain; per-sample certificates "
@@ -78,21 +78,21 @@ def per_sample_bounds(an: Analyzer, fault: FaultModel, failures: Sequence[int], 
             if method == "best":
                 e = torch.minimum(e, torch.full_like(e, domain_wide))
         else:
-            e = torch.full((xb.shape[0], an.net.nodes[-1].size), domain_wide, dtype=torch.float64)
+            e = torch.full((xb.shape[0], an.net.nodes[-1].size), domain_wide, dtype=torch.float64, device=xb.device)
         out.append(e)
-    return torch.cat(out)
+    return torch.cat(out).cpu()
 
 
 def certified_accuracy(net: Network, inputs: Tensor, labels: Tensor, failures: Sequence[int],
                        fault: str | FaultModel = "crash", *, capacity: float | None = None, mode: str = "safe",
-                       method: str = "best") -> CertifiedResult:
+                       method: str = "best", device: "torch.device | str | None" = None) -> CertifiedResult:
     """Fraction of ``inputs`` whose correct prediction provably survives the failures (sound)."""
     _check_method(method)
     check_data(net, inputs, labels)
     fm = as_fault(fault, capacity, mode)
-    an = Analyzer(net)
+    an = Analyzer(net, device)
     with torch.no_grad():
-        logits = an.net.forward(inputs.to(torch.float64))
+        logits = an.net.forward(inputs.to(torch.float64).to(an.device)).cpu()
     bound = per_sample_bounds(an, fm, failures, inputs, method)
     pred, cert = certified_from_bounds(logits, bound)
     correct = pred == labels

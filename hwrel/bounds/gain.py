@@ -31,9 +31,9 @@ def gain_bound(net: Network, counts: dict[int, int], slopes: dict[int, Tensor | 
     n_out = net.nodes[-1].size
     dtype = net.input_lo.dtype
     if not at:
-        return torch.zeros(batch, n_out, dtype=dtype)
+        return torch.zeros(batch, n_out, dtype=dtype, device=net.input_lo.device)
     g = gains(net, slopes, at, batch)
-    total = torch.zeros(n_out, batch, dtype=dtype)
+    total = torch.zeros(n_out, batch, dtype=dtype, device=net.input_lo.device)
     for i in fail:
         k = counts[i]
         if synapse:
@@ -55,7 +55,7 @@ def _synapse_term(net: Network, i: int, g: Tensor, d_in: Tensor, k: int) -> Tens
     d_in = d_in.expand(batch, *src_shape)
     if a.kind == "linear":
         w = a.weight.abs()
-        out = torch.empty(n_out, batch, dtype=g.dtype)
+        out = torch.empty(n_out, batch, dtype=g.dtype, device=g.device)
         for o in range(n_out):
             for b in range(batch):
                 pairs = g[o, b][:, None] * w * d_in[b].flatten()[None, :]

@@ -61,7 +61,7 @@ class ColumnTopsums:
         if self._sorted is None:
             srt = torch.sort(self.cols, dim=0, descending=True).values
             cs = torch.cumsum(srt, dim=0).max(dim=1).values
-            self._sorted = torch.cat([cs.new_zeros(1), cs]).to(torch.float64)
+            self._sorted = torch.cat([cs.new_zeros(1), cs]).to(torch.float64).cpu()
         return self._sorted[ks.clamp(max=self.rows)]
 
 

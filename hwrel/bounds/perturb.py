@@ -177,7 +177,7 @@ def perturbation_bound(net: Network, p: WeightPerturbation, method: str = "inter
         if lo.shape[0] != 1:
             raise HwrelError("the paper's bound is domain-wide: use one box")
         val = paper_perturbation(net, p, [s.max() for s in sups])
-        return torch.full((1, net.nodes[-1].size), val, dtype=net.input_lo.dtype)
+        return torch.full((1, net.nodes[-1].size), val, dtype=net.input_lo.dtype, device=net.input_lo.device)
     radii = perturbation_radii(net, p, lo, hi, method, nominal)
     return radii[-1].flatten(1)
 

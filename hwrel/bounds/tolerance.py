@@ -60,7 +60,7 @@ def own_error(net: Network, inputs: Tensor, targets: Tensor) -> float:
     This is a measurement on the given data, not a bound over the domain.
     """
     with torch.no_grad():
-        out = net.forward(inputs.to(net.input_lo.dtype))
+        out = net.forward(inputs.to(net.input_lo.dtype).to(net.input_lo.device)).cpu()
     if targets.dtype in (torch.int64, torch.int32) and targets.dim() == 1:
         if targets.numel() != out.shape[0]:
             raise HwrelError(f"{targets.numel()} labels for {out.shape[0]} inputs")
@@ -74,7 +74,8 @@ def own_error(net: Network, inputs: Tensor, targets: Tensor) -> float:
 
 def tolerance(net: Network, epsilon: float, fault: str | FaultModel = "crash", *, capacity: float | None = None,
               mode: str = "safe", method: str = "best", epsilon_prime: float | None = None,
-              data: tuple[Tensor, Tensor] | None = None) -> ToleranceResult:
+              data: tuple[Tensor, Tensor] | None = None,
+              device: "torch.device | str | None" = None) -> ToleranceResult:
     """Largest tolerated failures such that the certified bound stays within ``epsilon - epsilon'``.
 
     ``epsilon'`` is given, or measured on ``data=(inputs, targets_or_labels)``, or 0.
@@ -82,7 +83,7 @@ def tolerance(net: Network, epsilon: float, fault: str | FaultModel = "crash", *
     _check_method(method)
     check_epsilon(epsilon)
     fm = as_fault(fault, capacity, mode)
-    an = Analyzer(net)
+    an = Analyzer(net, device)
     if epsilon_prime is None:
         epsilon_prime = own_error(an.net, *data) if data is not None else 0.0
     check_epsilon(epsilon_prime, "epsilon_prime")
