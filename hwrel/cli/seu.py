@@ -1,0 +1,106 @@
+"""``hwrel seu``: SEU tolerance, FIT and mission reliability of a model on an accelerator."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+
+from hwrel.errors import HwrelError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("seu", help="bit flips in accelerator memory: certified flips, FIT, mission",
+                       description="Map MODEL's weights onto an accelerator's memories, certify "
+                       "how many arbitrary bit flips it tolerates within a budget, bound and "
+                       "measure the vulnerable fraction of bits, and turn it into FIT (with and "
+                       "without ECC) and mission failure probabilities.")
+    p.add_argument("model", metavar="MODEL", help="built-in reference model or a model file")
+    p.add_argument("--accelerator", required=True, help="accelerator name (hwrel accelerators) "
+                   "or a .toml description")
+    p.add_argument("--format", default=None, help="weight storage format (default: the "
+                   "accelerator's first)")
+    p.add_argument("--memory", default=None, help="put every layer in this memory")
+    p.add_argument("--mission-hours", type=float, required=True)
+    p.add_argument("--altitude-m", type=float, default=0.0)
+    p.add_argument("--scrub-hours", type=float, default=None,
+                   help="weights reloaded every so many hours (default: never)")
+    p.add_argument("--target", default=None, help="asil-b, asil-d, sil3, ...")
+    p.add_argument("--epsilon", type=float, default=None,
+                   help="output-error budget, domain-wide (default: an accuracy budget)")
+    p.add_argument("--max-accuracy-drop", type=float, default=None,
+                   help="accuracy budget as a fraction (default 0.01)")
+    p.add_argument("--range-restriction", action="store_true",
+                   help="clamp stored values to each tensor's max |w| (NaN -> 0)")
+    p.add_argument("--campaign-size", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow loading a pickled nn.Module (runs code from the file)")
+    p.add_argument("--plot", default=None, metavar="DIR",
+                   help="write critical_bits.png and mission.png into DIR")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=run)
+
+
+def _save(fig, path: str) -> None:
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(path) or ".")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def run(args: argparse.Namespace) -> int:
+    from hwrel import models
+    from hwrel.seu.analysis import seu_analysis
+
+    if args.plot is not None and not os.path.isdir(args.plot):
+        raise HwrelError(f"--plot: {args.plot} is not a directory")
+    module, ref = models.resolve_model(args.model, args.trust_pickle)
+    res = seu_analysis(ref if ref is not None else module, args.accelerator,
+                       format=args.format, memory=args.memory, mission_hours=args.mission_hours,
+                       altitude_m=args.altitude_m, scrub_hours=args.scrub_hours,
+                       target=args.target, epsilon=args.epsilon,
+                       max_accuracy_drop=args.max_accuracy_drop,
+                       range_restriction=args.range_restriction, seed=args.seed,
+                       campaign_size=args.campaign_size)
+    if args.plot is not None:
+        from hwrel.seu.plots import critical_bits_heatmap, mission_plot
+
+        _save(critical_bits_heatmap(res), os.path.join(args.plot, "critical_bits.png"))
+        _save(mission_plot(res), os.path.join(args.plot, "mission.png"))
+    if args.json:
+        print(json.dumps(res.to_dict(), indent=2))
+        return 0
+    lo, hi = res.vulnerable_fraction_measured_ci
+    lines = [
+        f"{res.model} on {res.accelerator} ({res.format}, {res.total_bits} parameter bits), "
+        f"budget {res.budget}",
+        f"certified tolerated flips: {res.certified_flips}"
+        + (" (search cap)" if res.certified_flips_capped else ""),
+        f"vulnerable fraction: certified <= {res.vulnerable_fraction_certified:.4g}, measured "
+        f"{res.vulnerable_fraction_measured:.4g} [{lo:.4g}, {hi:.4g}] (n={res.campaign_size})",
+        f"FIT (altitude factor {res.altitude_factor:.3g}): raw {res.fit_raw:.4g}, model "
+        f"{res.fit:.4g} (measured {res.fit_measured:.4g}), with SECDED {res.fit_with_ecc:.4g}",
+        f"mission {res.mission_hours:g} h: P(failure) {res.mission_failure_probability:.4g}, "
+        f"with SECDED {res.mission_failure_probability_with_ecc:.4g}; expected upsets "
+        f"{res.expected_upsets:.4g}",
+    ]
+    if res.target is not None:
+        lines.append(f"target {res.target} (< {res.target_max_fit:g} FIT): "
+                     f"{'met' if res.meets_target else 'NOT met'}"
+                     f"{'' if res.meets_target else ', with SECDED: ' + ('met' if res.meets_target_with_ecc else 'not met')}")
+    print("\n".join(lines))
+    crit = res.critical_bits.sort_values("certified_damage", ascending=False).head(10)
+    print("\nmost critical bits (certified damage of one flip):")
+    print(crit[["tensor", "bit", "role", "certified_damage", "vulnerable_fraction"]]
+          .to_string(index=False))
+    plan = res.protection_plan
+    if len(plan) > 1:
+        last = plan.iloc[-1]
+        print(f"\nprotection plan: {len(plan) - 1} step(s), {int(last.cumulative_bits)} "
+              f"protected bits, FIT {last.fit:.4g}")
+    return 0
