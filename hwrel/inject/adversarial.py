@@ -160,6 +160,43 @@ class _NeuronSearch:
             out[a:a + m] = err.reshape(m, p).amax(1)
         return out
 
+    @torch.no_grad()
+    def improve(self, pool: Tensor, sets: Sets, values: Values, passes: int = 3) -> tuple[Sets, Values]:
+        """Swap local search: replace one failed neuron (and its value) by the best other neuron
+        of its layer while that raises the pool error."""
+        ref = self.net.forward(pool)
+        sets = {n: list(s) for n, s in sets.items()}
+        values = {n: v.clone() for n, v in values.items()}
+        cur = float(self.errors(pool, sets, values).max()) if any(sets.values()) else 0.0
+        choices = (0.0,) if self.fault == "crash" else (self.c, -self.c)
+        for _ in range(passes):
+            changed = False
+            for node in sets:
+                for p in range(len(sets[node])):
+                    rest = sets[node][:p] + sets[node][p + 1:]
+                    rest_v = torch.cat([values[node][:p], values[node][p + 1:]])
+                    taken = set(rest)
+                    cand = torch.tensor([j for j in range(self.net.nodes[node].size) if j not in taken])
+                    s2, v2 = {**sets, node: rest}, {**values, node: rest_v}
+                    for v in choices:
+                        err = self._try(pool, ref, s2, v2, node, cand, v)
+                        k = int(err.argmax())
+                        if float(err[k]) > cur * (1 + 1e-6):
+                            cur = float(err[k])
+                            sets[node] = rest[:p] + [int(cand[k])] + rest[p:]
+                            values[node] = torch.cat([rest_v[:p], torch.tensor([v]), rest_v[p:]])
+                            changed = True
+                            break
+            if not changed:
+                break
+        return sets, values
+
+    def random_set(self, budget: dict[int, int], g: torch.Generator) -> tuple[Sets, Values]:
+        sets = {n: torch.randperm(self.net.nodes[n].size, generator=g)[:f].tolist() for n, f in budget.items()}
+        values = {n: self.c * (2 * torch.randint(0, 2, (f,), generator=g).float() - 1)
+                  for n, f in budget.items()}
+        return sets, values
+
     def ascend(self, starts: Tensor, sets: Sets, values: Values, steps: int) -> tuple[Tensor, Values]:
         """Projected sign-gradient ascent of the error over the input box, per start; Byzantine
         values (per start) are reset to ``C * sign(d error / d value)`` each step."""
@@ -172,7 +209,7 @@ class _NeuronSearch:
             for v in vals.values():
                 v.requires_grad_(True)
             with torch.enable_grad():
-                err = _delta(self.net.forward(x).detach(), faulty_forward(self.net, x, self.fails(sets, vals)))
+                err = _delta(self.net.forward(x), faulty_forward(self.net, x, self.fails(sets, vals)))
                 grads = torch.autograd.grad(err.sum(), [x, *vals.values()], allow_unused=True)
             with torch.no_grad():
                 step = (0.1 * (1.0 - t / steps) + 0.002) * (hi - lo)
@@ -192,8 +229,9 @@ def worst_neuron_failures(net: Network, failures: Sequence[int], fault: str = "c
                           seed: int = 0) -> AdversarialResult:
     """Measured worst output error for ``failures[l]`` failed neurons in hidden layer ``l``.
 
-    Heuristic search (greedy sets over a pool of inputs, gradient ascent on the input from
-    seeded restarts, two rounds); the returned ``max_abs_delta`` is re-measured exactly at ``x``
+    Heuristic search, two rounds of: candidate sets (greedy over a pool of inputs, plus
+    ``restarts`` seeded random sets), each refined by swap local search, then gradient ascent on
+    the input from seeded restarts (the ascended inputs join the pool); the returned ``max_abs_delta`` is re-measured exactly at ``x``
     with ``failure_sets`` (and ``values``), in float32: a lower bound on the true worst case over
     the input box. ``inputs`` are extra candidate inputs (clamped to the box). Byzantine faults
     need ``capacity`` (``|v| <= C``).
@@ -214,22 +252,30 @@ def worst_neuron_failures(net: Network, failures: Sequence[int], fault: str = "c
     pool = _pool(search.net, inputs, pool_size, g)
     best: tuple[float, Sets, Values, Tensor] = (-1.0, {}, {}, pool[:1])
     for _ in range(2 if budget else 1):
-        sets, values = search.greedy(pool, budget)
-        err = search.errors(pool, sets, values)
-        k = int(err.argmax())
-        if float(err[k]) > best[0]:
-            best = (float(err[k]), sets, values, pool[k:k + 1])
+        # Candidate sets: greedy, then seeded random sets; each refined by swap local search.
+        cands = [search.greedy(pool, budget)] + [search.random_set(budget, g) for _ in range(restarts)]
+        scored = []
+        for sets, values in cands:
+            sets, values = search.improve(pool, sets, values) if budget else (sets, values)
+            err = search.errors(pool, sets, values)
+            scored.append((float(err.max()), sets, values, err))
+            k = int(err.argmax())
+            if float(err[k]) > best[0]:
+                best = (float(err[k]), sets, values, pool[k:k + 1])
         if not budget or not steps:
             break
-        starts = torch.cat([pool[err.argsort(descending=True)[:restarts]],
-                            lo + (hi - lo) * torch.rand(restarts, *net.input_shape, generator=g)])
-        xs, vals = search.ascend(starts, sets, values, steps)
-        for r in range(len(xs)):
-            row = {**values, **{n: v[r] for n, v in vals.items()}}
-            e = float(search.errors(xs[r:r + 1], sets, row))
-            if e > best[0]:
-                best = (e, sets, row, xs[r:r + 1])
-        pool = torch.cat([pool, xs])  # second round: greedy again over the enriched pool
+        new_x = []
+        for _, sets, values, err in sorted(scored, key=lambda t: -t[0])[:max(1, restarts // 2)]:
+            starts = torch.cat([pool[err.argsort(descending=True)[:restarts]],
+                                lo + (hi - lo) * torch.rand(restarts, *net.input_shape, generator=g)])
+            xs, vals = search.ascend(starts, sets, values, steps)
+            for r in range(len(xs)):
+                row = {**values, **{n: v[r] for n, v in vals.items()}}
+                e = float(search.errors(xs[r:r + 1], sets, row))
+                if e > best[0]:
+                    best = (e, sets, row, xs[r:r + 1])
+            new_x.append(xs)
+        pool = torch.cat([pool, *new_x])  # second round: search again over the enriched pool
     _, sets, values, x = best
     fsets = tuple(tuple(sets.get(n, [])) for n in net.layers)
     fvals = tuple(tuple(float(v) for v in values[n]) if fault == "byzantine" and sets.get(n) else ()
