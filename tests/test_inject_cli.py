@@ -34,9 +34,23 @@ def test_summary_and_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) ->
 def test_int_format_quantizes_float_model(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(BASE + ["--count", "30", "--format", "int8", "--bit", "7", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["storage"] == "quantized" and info["spec"]["format"] == "int8"
+    assert info["storage"] in ("brevitas-ptq", "int-codes") and info["spec"]["format"] == "int8"
     # Only weights are int8 (biases stay fp32), and bit 7 of an int8 code is its sign.
     assert {r["bit"] for r in info["summary"]} == {7, -1}
+
+
+def test_fallback_quantization_codes() -> None:
+    from hwrel import models
+    from hwrel.cli.inject import quantize_network
+    from hwrel.formats import IntFormat
+    from hwrel.network import Network
+
+    ref = models.load("digits-mlp")
+    net = quantize_network(Network.from_module(ref.module, input_shape=ref.input_shape), IntFormat(4))
+    for i in net.synapse_layers:
+        a = net.nodes[i].affine
+        assert a.bit_width == 4 and int(a.codes.abs().max()) <= 7
+        assert bool((a.weight == a.scale * a.codes.float()).all())
 
 
 def test_exhaustive_neuron_crash(capsys: pytest.CaptureFixture[str]) -> None:

@@ -104,9 +104,9 @@ def _model(args: argparse.Namespace, fmt: Any) -> tuple[Network, torch.Tensor, t
     if ref is not None:
         shape = ref.input_shape
     net = Network.from_module(module, input_domain=(0.0, 1.0), input_shape=shape)
-    how = "native"
+    how = "native"  # float weights in --format, or the model's own integer codes
     if isinstance(fmt, IntFormat) and any(net.nodes[i].affine.codes is None for i in net.synapse_layers):
-        net, how = _quantize(module, net, ref, fmt), "quantized"
+        net, how = _quantize(module, net, ref, fmt)
     if ref is not None:
         x, y = ref.x_test[:n_inputs], ref.y_test[:n_inputs]
     else:
@@ -116,18 +116,20 @@ def _model(args: argparse.Namespace, fmt: Any) -> tuple[Network, torch.Tensor, t
     return net, x, y, how
 
 
-def _quantize(module: torch.nn.Module, net: Network, ref: Any, fmt: IntFormat) -> Network:
+def _quantize(module: torch.nn.Module, net: Network, ref: Any, fmt: IntFormat) -> tuple[Network, str]:
+    """Brevitas PTQ calibrated on the training data when available (built-in models), else
+    :func:`quantize_network`. Returns the network and how it was quantized."""
     try:
-        from hwrel.quantize import ptq  # Brevitas PTQ, when that module is available
+        from hwrel.quantize import ptq
     except ImportError:
         ptq = None
     if ptq is not None and ref is not None:
         qmodel = ptq(module, ref.x_train, bits=fmt.bits)
         qnet = Network.from_module(qmodel, input_domain=(0.0, 1.0), input_shape=ref.input_shape)
         if all(qnet.nodes[i].affine.codes is not None and qnet.nodes[i].affine.bit_width == fmt.bits
-               for i in qnet.synapse_layers):
-            return qnet
-    return quantize_network(net, fmt)
+               and bool(qnet.nodes[i].affine.signed) == fmt.signed for i in qnet.synapse_layers):
+            return qnet, "brevitas-ptq"
+    return quantize_network(net, fmt), "int-codes"
 
 
 def run(args: argparse.Namespace) -> int:
