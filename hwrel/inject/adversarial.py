@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from hwrel.errors import HwrelError, check
+from hwrel.errors import check
 from hwrel.formats import FloatFormat, IntFormat, flip, parse_format
 from hwrel.network import Network
 
