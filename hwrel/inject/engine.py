@@ -42,11 +42,19 @@ _BUDGET = 1 << 23  # floats per stacked activation tensor (32 MiB) when choosing
 
 @dataclass
 class _Sparse:
-    """A node's value for F configurations: clean except unit ``unit[f]`` (a channel of a (C,H,W)
-    node, or a block of ``vals.shape[2]`` features of a flat node), whose values are ``vals[f]``."""
+    """A node's value on R rows: clean except unit ``unit[r]`` (a channel of a (C,H,W) node, or a
+    block of ``vals.shape[1]`` features of a flat node), whose values are ``vals[r]``."""
 
-    unit: Tensor  # (F,) int64
-    vals: Tensor  # (F, B, *unit_shape)
+    unit: Tensor  # (R,) int64
+    vals: Tensor  # (R, *unit_shape)
+
+
+@dataclass
+class _RowSet:
+    """Rows of a stacked forward: configuration (within the chunk) and sample of each row."""
+
+    cfg: Tensor  # (R,) int64
+    smp: Tensor  # (R,) int64
 
 
 @dataclass
@@ -352,91 +360,117 @@ class Injector:
         vals = clean[:, co] + (r.new[sel] - r.old[sel])[None, :, None, None] * sl
         return _Sparse(co, vals.transpose(0, 1))
 
-    # --- propagation -------------------------------------------------------------------------
+    # --- propagation (rows = (configuration, sample) pairs still differing from the clean run) ---
 
-    def _materialize(self, node: int, s: _Sparse | Tensor | None, Fn: int) -> Tensor:
-        clean = self.clean[node]
+    def _materialize(self, node: int, s: "_Sparse | Tensor | None", rows: _RowSet) -> Tensor:
         if s is None:
-            return clean.unsqueeze(0)
+            return self.clean[node][rows.smp]
         if isinstance(s, Tensor):
             return s
-        B = self.batch
-        out = clean.unsqueeze(0).expand(Fn, *clean.shape).clone()
-        nunits = clean[0].numel() // s.vals[0, 0].numel()
-        out.view(Fn, B, nunits, -1)[torch.arange(Fn, device=self.device), :, s.unit] = s.vals.reshape(Fn, B, -1)
+        R = rows.smp.numel()
+        out = self.clean[node][rows.smp]
+        nunits = out[0].numel() // max(1, s.vals[0].numel()) if R else 1
+        out.view(R, nunits, -1)[torch.arange(R, device=self.device), s.unit] = s.vals.reshape(R, -1)
         return out
 
-    def _sparse_step(self, n: int, s: _Sparse) -> _Sparse | Tensor | None:
+    def _sparse_step(self, n: int, s: _Sparse, rows: _RowSet) -> "_Sparse | Tensor | None":
         nd = self.nodes[n]
         src = self.nodes[nd.inputs[0]]
-        Fn, B = s.vals.shape[:2]
+        R = s.vals.shape[0]
         if nd.op == "act":
             return _Sparse(s.unit, nd.act(s.vals))
-        if nd.op == "pool" and len(src.shape) == 3 and s.vals.dim() == 4:
-            v = nd.pool(s.vals.reshape(Fn * B, 1, *s.vals.shape[2:]))
-            return _Sparse(s.unit, v.reshape(Fn, B, *v.shape[2:]))
-        if nd.op == "reshape" and len(nd.shape) == 1 and s.vals.dim() in (3, 4):
-            return _Sparse(s.unit, s.vals.reshape(Fn, B, -1))
+        if nd.op == "pool" and len(src.shape) == 3 and s.vals.dim() == 3:
+            return _Sparse(s.unit, nd.pool(s.vals.unsqueeze(1)).squeeze(1))
+        if nd.op == "reshape" and len(nd.shape) == 1 and s.vals.dim() in (2, 3):
+            return _Sparse(s.unit, s.vals.reshape(R, -1))
         if nd.op != "affine":
             return None
         aff = nd.affine
         cin = self.clean[nd.inputs[0]]
-        clean_out = self.clean[n]
-        if aff.kind == "linear" and s.vals.dim() == 3:
-            w_ = s.vals.shape[2]
-            blk = cin.reshape(B, -1, w_)[:, s.unit].transpose(0, 1)  # (F, B, w)
-            wg = aff.weight.t().reshape(-1, w_, aff.weight.shape[0])[s.unit]  # (F, w, Nout)
-            return torch.baddbmm(clean_out.unsqueeze(0).expand(Fn, *clean_out.shape), s.vals - blk, wg)
-        if aff.kind == "conv2d" and aff.groups == 1 and s.vals.dim() == 4:
-            delta = (s.vals - cin[:, s.unit].transpose(0, 1)).transpose(0, 1)  # (B, F, H, W)
+        base = self.clean[n][rows.smp]
+        if aff.kind == "linear" and s.vals.dim() == 2:
+            w_ = s.vals.shape[1]
+            blk = cin.reshape(cin.shape[0], -1, w_)[rows.smp, s.unit]  # (R, w)
+            wt = aff.weight.t().reshape(-1, w_, aff.weight.shape[0])
+            if w_ == 1:
+                return torch.addcmul(base, s.vals - blk, wt[s.unit, 0])
+            return torch.baddbmm(base.unsqueeze(1), (s.vals - blk).unsqueeze(1), wt[s.unit]).squeeze(1)
+        if aff.kind == "conv2d" and aff.groups == 1 and s.vals.dim() == 3:
+            delta = (s.vals - cin[rows.smp, s.unit]).unsqueeze(0)  # (1, R, H, W)
             wk = aff.weight[:, s.unit].transpose(0, 1).reshape(-1, 1, *aff.weight.shape[2:])
-            y = F.conv2d(delta, wk, None, aff.stride, aff.padding, aff.dilation, Fn)
-            y = y.reshape(B, Fn, *clean_out.shape[1:]).transpose(0, 1)
-            return y + clean_out.unsqueeze(0)
+            y = F.conv2d(delta, wk, None, aff.stride, aff.padding, aff.dilation, R)
+            return y.reshape(R, *base.shape[1:]) + base
         return None
 
-    def _eval(self, n: int, states: dict[int, Any], Fn: int) -> _Sparse | Tensor:
+    def _eval(self, n: int, states: dict[int, Any], rows: _RowSet) -> "_Sparse | Tensor":
         nd = self.nodes[n]
         first = states.get(nd.inputs[0])
         if isinstance(first, _Sparse) and len(nd.inputs) == 1:
-            r = self._sparse_step(n, first)
+            r = self._sparse_step(n, first, rows)
             if r is not None:
                 return r
-        xs = [self._materialize(j, states.get(j), Fn) for j in nd.inputs]
+        xs = [self._materialize(j, states.get(j), rows) for j in nd.inputs]
         if nd.op == "add":
             out = xs[0]
             for x in xs[1:]:
                 out = out + x
             return out
-        x = xs[0]
-        y = nd.apply([x.reshape(-1, *x.shape[2:])])
-        return y.reshape(Fn, self.batch, *y.shape[1:])
+        return nd.apply(xs)
 
-    def _propagate(self, start: int, state: _Sparse | Tensor | None, Fn: int,
-                   corrections: dict[int, Callable[[Tensor, Callable[[int], Tensor]], None]] | None = None) -> Tensor:
+    def _changed(self, n: int, v: "_Sparse | Tensor", rows: _RowSet) -> Tensor:
+        """Rows whose value at node ``n`` differs from the clean one (NaN counts as different)."""
+        R = rows.smp.numel()
+        if isinstance(v, _Sparse):
+            nunits = self.clean[n][0].numel() // max(1, v.vals[0].numel())
+            ref = self.clean[n].reshape(-1, nunits, v.vals[0].numel())[rows.smp, v.unit]
+            return (v.vals.reshape(R, -1) != ref).any(1)
+        return (v.reshape(R, -1) != self.clean[n][rows.smp].reshape(R, -1)).any(1)
+
+    def _propagate(self, start: int, state: "_Sparse | Tensor | None", rows: _RowSet,
+                   corrections: dict[int, Callable[[Tensor, Callable[[int], Tensor]], None]] | None = None
+                   ) -> tuple[_RowSet, Tensor]:
+        """Faulty output rows ``(R, n_out)`` for ``rows``; rows left out equal the clean output.
+
+        After the last correction, whenever a single faulty value is live, rows equal to the clean
+        run are dropped (their output is the clean output: exact, not an approximation)."""
         corrections = corrections or {}
+        fixed_until = max(corrections, default=-1)
         states: dict[int, Any] = {} if state is None else {start: state}
         first = start if state is None else start + 1
+        if state is not None and start > fixed_until:
+            states, rows = self._prune(start, states, rows)
         for n in range(first, len(self.nodes)):
+            if rows.smp.numel() == 0:
+                break
             nd = self.nodes[n]
             live = any(j in states for j in nd.inputs)
             fix = corrections.get(n)
             if not live and fix is None:
                 continue
-            if live:
-                v = self._eval(n, states, Fn)
-            else:
-                v = self.clean[n].unsqueeze(0).expand(Fn, *self.clean[n].shape).clone()
+            v = self._eval(n, states, rows) if live else self.clean[n][rows.smp]
             if fix is not None:
-                v = self._materialize(n, v, Fn)
-                fix(v, lambda j: self._materialize(j, states.get(j), Fn))
+                v = self._materialize(n, v, rows).contiguous()
+                fix(v, lambda j: self._materialize(j, states.get(j), rows))
             states[n] = v
             for j in nd.inputs:
                 if self._last_use[j] <= n:
                     states.pop(j, None)
+            if n > fixed_until and len(states) == 1 and isinstance(v, _Sparse):
+                states, rows = self._prune(n, states, rows)
         last = len(self.nodes) - 1
-        out = self._materialize(last, states.get(last), Fn)
-        return out.expand(Fn, *self.clean[last].shape)
+        if rows.smp.numel() == 0 or last not in states:
+            empty = torch.zeros(0, dtype=torch.int64, device=self.device)
+            return _RowSet(empty, empty), self.clean[last][:0]
+        return rows, self._materialize(last, states[last], rows)
+
+    def _prune(self, n: int, states: dict[int, Any], rows: _RowSet) -> tuple[dict[int, Any], _RowSet]:
+        v = states[n]
+        keep = self._changed(n, v, rows)
+        if bool(keep.all()):
+            return states, rows
+        idx = keep.nonzero().squeeze(1)
+        v = _Sparse(v.unit[idx], v.vals[idx]) if isinstance(v, _Sparse) else v[idx]
+        return {n: v}, _RowSet(rows.cfg[idx], rows.smp[idx])
 
     # --- dense path (configurations of several faults) --------------------------------------
 
@@ -446,7 +480,7 @@ class Injector:
         def fix(v: Tensor, get: Callable[[int], Tensor]) -> None:
             B = self.batch
             for f, r, k in items:
-                vf = v[f]
+                vf = v.view(-1, B, *v.shape[1:])[f]
                 e = int(r.a[k])
                 if r.site == "neuron":
                     flat = vf.view(B, -1)
@@ -458,7 +492,7 @@ class Injector:
                         flat[:, e] = r.new[k]
                     continue
                 xin_all = get(nd.inputs[0])
-                xin = xin_all[f if xin_all.shape[0] > 1 else 0]
+                xin = xin_all.reshape(-1, B, *xin_all.shape[1:])[f]
                 aff = nd.affine
                 if r.site == "synapse":
                     recv, send = int(r.b[k]), int(r.c[k])
@@ -483,6 +517,10 @@ class Injector:
         return fix
 
     # --- batching ----------------------------------------------------------------------------
+
+    def _all_rows(self, n: int) -> _RowSet:
+        ar = torch.arange(n, device=self.device)
+        return _RowSet(ar.repeat_interleave(self.batch), torch.arange(self.batch, device=self.device).repeat(n))
 
     def _chunk(self, start: int, chunk: int | None) -> int:
         if chunk is not None:
@@ -509,8 +547,11 @@ class Injector:
             step = self._chunk(node, chunk)
             for s in range(0, len(pos), step):
                 sel = torch.arange(s, min(s + step, len(pos)), device=self.device)
-                out = self._propagate(node, self._entry(r, sel), int(sel.numel()))
-                yield np.asarray(pos[s: s + step]), out, old[sel], new[sel]
+                st = self._entry(r, sel)
+                rows = self._all_rows(int(sel.numel()))
+                st = _Sparse(st.unit.repeat_interleave(self.batch), st.vals.reshape(-1, *st.vals.shape[2:]))
+                rows, out = self._propagate(node, st, rows)
+                yield np.asarray(pos[s: s + step]), rows, out, old[sel], new[sel]
         if multis:
             yield from self._multi_batches(cfgs, multis, chunk)
 
@@ -544,8 +585,8 @@ class Injector:
                         r, k = where[(p, q)]
                         per_node[r.node].append((f, r, k))
                 fixes = {n: self._correction(n, items) for n, items in per_node.items()}
-                out = self._propagate(start, None, len(part), fixes)
-                yield np.asarray(part), out, nan.expand(len(part)), nan.expand(len(part))
+                rows, out = self._propagate(start, None, self._all_rows(len(part)), fixes)
+                yield np.asarray(part), rows, out, nan.expand(len(part)), nan.expand(len(part))
 
     # --- public API --------------------------------------------------------------------------
 
@@ -553,9 +594,10 @@ class Injector:
     def outputs(self, config: FaultConfig) -> Tensor:
         """Exact faulty output ``(B, n_out)`` of one configuration (faults applied together)."""
         cfg = as_config(config)
-        for _, out, _, _ in self._batches([cfg], 1):
-            return out[0].clone()
-        raise AssertionError("unreachable")  # pragma: no cover
+        out = self.clean[-1].clone()
+        for _, rows, o, _, _ in self._batches([cfg], 1):
+            out[rows.smp] = o
+        return out
 
     @torch.no_grad()
     def run(self, configs: Sequence[FaultConfig], chunk: int | None = None) -> dict[str, np.ndarray]:
@@ -565,31 +607,41 @@ class Injector:
         the transmitted value (neuron crash/stuck/byzantine, synapse: ``new_value`` only); NaN where it
         varies per sample or the configuration has several faults. ``max_abs_delta``: max over samples
         and outputs of ``|faulty - clean|`` (inf when an output is NaN/Inf). ``mismatch_rate``: fraction
-        of samples whose top-1 class changes (a NaN output counts as changed). ``accuracy``: fraction
-        correct (with labels; NaN rows count wrong). ``nonfinite``: any NaN/Inf output.
+        of samples whose top-1 class changes; ``accuracy``: fraction correct (with labels); a sample
+        with a NaN/Inf output counts as changed and wrong. ``nonfinite``: any NaN/Inf output.
         ``chunk``: configurations per stacked forward (default: sized to ~32 MiB per tensor).
         """
         cfgs = [as_config(c) for c in configs]
-        n = len(cfgs)
+        n, B = len(cfgs), self.batch
         res = {"old_value": np.full(n, np.nan, np.float32), "new_value": np.full(n, np.nan, np.float32),
-               "max_abs_delta": np.full(n, np.nan), "mismatch_rate": np.full(n, np.nan),
-               "nonfinite": np.zeros(n, bool)}
+               "max_abs_delta": np.zeros(n), "mismatch_rate": np.zeros(n), "nonfinite": np.zeros(n, bool)}
         if self.labels is not None:
-            res["accuracy"] = np.full(n, np.nan)
+            clean_ok = (self.clean_top1 == self.labels)
+            res["accuracy"] = np.full(n, float(clean_ok.double().mean()))
         clean = self.clean[-1]
-        for pos, out, old, new in self._batches(cfgs, chunk):
-            nonfin = ~torch.isfinite(out).flatten(1).all(1)
-            d = (out - clean).abs().flatten(1).amax(1)
-            d = torch.where(nonfin, torch.full_like(d, math.inf), d)
-            nanrow = torch.isnan(out).any(-1)
-            top = out.argmax(-1)
-            res["max_abs_delta"][pos] = d.double().cpu().numpy()
-            res["mismatch_rate"][pos] = ((top != self.clean_top1) | nanrow).double().mean(1).cpu().numpy()
-            res["nonfinite"][pos] = nonfin.cpu().numpy()
-            if self.labels is not None:
-                res["accuracy"][pos] = ((top == self.labels) & ~nanrow).double().mean(1).cpu().numpy()
+        for pos, rows, out, old, new in self._batches(cfgs, chunk):
+            Fn = len(pos)
             res["old_value"][pos] = old.float().cpu().numpy()
             res["new_value"][pos] = new.float().cpu().numpy()
+            if out.shape[0] == 0:
+                continue
+            lo, hi = torch.aminmax(out - clean[rows.smp], dim=1)
+            d = torch.maximum(-lo, hi).double()  # NaN when a NaN output, inf when an Inf one (or an overflow)
+            bad = ~torch.isfinite(d)
+            if bool(bad.any()):  # exact check of the few suspicious rows
+                sus = bad.nonzero().squeeze(1)
+                o = out[sus]
+                bad[sus] = ~torch.isfinite(o).all(1)
+                d[sus] = torch.where(bad[sus], math.inf, (o.double() - clean[rows.smp[sus]].double()).abs().amax(1))
+            mx = torch.zeros(Fn, dtype=torch.float64, device=self.device).scatter_reduce_(0, rows.cfg, d, "amax")
+            top = out.argmax(1)
+            changed = (top != self.clean_top1[rows.smp]) | bad
+            res["max_abs_delta"][pos] = mx.cpu().numpy()
+            res["nonfinite"][pos] = torch.bincount(rows.cfg, bad.double(), minlength=Fn).cpu().numpy() > 0
+            res["mismatch_rate"][pos] = (torch.bincount(rows.cfg, changed.double(), minlength=Fn) / B).cpu().numpy()
+            if self.labels is not None:
+                ok = ((top == self.labels[rows.smp]) & ~bad).double() - clean_ok[rows.smp].double()
+                res["accuracy"][pos] += (torch.bincount(rows.cfg, ok, minlength=Fn) / B).cpu().numpy()
         return res
 
     def storage_format(self, layer: str) -> Format:

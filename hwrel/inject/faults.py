@@ -121,7 +121,7 @@ FaultConfig = Union[Fault, Sequence[Fault]]
 
 def as_config(config: FaultConfig) -> tuple[Fault, ...]:
     """A configuration as a tuple of faults (a single fault is a configuration of one)."""
-    if isinstance(config, Fault):
+    if type(config) is Fault or isinstance(config, Fault):
         return (config,)
     if isinstance(config, (list, tuple)):
         for f in config:
