@@ -364,11 +364,11 @@ class Injector:
 
     def _materialize(self, node: int, s: "_Sparse | Tensor | None", rows: _RowSet) -> Tensor:
         if s is None:
-            return self.clean[node][rows.smp]
+            return self.clean[node].index_select(0, rows.smp)
         if isinstance(s, Tensor):
             return s
         R = rows.smp.numel()
-        out = self.clean[node][rows.smp]
+        out = self.clean[node].index_select(0, rows.smp)
         nunits = out[0].numel() // max(1, s.vals[0].numel()) if R else 1
         out.view(R, nunits, -1)[torch.arange(R, device=self.device), s.unit] = s.vals.reshape(R, -1)
         return out
@@ -387,7 +387,7 @@ class Injector:
             return None
         aff = nd.affine
         cin = self.clean[nd.inputs[0]]
-        base = self.clean[n][rows.smp]
+        base = self.clean[n].index_select(0, rows.smp)
         if aff.kind == "linear" and s.vals.dim() == 2:
             w_ = s.vals.shape[1]
             blk = cin.reshape(cin.shape[0], -1, w_)[rows.smp, s.unit]  # (R, w)
@@ -424,7 +424,7 @@ class Injector:
             nunits = self.clean[n][0].numel() // max(1, v.vals[0].numel())
             ref = self.clean[n].reshape(-1, nunits, v.vals[0].numel())[rows.smp, v.unit]
             return (v.vals.reshape(R, -1) != ref).any(1)
-        return (v.reshape(R, -1) != self.clean[n][rows.smp].reshape(R, -1)).any(1)
+        return (v.reshape(R, -1) != self.clean[n].index_select(0, rows.smp).reshape(R, -1)).any(1)
 
     def _propagate(self, start: int, state: "_Sparse | Tensor | None", rows: _RowSet,
                    corrections: dict[int, Callable[[Tensor, Callable[[int], Tensor]], None]] | None = None
@@ -447,7 +447,7 @@ class Injector:
             fix = corrections.get(n)
             if not live and fix is None:
                 continue
-            v = self._eval(n, states, rows) if live else self.clean[n][rows.smp]
+            v = self._eval(n, states, rows) if live else self.clean[n].index_select(0, rows.smp)
             if fix is not None:
                 v = self._materialize(n, v, rows).contiguous()
                 fix(v, lambda j: self._materialize(j, states.get(j), rows))
@@ -528,7 +528,7 @@ class Injector:
                 raise HwrelError(f"chunk must be a positive number of configurations, got {chunk!r}")
             return int(chunk)
         size = max(self.nodes[n].size for n in range(start, len(self.nodes)))
-        return int(max(1, min(4096, _BUDGET // (self.batch * size))))
+        return int(max(1, min(256, _BUDGET // (self.batch * size))))
 
     def _batches(self, cfgs: list[tuple[Fault, ...]], chunk: int | None):
         """Yield ``(positions, outputs (F, B, n_out), old (F,), new (F,))`` covering every config."""
@@ -625,7 +625,7 @@ class Injector:
             res["new_value"][pos] = new.float().cpu().numpy()
             if out.shape[0] == 0:
                 continue
-            lo, hi = torch.aminmax(out - clean[rows.smp], dim=1)
+            lo, hi = torch.aminmax(out - clean.index_select(0, rows.smp), dim=1)
             d = torch.maximum(-lo, hi).double()  # NaN when a NaN output, inf when an Inf one (or an overflow)
             bad = ~torch.isfinite(d)
             if bool(bad.any()):  # exact check of the few suspicious rows
