@@ -1,0 +1,108 @@
+"""``hwrel bitwidth MODEL``: safe weight bit width (certified, adversarial, estimated, measured)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+from hwrel.errors import HwrelError
+
+
+def _fraction(text: str) -> float:
+    t = text.strip()
+    try:
+        v = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a fraction or percentage: {text!r}") from None
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"accuracy drop must lie in [0, 1) (or 0%..100%), got {text!r}")
+    return v
+
+
+def _bits(text: str) -> list[int]:
+    try:
+        lo, _, hi = text.partition("..")
+        out = list(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bit range must look like 2..16, got {text!r}") from None
+    if not out or out[0] < 2 or out[-1] > 16:
+        raise argparse.ArgumentTypeError(f"bit range must lie within 2..16, got {text!r}")
+    return out
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bitwidth", help="smallest safe weight bit width, predicted and verified",
+                       description="Quantization as a bounded perturbation: the smallest weight bit width whose "
+                       "certified accuracy loss (or output error) meets the budget, beside the adversarial, "
+                       "estimated and measured (Brevitas PTQ) answers.")
+    p.add_argument("model", help="built-in model name (see 'hwrel models')")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--max-accuracy-drop", type=_fraction, default=0.01, help="e.g. 1%% or 0.01 (default 1%%)")
+    g.add_argument("--epsilon", type=float, default=None, help="output-error budget in logits instead")
+    p.add_argument("--per-layer", action="store_true", help="also a mixed-precision assignment per layer")
+    p.add_argument("--per-channel", action="store_true", help="one scale per output channel")
+    p.add_argument("--asymmetric", action="store_true", help="unsigned codes with a zero point")
+    p.add_argument("--act-bits", default=None, help="also quantize activations: a width or 'same'")
+    p.add_argument("--bits", type=_bits, default=list(range(2, 17)), help="widths to sweep (default 2..16)")
+    p.add_argument("--no-verify", action="store_true", help="skip Brevitas measurement")
+    p.add_argument("--no-adversarial", action="store_true", help="skip the adversarial search")
+    p.add_argument("--qat-epochs", type=int, default=0, help="quantization-aware fine-tuning epochs (verification)")
+    p.add_argument("--plot", default=None, help="write the figure to this file (.png/.pdf)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from hwrel import models
+    from hwrel.quantize import safe_bitwidth
+
+    if args.model not in models.names():
+        raise HwrelError(f"unknown model '{args.model}'; built-in models: {', '.join(models.names())}")
+    act = args.act_bits
+    if act is not None and act != "same":
+        try:
+            act = int(act)
+        except ValueError:
+            raise HwrelError(f"--act-bits must be a width in 2..16 or 'same', got {act!r}") from None
+    if args.epsilon is not None and not args.epsilon > 0:
+        raise HwrelError(f"--epsilon must be positive, got {args.epsilon}")
+    if args.qat_epochs < 0:
+        raise HwrelError(f"--qat-epochs must be >= 0, got {args.qat_epochs}")
+    ref = models.load(args.model)
+    res = safe_bitwidth(ref.module, ref, args.max_accuracy_drop, args.epsilon, per_layer=args.per_layer,
+                        verify=not args.no_verify, bits=args.bits, per_channel=args.per_channel,
+                        symmetric=not args.asymmetric, act_bits=act, adversarial=not args.no_adversarial,
+                        qat_epochs=args.qat_epochs)
+    if args.plot:
+        fig = res.plot()
+        d = os.path.dirname(os.path.abspath(args.plot))
+        suffix = os.path.splitext(args.plot)[1] or ".png"
+        fd, tmp = tempfile.mkstemp(dir=d, suffix=suffix)
+        os.close(fd)
+        try:
+            fig.savefig(tmp)
+            os.replace(tmp, args.plot)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    if args.json:
+        print(json.dumps(res.to_dict(), indent=2))
+    else:
+        print(f"model {args.model}, {res.spec}, budget {res.budget}")
+        for k in ("certified", "adversarial", "estimated", "measured"):
+            print(f"  {k:<12} bits: {getattr(res, k + '_bits')}")
+        if res.memory_saved_bits is not None:
+            print(f"  memory saved vs float32 weights: {res.memory_saved_bits} bits ({res.memory_saved_percent:.1f}%)")
+        if res.per_layer:
+            print(f"  per-layer (certified): {res.per_layer}, {res.per_layer_stored_bits} bits stored vs "
+                  f"{res.uniform_stored_bits} uniform")
+        cols = [c for c in ("bits", "bound_paper", "bound_weights", "bound_interval", "certified_error",
+                            "certified_accuracy", "adversarial_accuracy", "estimated_accuracy", "measured_error",
+                            "measured_accuracy") if c in res.table]
+        print(res.table[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if res.message:
+        print(f"hwrel: {res.message}", file=sys.stderr)
+        return 1
+    return 0

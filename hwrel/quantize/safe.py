@@ -1,0 +1,209 @@
+"""Safe bit widths: certified, adversarial, estimated and measured answers side by side.
+
+- *certified*: a guarantee for any rounding within half a step (sound per-input bounds);
+- *adversarial*: damage a gradient search actually finds within half a step (a lower end for any
+  certificate: no sound method may certify an input it breaks);
+- *estimated*: independent uniform rounding errors propagated through the Jacobian (no guarantee);
+- *measured*: Brevitas post-training quantization, run on the test data (one actual rounding).
+
+A width "meets the budget" for a kind of reasoning when it and every larger width in the sweep
+meet it (the answers are then stable under small changes).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from hwrel.errors import HwrelError, check
+from hwrel.network import Network
+from hwrel.quantize import brevitas_ptq as bq
+from hwrel.quantize.estimate import JacobianSums, estimated_accuracy, estimated_deviation
+from hwrel.quantize.predict import BITS, Predictor, QuantSpec, weight_radius, weight_storage
+from hwrel.quantize.search import per_input_attack, shared_attack
+
+KINDS = ("certified", "adversarial", "estimated", "measured")
+
+
+def _inputs(model: Any, data: Any, input_domain, input_shape):
+    """(module or None, Network, x, y, calibration inputs) from the accepted argument forms."""
+    from hwrel.models import ReferenceModel
+
+    ref = data if isinstance(data, ReferenceModel) else model if isinstance(model, ReferenceModel) else None
+    module = model.module if isinstance(model, ReferenceModel) else model if isinstance(model, nn.Module) else None
+    if isinstance(model, Network):
+        net = model
+    elif module is not None:
+        dom = input_domain if input_domain is not None else (ref.input_domain if ref else (0.0, 1.0))
+        shape = input_shape if input_shape is not None else (ref.input_shape if ref else None)
+        net = Network.from_module(module, dom, shape)
+    else:
+        raise HwrelError(f"expected an nn.Module, a hwrel.Network or a reference model, got {type(model).__name__}")
+    if data is None:
+        return module, net, None, None, None
+    if isinstance(data, ReferenceModel):
+        return module, net, data.x_test, data.y_test, data.x_train[:512]
+    if not (isinstance(data, (tuple, list)) and len(data) in (2, 3)):
+        raise HwrelError("data must be (inputs, labels), (inputs, labels, calibration inputs) or a reference model")
+    x, y = torch.as_tensor(data[0]), torch.as_tensor(data[1])
+    calib = torch.as_tensor(data[2]) if len(data) == 3 else x
+    return module, net, x.float(), y.long(), calib
+
+
+class _Sweep:
+    """Everything per bit width, sharing one Predictor, Jacobian and Brevitas model cache."""
+
+    def __init__(self, module, net: Network, x, y, calib, spec: QuantSpec):
+        self.module, self.spec, self.calib = module, spec, calib
+        self._ptq: dict[tuple, nn.Module] = {}
+        act_quant = self._act_quant if spec.act_bits is not None else None
+        check(spec.act_bits is None or module is not None, "activation quantization needs an nn.Module")
+        self.p = Predictor(net, spec, x, y, act_quant=act_quant)
+        self.names = {i: self.p.net.nodes[i].name for i in self.p.layers}
+        self._jac: JacobianSums | None = None
+
+    def qmodel(self, lb: Mapping[int, int]) -> nn.Module:
+        key = tuple(sorted(lb.items()))
+        if key not in self._ptq:
+            uniform = len(set(lb.values())) == 1
+            bits = next(iter(lb.values())) if uniform else {self.names[i]: b for i, b in lb.items()}
+            self._ptq[key] = bq.ptq(self.module, self.calib, bits, per_channel=self.spec.per_channel,
+                                    symmetric=self.spec.symmetric,
+                                    act_bits=self.spec.act_width(max(lb.values())))
+        return self._ptq[key]
+
+    def _act_quant(self, lb: dict[int, int]) -> list[tuple[float, float, float]]:
+        qnet = Network.from_module(self.qmodel(lb), (self.p.net.input_lo.float(), self.p.net.input_hi.float()),
+                                   self.p.net.input_shape)
+        return [(n.act.quant_step, n.act.lo, n.act.hi) for n in qnet.nodes if n.op == "act" and n.act.kind == "quant"]
+
+    # ------------------------------------------------------------------------------- kinds
+
+    def certified(self, bits) -> dict[str, Any]:
+        dom = self.p.domain_bounds(bits)
+        cap = min(dom.values())
+        sb = self.p.sample_bounds(bits, cap)
+        acc, cert = self.p.certify(sb)
+        return {"bound_paper": dom["paper"], "bound_weights": dom["weights"], "bound_interval": dom["interval"],
+                "certified_error": float(sb.max()), "certified_accuracy": acc, "_cert": cert, "_bound": sb}
+
+    def estimated(self, bits) -> dict[str, float]:
+        p = self.p
+        if self._jac is None:
+            self._jac = JacobianSums(p.net, p.x, p.pred, p.layers, tuple(p.act_scales(bits)) if p.spec.act_bits else ())
+        steps = {}
+        for i, b in p.layer_bits(bits).items():
+            w = p.net.nodes[i].affine.weight
+            st = weight_storage(w, b, self.spec)
+            steps[i] = st.scale.to(torch.float64).expand(w.shape[0]) if st.scale.dim() == 0 else st.scale.double()
+        acts = {i: s for i, (s, _, _) in p.act_scales(bits).items()}
+        var_out, var_m = self._jac.variances(steps, acts)
+        return {"estimated_error": float(estimated_deviation(var_out).max()),
+                "estimated_accuracy": estimated_accuracy(p.logits, p.correct, var_m)}
+
+    def adversarial(self, bits, cert: Tensor, known_broken: Tensor, steps: int = 4) -> dict[str, Any]:
+        p = self.p
+        wr = {i: weight_radius(p.net.nodes[i].affine.weight, b, self.spec) for i, b in p.layer_bits(bits).items()}
+        allv = [torch.cat([v[k] for v in p.values]) for k in range(len(p.net.nodes))]
+        pert = p.perturbation(bits, (allv, allv))
+        ar = {i: torch.as_tensor(r, dtype=torch.float64).expand(len(p.x), *p.net.nodes[i].shape)
+              for i, r in pert.act_radius.items()}
+        m_sh, _ = shared_attack(p.net, p.x[p.correct], p.pred[p.correct], wr, steps=2 * steps)
+        broken = known_broken.clone()
+        idx_c = torch.nonzero(p.correct)[:, 0]
+        broken[idx_c[m_sh < 0]] = True
+        todo = torch.nonzero(p.correct & ~cert & ~broken)[:, 0]
+        dev = 0.0
+        if len(todo):
+            m, d = per_input_attack(p.net, p.x[todo], p.pred[todo], wr, {k: v[todo] for k, v in ar.items()}, steps)
+            broken[todo[m < 0]] = True
+            dev = float(d.max())
+        return {"adversarial_accuracy": float((p.correct & ~broken).double().mean()),
+                "adversarial_shared_accuracy": float((m_sh >= 0).double().sum() / len(p.x)),
+                "adversarial_error": dev, "certified_but_broken": int((cert & broken).sum()), "_broken": broken}
+
+    def measured(self, bits, bound: Tensor, qat_epochs: int = 0, train=None) -> dict[str, Any]:
+        p = self.p
+        q = self.qmodel(p.layer_bits(bits))
+        x = p.x.float()
+        f = bq.forward(self.module, x).double()
+        fq = bq.forward(q, x).double()
+        dev = (fq - f).abs()
+        out = {"measured_error": float(dev.max()),
+               "measured_accuracy": float((fq.argmax(1) == p.y).double().mean()),
+               "bound_violations": int((dev > bound).sum())}
+        if qat_epochs:
+            qq = bq.qat(q, train[0], train[1], epochs=qat_epochs)
+            out["qat_accuracy"] = float((bq.forward(qq, x).argmax(1) == p.y).double().mean())
+        return out
+
+
+def smallest_meeting(bits: Sequence[int], ok: Sequence[bool]) -> int | None:
+    """Smallest width that, with every larger width in the sweep, meets the budget."""
+    best = None
+    for b, good in sorted(zip(bits, ok), reverse=True):
+        if not good:
+            break
+        best = b
+    return best
+
+
+def sweep(module, net: Network, x, y, calib, spec: QuantSpec, bits: Sequence[int], *, adversarial: bool = True,
+          verify: bool = True, qat_epochs: int = 0, train=None, steps: int = 4) -> tuple[pd.DataFrame, _Sweep, dict]:
+    """One row per bit width with every kind of answer; also the sweep state and timings (s)."""
+    sw = _Sweep(module, net, x, y, calib, spec)
+    rows: dict[int, dict] = {}
+    t = {"predict_s": 0.0, "adversarial_s": 0.0, "verify_s": 0.0}
+    broken = torch.zeros(len(x), dtype=torch.bool)
+    monotone = spec.act_bits is None  # radii shrink with the width: broken at b+1 => broken at b
+    for b in sorted(bits, reverse=True):
+        t0 = time.perf_counter()
+        row: dict[str, Any] = {"bits": b, "stored_bits": sw.p.stored_bits(b), "clean_accuracy": sw.p.clean_accuracy}
+        row.update(sw.certified(b))
+        row.update(sw.estimated(b))
+        t["predict_s"] += time.perf_counter() - t0
+        if adversarial:
+            t0 = time.perf_counter()
+            row.update(sw.adversarial(b, row["_cert"], broken if monotone else torch.zeros_like(broken), steps))
+            broken = row.pop("_broken")
+            t["adversarial_s"] += time.perf_counter() - t0
+        if verify:
+            t0 = time.perf_counter()
+            row.update(sw.measured(b, row["_bound"], qat_epochs, train))
+            t["verify_s"] += time.perf_counter() - t0
+        row.pop("_cert"), row.pop("_bound")
+        rows[b] = row
+    df = pd.DataFrame([rows[b] for b in sorted(rows)])
+    df.insert(1, "spec", spec.label)
+    df["paper_over_certified"] = df["bound_paper"] / df["certified_error"]
+    return df, sw, t
+
+
+def predict_quantization_error(model_or_net: Any, bits: int | Sequence[int] = BITS, data: Any = None, *,
+                               per_channel: bool = False, symmetric: bool = True, act_bits: int | str | None = None,
+                               input_domain=None, input_shape=None, adversarial: bool = False,
+                               verify: bool = False) -> pd.DataFrame:
+    """Predicted worst-case output error of quantizing the weights (and activations), per bit width.
+
+    Columns ``bound_paper``/``bound_weights``/``bound_interval``: sound bounds on the largest change
+    of any output over the whole input domain (theory 3.1, 4), in logits. With ``data`` (inputs,
+    labels): ``certified_error`` (largest sound per-input bound on the test inputs),
+    ``certified_accuracy`` (sound lower bound on the quantized accuracy), ``estimated_*`` (statistical
+    estimate, no guarantee), and when asked ``adversarial_*`` (found by search) and ``measured_*``
+    (Brevitas PTQ).
+    """
+    bits = [bits] if isinstance(bits, int) else list(bits)
+    spec = QuantSpec(per_channel, symmetric, act_bits)
+    module, net, x, y, calib = _inputs(model_or_net, data, input_domain, input_shape)
+    if x is None:
+        check(act_bits is None, "activation quantization needs data for calibration")
+        p = Predictor(net, spec)
+        rows = [{"bits": b, "spec": spec.label, **{f"bound_{k}": v for k, v in p.domain_bounds(b).items()},
+                 "stored_bits": p.stored_bits(b)} for b in bits]
+        return pd.DataFrame(rows)
+    check(not verify or module is not None, "verification needs an nn.Module (Brevitas quantizes modules)")
+    return sweep(module, net, x, y, calib, spec, bits, adversarial=adversarial, verify=verify)[0]

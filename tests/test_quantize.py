@@ -1,0 +1,175 @@
+"""Quantization as bounded perturbation: soundness against Brevitas PTQ, search and exact rounding."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import hwrel
+from hwrel import models
+from hwrel.errors import HwrelError, UnsupportedLayerError
+from hwrel.quantize import Predictor, QuantSpec, predict_quantization_error, ptq, qat, safe_bitwidth, weight_radius
+from hwrel.quantize.brevitas_ptq import forward
+from hwrel.quantize.search import perturbed_forward
+
+warnings.filterwarnings("ignore")
+SPECS = [QuantSpec(), QuantSpec(per_channel=True, symmetric=False)]
+
+
+@pytest.fixture(scope="module")
+def sig():
+    return models.load("digits-mlp-sigmoid")
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    return models.load("digits-mlp")
+
+
+def _net(ref):
+    return hwrel.Network.from_module(ref.module, ref.input_domain, ref.input_shape)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.label)
+def test_ptq_matches_prediction_radius_and_extraction(sig, spec):
+    q = ptq(sig.module, sig.x_train[:256], 5, per_channel=spec.per_channel, symmetric=spec.symmetric)
+    net, qnet = _net(sig), hwrel.Network.from_module(q, sig.input_domain, sig.input_shape)
+    assert torch.equal(qnet.forward(sig.x_test), forward(q, sig.x_test))
+    for i, j in zip(net.synapse_layers, qnet.synapse_layers):
+        w = net.nodes[i].affine.weight
+        err = (qnet.nodes[j].affine.weight.double() - w.double()).abs()
+        r = weight_radius(w, 5, spec)
+        assert bool((err <= r).all())
+        assert float((err / r.clamp(min=1e-30)).max()) > 0.9  # the radius is not loose: rounding reaches it
+        assert qnet.nodes[j].affine.bit_width == 5
+    assert all(p.requires_grad for p in sig.module.parameters())  # user's model untouched
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.label)
+def test_sound_against_measurement_and_search(sig, spec):
+    t = predict_quantization_error(sig.module, (3, 6, 9, 12, 16), sig, per_channel=spec.per_channel,
+                                   symmetric=spec.symmetric, adversarial=True, verify=True)
+    assert (t["bound_violations"] == 0).all()  # per input and output: |F_q - F| <= certified bound
+    assert (t["certified_but_broken"] == 0).all()  # nothing certified is broken by a real perturbation
+    for m in ("paper", "weights", "interval"):
+        assert (t[f"bound_{m}"] >= t["measured_error"]).all()
+        assert (t[f"bound_{m}"] >= t["adversarial_error"]).all()
+    assert (t["certified_error"] >= t["measured_error"]).all()
+    assert (t["certified_accuracy"] <= t["measured_accuracy"] + 1e-12).all()
+    assert (t["certified_accuracy"] <= t["adversarial_accuracy"] + 1e-12).all()
+    assert (t["bound_paper"] >= t["bound_weights"]).all()
+    assert t["certified_accuracy"].is_monotonic_increasing
+    assert t["certified_error"].is_monotonic_decreasing
+
+
+def test_activation_quantization_sound(mlp):
+    t = predict_quantization_error(mlp.module, (4, 8, 12), mlp, act_bits="same", adversarial=True, verify=True)
+    assert (t["bound_violations"] == 0).all()
+    assert (t["certified_but_broken"] == 0).all()
+    assert (t["certified_accuracy"] <= t["measured_accuracy"]).all()
+    assert (t["bound_interval"] >= t["measured_error"]).all()
+    weights_only = predict_quantization_error(mlp.module, (4, 8, 12), mlp)
+    assert (t["certified_error"].values > weights_only["certified_error"].values).all()
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), bits=st.integers(2, 12), per_channel=st.booleans(), symmetric=st.booleans())
+def test_bound_holds_for_exact_rounding_and_sign_attacks(seed, bits, per_channel, symmetric):
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 3))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    spec = QuantSpec(per_channel, symmetric)
+    net = hwrel.Network.from_module(model, (-1.0, 1.0)).to()
+    x = torch.rand(64, 5, generator=g, dtype=torch.float64) * 2 - 1
+    y = torch.zeros(64, dtype=torch.long)
+    pr = Predictor(net, spec, x, y)
+    bound = pr.sample_bounds(bits)
+    dom = pr.domain_bounds(bits)
+    wr = {i: weight_radius(net.nodes[i].affine.weight, bits, spec) for i in net.synapse_layers}
+    from hwrel.quantize.predict import weight_storage
+    exact = {i: weight_storage(net.nodes[i].affine.weight, bits, spec).dequantize().double()
+             - net.nodes[i].affine.weight for i in net.synapse_layers}
+    trials = [exact] + [{i: r * torch.sign(torch.randn(r.shape, generator=g, dtype=r.dtype)) for i, r in wr.items()}
+                        for _ in range(4)]
+    clean = net.forward(x)
+    for dw in trials:
+        dev = (perturbed_forward(net, x, dw, {}) - clean).abs()
+        assert bool((dev <= bound * (1 + 1e-9)).all())
+        assert float(dev.max()) <= min(dom.values()) * (1 + 1e-9)
+
+
+def test_safe_bitwidth_answers_and_per_layer(mlp):
+    r = safe_bitwidth(mlp.module, mlp, 0.01, per_layer=True, bits=range(3, 15))
+    t = r.table
+    assert r.certified_bits is not None and r.measured_bits is not None
+    assert r.measured_bits <= r.certified_bits  # the certificate never asks for less than the data needs
+    assert r.adversarial_bits <= r.certified_bits <= r.adversarial_bits + 1
+    assert abs(r.estimated_bits - r.measured_bits) <= 1
+    row = t[t["bits"] == r.certified_bits].iloc[0]
+    assert row["clean_accuracy"] - row["certified_accuracy"] <= 0.01
+    below = t[t["bits"] == r.certified_bits - 1].iloc[0]
+    assert below["clean_accuracy"] - below["certified_accuracy"] > 0.01
+    # per layer: fewer stored bits than the uniform certified width, same budget, verified by measurement
+    assert r.per_layer_stored_bits < r.uniform_stored_bits
+    chk = r.per_layer_check
+    assert chk["certified_accuracy"] >= row["clean_accuracy"] - 0.01
+    assert chk["bound_violations"] == 0 and chk["measured_accuracy"] >= chk["certified_accuracy"]
+    d = r.to_dict()
+    assert {"certified_bits", "adversarial_bits", "estimated_bits", "measured_bits", "table"} <= set(d)
+    assert 0 < r.memory_saved_percent < 100
+    fig = r.plot()
+    labels = [t.get_text() for ax in fig.axes for t in ax.get_legend().get_texts()]
+    assert any("certified" in s for s in labels) and any("measured" in s for s in labels)
+    assert any("adversarial" in s for s in labels) and any("estimated" in s for s in labels)
+
+
+def test_epsilon_budget(sig):
+    r = safe_bitwidth(sig.module, sig, epsilon=0.5, bits=range(8, 17), adversarial=False)
+    t = r.table.set_index("bits")
+    assert t.loc[r.certified_bits, "certified_error"] <= 0.5
+    assert r.measured_bits <= r.certified_bits
+
+
+def test_unmet_budget_says_best_achievable(sig):
+    r = safe_bitwidth(sig.module, sig, 0.0, bits=(2, 3), adversarial=False, verify=False)
+    assert r.certified_bits is None and "best achievable" in r.message and "3 bits" in r.message
+
+
+def test_bad_input(sig):
+    with pytest.raises(HwrelError, match="empty"):
+        safe_bitwidth(sig.module, (sig.x_test[:0], sig.y_test[:0]))
+    with pytest.raises(HwrelError, match="labels"):
+        safe_bitwidth(sig.module, (sig.x_test[:10], sig.y_test[:9]))
+    with pytest.raises(HwrelError, match=r"labels must lie in \[0, 9\]"):
+        safe_bitwidth(sig.module, (sig.x_test[:10], sig.y_test[:10] + 10))
+    bad = nn.Sequential(nn.Linear(64, 8), nn.GELU(), nn.Linear(8, 10))
+    with pytest.raises(UnsupportedLayerError, match=r"layer 1 \(.*GELU\)"):
+        ptq(bad, None, 8)
+    with pytest.raises(HwrelError, match="bit width"):
+        ptq(sig.module, None, 1)
+
+
+def test_qat_tiny(sig):
+    q = ptq(sig.module, None, 3)
+    before = float((forward(q, sig.x_test).argmax(1) == sig.y_test).double().mean())
+    q2 = qat(q, sig.x_train, sig.y_train, epochs=1, lr=1e-3)
+    after = float((forward(q2, sig.x_test).argmax(1) == sig.y_test).double().mean())
+    assert after >= before - 0.02
+    qn = hwrel.Network.from_module(q2, sig.input_domain, sig.input_shape)
+    assert torch.allclose(qn.forward(sig.x_test), forward(q2, sig.x_test))
+
+
+def test_ptq_resnet_folds_batchnorm():
+    ref = models.load("mnist-resnet")
+    q = ptq(ref.module, ref.x_train[:64], 8, per_channel=True)
+    qnet = hwrel.Network.from_module(q, ref.input_domain, ref.input_shape)
+    x = ref.x_test[:64]
+    assert torch.allclose(qnet.forward(x), forward(q, x), atol=1e-5)
+    acc = float((forward(q, x).argmax(1) == ref.y_test[:64]).double().mean())
+    assert acc >= float((forward(ref.module, x).argmax(1) == ref.y_test[:64]).double().mean()) - 0.05
