@@ -1,0 +1,222 @@
+"""SEU analysis: exact flip injection, soundness of certified flips against adversarial search on
+every reference model, the bit-position result, FIT/mission arithmetic and bad input."""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import replace
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+
+import hwrel
+from hwrel import models
+from hwrel.errors import HwrelError
+from hwrel.seu import load_accelerator, rates
+from hwrel.seu.analysis import bit_profile, seu_analysis
+from hwrel.seu.flips import FlipModel, flip_bounds
+from hwrel.seu.mapping import map_model
+
+matplotlib.use("Agg")
+MODELS = models.names()
+REL = 1e-9  # float64 rounding of the faulty forward, relative to the output scale
+
+
+@pytest.fixture(scope="module")
+def refs():
+    return {n: models.load(n) for n in MODELS}
+
+
+def _setup(ref, acc="gemmini", fmt=None, rr=False, n=32):
+    net = hwrel.Network.from_module(ref.module, ref.input_domain, ref.input_shape)
+    mapping = map_model(net, load_accelerator(acc), fmt)
+    net64 = mapping.deployed(net.to())
+    fb = flip_bounds(net64, mapping.tensors, rr)
+    x = ref.x_test[:n].to(torch.float64)
+    fm = FlipModel(net64, mapping.tensors, [s.limit for s in fb.sites], x)
+    return net64, mapping, fb, fm
+
+
+def _err(fm, flips):
+    out = fm.run(flips)
+    if not bool(torch.isfinite(out).all()):
+        return math.inf
+    return float((out - fm.output).abs().max())
+
+
+def _greedy(fm, fb, k, seed=0, pool=8):
+    """Adversarial k flips: candidates = sites with the largest certified and measured single
+    damage (plus random ones); add greedily the flip that increases the measured error most."""
+    lo, hi = fb.net.input_lo[None], fb.net.input_hi[None]
+    dmg = fb.single(fb.inputs_sup(lo, hi, 1))
+    cands = []
+    for ti, d in enumerate(dmg):
+        flat = torch.nan_to_num(d.reshape(-1), posinf=1e308)
+        top = torch.topk(flat, min(pool, flat.numel())).indices
+        width = d.shape[1]
+        cands += [(ti, int(i) // width, int(i) % width) for i in top]
+    g = np.random.default_rng(seed)
+    for _ in range(pool):
+        ti = int(g.integers(len(dmg)))
+        cands.append((ti, int(g.integers(dmg[ti].shape[0])), int(g.integers(dmg[ti].shape[1]))))
+    chosen: list[tuple[int, int, int]] = []
+    for _ in range(k):
+        best = max((c for c in cands if c not in chosen), key=lambda c: _err(fm, chosen + [c]))
+        chosen.append(best)
+    return chosen, _err(fm, chosen)
+
+
+# ------------------------------------------------------------------------------- exactness
+
+def test_flip_model_equals_plain_reference(refs):
+    ref = refs["mnist-lenet"]
+    net64, mapping, fb, fm = _setup(ref, "nvdla-full", "int8")
+    for ti, e, b in [(0, 3, 7), (1, 2, 31), (4, 100, 6), (9, 5, 30)]:
+        t = mapping.tensors[ti]
+        code = int(t.codes.reshape(-1)[e])
+        new_code = hwrel.formats.flip(t.fmt, torch.tensor(code), b)
+        s = float(t.scale.reshape(-1)[e % t.scale.numel()] if t.scale.numel() > 1 else t.scale)
+        plain = copy.deepcopy(net64)
+        nodes = list(plain.nodes)
+        aff = nodes[t.node].affine
+        w = (aff.weight if t.part == "weight" else aff.bias).clone()
+        w.view(-1)[e] = s * float(new_code)
+        nodes[t.node] = replace(nodes[t.node], affine=replace(aff, **{t.part: w}))
+        expect = replace(plain, nodes=tuple(nodes)).forward(fm.x)
+        assert torch.equal(fm.run([(ti, e, b)]), expect)
+
+
+# ------------------------------------------------------------------------------- soundness
+
+@pytest.mark.parametrize("name", MODELS)
+def test_certified_flips_never_contradicted(refs, name):
+    """Budget = the bound for 3 flips, so at least 3 are certified; no adversarial search over
+    that many flips exceeds it, and bound(1) >= the measured worst single flip."""
+    n = 16 if name.startswith("digits") else 6
+    net64, mapping, fb, fm = _setup(refs[name], n=n)
+    lo, hi = net64.input_lo[None], net64.input_hi[None]
+    bounds = [float(fb.bound(k, lo, hi)[0]) for k in (1, 2, 3)]
+    assert bounds[0] <= bounds[1] <= bounds[2] < math.inf
+    scale = float(fm.output.abs().max())
+    res = seu_analysis(refs[name], "gemmini", epsilon=bounds[2], mission_hours=1000,
+                       campaign_size=30, max_samples=n)
+    assert res.certified_flips >= 3
+    for k, bnd in ((1, bounds[0]), (3, bounds[2])):
+        _, measured = _greedy(fm, fb, k)
+        assert 0 < measured <= bnd * (1 + REL) + REL * scale, (name, k, measured, bnd)
+    camp = res.campaign
+    assert (camp.max_abs_delta <= camp.certified_damage * (1 + REL) + REL * scale).all()
+    assert not (camp.vulnerable & ~camp.certified_vulnerable).any()  # measured <= certified
+
+
+@pytest.mark.parametrize("fmt,rr", [("fp16", False), ("fp16", True), ("int16", False)])
+def test_single_flip_campaign_below_certified_damage(refs, fmt, rr):
+    res = seu_analysis(refs["digits-mlp"], "nvdla-full", format=fmt, range_restriction=rr,
+                       mission_hours=100, campaign_size=300, max_samples=32)
+    camp = res.campaign
+    ok = (camp.max_abs_delta <= camp.certified_damage * (1 + REL) + 1e-12)
+    assert ok.all()
+    assert not (camp.vulnerable & ~camp.certified_vulnerable).any()
+    lo, hi = res.vulnerable_fraction_measured_ci
+    assert lo <= res.vulnerable_fraction_measured <= hi
+    assert res.vulnerable_fraction_measured <= max(res.vulnerable_fraction_certified, hi)
+
+
+def test_accuracy_budget_sound_against_adversarial_flips(refs):
+    """Per-sample certificates: every input certified for k flips keeps its prediction under the
+    adversarial flips, whose per-input error stays below the per-input bound."""
+    ref = refs["digits-mlp-sigmoid"]
+    net64, mapping, fb, fm = _setup(ref, n=64)
+    x = fm.x
+    margin = fm.output.topk(2, dim=1).values
+    margin = margin[:, 0] - margin[:, 1]
+    for k in (1, 2):
+        bnd = fb.bound(k, x, x)
+        flips, _ = _greedy(fm, fb, k)
+        out = fm.run(flips)
+        err = (out - fm.output).abs().amax(1)
+        assert (err <= bnd * (1 + REL) + 1e-12).all()
+        cert = margin > 2 * bnd
+        assert (out.argmax(1)[cert] == fm.output.argmax(1)[cert]).all()
+    res = seu_analysis(ref, "gemmini", max_accuracy_drop=0.0, mission_hours=10,
+                       campaign_size=50, max_samples=64)
+    row = res.flip_bounds[res.flip_bounds.k == 1].iloc[0]
+    assert row.certified_accuracy <= res.clean_accuracy
+    assert res.certified_flips == int(res.clean_accuracy - row.certified_accuracy <= 0)
+
+
+def test_int32_bias_sign_bit_is_critical(refs):
+    res = seu_analysis(refs["digits-mlp"], "gemmini", epsilon=1.0, mission_hours=1,
+                       campaign_size=0)
+    crit = res.critical_bits
+    bias = crit[(crit.part == "bias") & (crit.bit == 31)]
+    assert (bias.format == "int32").all() and len(bias) == 3
+    w8 = crit[(crit.part == "weight")].certified_damage.max()
+    assert bias.certified_damage.max() > 100 * w8
+    assert (bias.vulnerable_fraction == 1.0).any()
+
+
+# ------------------------------------------------------------------------------- the known result
+
+def test_float_exponent_msb_dominates_int8_and_restriction_bounded(refs):
+    prof = bit_profile(refs["digits-mlp"], formats=("fp32", "int8"), samples_per_bit=12,
+                       max_samples=32)
+    fp = prof[(prof.format == "fp32") & ~prof.range_restriction]
+    msb = fp[fp.bit == 30].iloc[0]
+    mant = fp[fp.role == "mantissa"]
+    assert msb.measured_sdc >= 0.5 and (mant.measured_sdc == 0).all()
+    assert msb.certified_damage > 1e30 * mant.certified_damage.max()
+    i8 = prof[(prof.format == "int8") & ~prof.range_restriction]
+    assert np.isfinite(i8.certified_damage).all() and i8.certified_damage.max() < 1e3
+    rr = prof[(prof.format == "fp32") & prof.range_restriction]
+    assert np.isfinite(rr.certified_damage).all()
+    assert rr.certified_damage.max() < 1e-20 * msb.certified_damage
+    from hwrel.seu.plots import bit_profile_plot
+    assert len(bit_profile_plot(prof).axes) >= 2
+
+
+# ------------------------------------------------------------------------------- FIT and mission
+
+def test_fit_mission_and_plan_consistent(refs):
+    res = seu_analysis(refs["digits-mlp"], "eyeriss-v1", mission_hours=87600, target="asil-d",
+                       campaign_size=100, max_samples=32, altitude_m=1500, scrub_hours=24)
+    alt = rates.altitude_factor(1500)
+    assert res.altitude_factor == pytest.approx(alt)
+    assert res.fit_raw == pytest.approx(692 * alt * res.total_bits / 1e6)
+    assert res.fit == pytest.approx(res.fit_raw * res.vulnerable_fraction_certified)
+    assert res.fit_with_ecc < res.fit
+    assert res.meets_target == (res.fit < 10)
+    assert 0 <= res.mission_failure_probability_with_ecc <= res.mission_failure_probability <= 1
+    c = res.mission_curve
+    assert (np.diff(c.p_failure) >= -1e-15).all() and c.hours.iloc[-1] == 87600
+    plan = res.protection_plan
+    if not res.meets_target:
+        assert bool(plan.meets_target.iloc[-1]) and plan.fit.iloc[-1] < 10
+        assert (np.diff(plan.cumulative_bits) >= 0).all()
+    d = res.to_dict()
+    for key in ("certified_flips", "vulnerable_fraction_certified", "vulnerable_fraction_measured",
+                "fit", "fit_with_ecc", "mission_failure_probability", "meets_target"):
+        assert key in d
+    from hwrel.seu.plots import critical_bits_heatmap, mission_plot
+    assert critical_bits_heatmap(res).axes and mission_plot(res).axes
+
+
+def test_bad_input(refs):
+    ref = refs["digits-mlp"]
+    with pytest.raises(HwrelError, match="unknown accelerator 'nope' .*eyeriss-v1"):
+        seu_analysis(ref, "nope", mission_hours=1)
+    with pytest.raises(HwrelError, match="does not support fp32 .*int16"):
+        seu_analysis(ref, "eyeriss-v1", format="fp32", mission_hours=1)
+    with pytest.raises(HwrelError, match="mission_hours"):
+        seu_analysis(ref, "eyeriss-v1", mission_hours=-1)
+    with pytest.raises(HwrelError, match="altitude_m"):
+        seu_analysis(ref, "eyeriss-v1", mission_hours=1, altitude_m=-3)
+    with pytest.raises(HwrelError, match="pe_filter_spad need .* holds 75264 bytes"):
+        seu_analysis(refs["mnist-lenet"], "eyeriss-v1", mission_hours=1,
+                     memory="pe_filter_spad")
+    with pytest.raises(HwrelError, match="does not hold weights"):
+        seu_analysis(ref, "eyeriss-v1", mission_hours=1, memory="pe_psum_spad")
+    with pytest.raises(HwrelError, match="target"):
+        seu_analysis(ref, "eyeriss-v1", mission_hours=1, target="asil-a")
