@@ -164,8 +164,8 @@ def tradeoff(dataset: str = "digits", *, widths: Sequence[int] = (16, 32, 64, 12
     for name, vals, ok in (("widths", widths, lambda v: isinstance(v, int) and v >= 1),
                            ("weight_decays", weight_decays, lambda v: isinstance(v, (int, float)) and v >= 0)):
         if not len(vals) or not all(ok(v) and not isinstance(v, bool) for v in vals):
-            raise HwrelError(f"{name} must be a non-empty list of {'integers >= 1' if name == 'widths' else 'numbers >= 0'}, "
-                             f"got {list(vals)!r}")
+            kind = "integers >= 1" if name == "widths" else "numbers >= 0"
+            raise HwrelError(f"{name} must be a non-empty list of {kind}, got {list(vals)!r}")
     if isinstance(failures, bool) or not isinstance(failures, int) or not 0 <= failures <= min(widths):
         raise HwrelError(f"failures must be an integer in [0, {min(widths)}] (the narrowest width), got {failures!r}")
     x_tr, y_tr, x_te, y_te = _data(dataset)
@@ -216,10 +216,10 @@ def plot(res: TradeoffResult, path: str | os.PathLike[str]) -> None:
     e = np.linspace(0, res.epsilon, 50)
     ax[0].plot(e, res.epsilon - e, "k--", label=f"eps' + Fep = {res.epsilon:g}")
     ax[0].set(xlabel=f"own error eps' ({res.quantile:g}-quantile of max|F - onehot|)",
-              ylabel=f"certified Fep ({res.failures} crash/layer)", yscale="log",
-              title="robustness vs accuracy (filled: meets eps; red x: never reached target)")
+              ylabel=f"certified Fep ({res.failures} crash/layer)", ylim=(0, None),
+              title="accuracy vs robustness\n(filled: eps' + Fep <= eps; red x: target accuracy not reached)")
     ax[1].set(xlabel="training time [s] until target accuracy (labels: epochs)", ylabel="certified Fep",
-              xscale="log", yscale="log",
+              xscale="log", ylim=(0, None),
               title="robustness vs learning cost")
     lim = [min(t["measured"].min(), t["fep"].min()) * 0.8, max(t["fep"].max(), t["measured"].max()) * 1.2]
     ax[2].plot(lim, lim, "k:", label="bound = measured")

@@ -179,6 +179,13 @@ def test_selection_is_maximal_within_budget(refs) -> None:
     assert tight.relaxed == (0, 0, 0) and tight.certified == 0
 
 
+def test_top_level_name_stays_callable(refs) -> None:
+    _, net = refs["digits-mlp-sigmoid"]
+    first = hwrel.boosting(net, 5.0)
+    second = hwrel.boosting(net, 5.0)  # after the import, hwrel.boosting is the module: still callable
+    assert first.quorum == second.quorum and callable(hwrel.boosting.simulate)
+
+
 def test_latency_specs() -> None:
     assert parse_latency("pareto:1.5").params == (1.5, 1.0)
     assert parse_latency("exponential:2").params == (2.0,)

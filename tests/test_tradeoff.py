@@ -24,7 +24,7 @@ def test_table_is_consistent_and_bounds_cover_measurements(result) -> None:
     t = result.table
     assert len(t) == 4 and set(t["width"]) == {8, 24}
     assert (t["epochs"] >= 1).all() and (t["epochs"] <= 4).all() and (t["seconds"] > 0).all()
-    assert ((t["epochs"] < 4) | ~t["converged"] | (t["epochs"] == 4)).all()
+    assert (t["converged"] | (t["epochs"] == 4)).all()  # stopping early means the target was reached
     assert (t["measured"] > 0).all()
     assert (t["measured"] <= t["fep"]).all() and (t["fep"] <= t["fep_paper"] * (1 + 1e-12)).all()
     assert ((t["eps_prime"] + t["fep"] <= result.epsilon) == t["meets"]).all()
@@ -37,7 +37,10 @@ def test_training_is_deterministic_and_regularisation_shrinks_weights() -> None:
     b, eb, _, _ = train(16, 2, 0.0, x, y, max_epochs=3)
     assert ea == eb and all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     c, _, _, _ = train(16, 2, 0.05, x, y, max_epochs=3)
-    norm = lambda m: sum(float((p.detach() ** 2).sum()) for n, p in m.named_parameters() if n.endswith("weight"))  # noqa: E731
+
+    def norm(m: torch.nn.Module) -> float:
+        return sum(float((p.detach() ** 2).sum()) for n, p in m.named_parameters() if n.endswith("weight"))
+
     assert norm(c) < norm(a)
 
 

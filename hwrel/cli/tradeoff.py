@@ -52,8 +52,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(res.to_dict())
         return 0
-    print(f"{args.dataset}: {len(res.table)} networks, {res.failures} crash(es) per hidden layer, eps = {res.epsilon:g}, "
-          f"eps' = {res.quantile:g}-quantile of max_o |F_o - onehot_o| on the test set")
+    print(f"{args.dataset}: {len(res.table)} networks, {res.failures} crash(es) per hidden layer, "
+          f"eps = {res.epsilon:g}, eps' = {res.quantile:g}-quantile of max_o |F_o - onehot_o| on the test set")
     print(res.table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"meeting eps' + Fep <= {res.epsilon:g}: {int(res.table['meets'].sum())} of {len(res.table)}")
     if args.out:
