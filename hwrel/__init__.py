@@ -24,13 +24,16 @@ from hwrel.bounds.tolerance import ToleranceResult, tolerance
 from hwrel.errors import HwrelError, UnsupportedLayerError
 from hwrel.network import Network
 
+# Functions named like their modules are imported eagerly: importing the submodule later would
+# otherwise replace the attribute `hwrel.boosting` by the module.
+from hwrel.boosting import boosting  # noqa: E402
+from hwrel.expected import expected_error  # noqa: E402
+
 # Heavier parts load on first use: `hwrel.inject(...)` imports hwrel.inject only when called.
 _LAZY = {
     "inject": ("hwrel.inject", "inject"),
     "safe_bitwidth": ("hwrel.quantize", "safe_bitwidth"),
     "seu_analysis": ("hwrel.seu.analysis", "seu_analysis"),
-    "boosting": ("hwrel.boosting", "boosting"),
-    "expected_error": ("hwrel.expected", "expected_error"),
     "report": ("hwrel.report", "build_report"),
 }
 
