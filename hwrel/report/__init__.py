@@ -1,0 +1,344 @@
+"""The reliability report: one call from a model to a folder an engineer can sign.
+
+:func:`build_report` runs every analysis hwrel has on one model mapped onto one accelerator and
+writes ``index.html`` (self-contained), ``report.md`` (+ ``figures/*.png``) and ``tables/*.csv``.
+Analyses that are missing from this installation leave a section saying "not available in this
+version"; every certified number is put beside a fault-injection measurement and the report says
+loudly if any bound was exceeded. The folder appears complete or not at all: it is written into a
+temporary folder beside the target and renamed into place.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import os
+import platform
+import re
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from hwrel.errors import HwrelError
+
+DEFAULT_MODEL = "digits-mlp"
+DEFAULT_ACCELERATOR = "eyeriss-v1"
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """Campaign sizes (the defaults are what ``hwrel report`` uses).
+
+    ``samples``: test inputs analysed (a seeded subset when there are more). ``failure_counts``:
+    failed neurons per layer in the Fep tables. ``random_sets``: random failure sets measured per
+    configuration; ``adversarial_*``: settings of the adversarial failure search (``steps=0`` and
+    ``restarts=0`` still run the greedy set search). ``seu_campaign``: random single flips
+    injected; ``seu_samples``: inputs they are measured on. ``bits``: widths swept.
+    """
+
+    samples: int = 512
+    failure_counts: tuple[int, ...] = (1, 2)
+    random_sets: int = 64
+    adversarial: bool = True
+    adversarial_steps: int = 10
+    adversarial_restarts: int = 1
+    adversarial_pool: int = 8
+    adversarial_inputs: int = 16
+    seu_campaign: int = 1000
+    seu_samples: int = 256
+    bits: tuple[int, ...] = tuple(range(2, 17))
+
+
+def _optional(module: str) -> Any:
+    """The module, or None when it is not part of this installation."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (module == exc.name or module.startswith(exc.name + ".")):
+            return None
+        raise
+
+
+def _slug(text: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(text).stem if os.sep in text or "." in text else text)
+    return s.strip("-.") or "model"
+
+
+def _fraction(v: Any, name: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v < 1:
+        raise HwrelError(f"{name} must be a fraction in [0, 1), got {v!r}")
+    return float(v)
+
+
+def _versions() -> dict[str, str]:
+    import hwrel
+
+    brevitas = _optional("brevitas")
+    return {"hwrel": hwrel.__version__, "torch": torch.__version__,
+            "brevitas": getattr(brevitas, "__version__", "not installed") if brevitas else "not installed",
+            "python": platform.python_version(), "platform": f"{platform.system()} {platform.machine()}"}
+
+
+class _Progress:
+    def __init__(self, enabled: bool):
+        self.enabled, self.t0 = enabled, time.perf_counter()
+
+    def __call__(self, msg: str) -> None:
+        if self.enabled:
+            print(f"hwrel report [{time.perf_counter() - self.t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------- output folder
+
+def _prepare_out(out: Path, force: bool) -> Path:
+    """Check the target before any work and create the temporary folder beside it."""
+    if out.exists() and not force:
+        raise HwrelError(f"output folder {out} already exists; pass --force (force=True) to replace it")
+    if out.exists() and not out.is_dir():
+        raise HwrelError(f"output path {out} exists and is not a folder")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as exc:
+        raise HwrelError(f"output folder {out}: cannot write there ({exc.strerror or exc})") from None
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / "report")
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if old is not None:
+            os.replace(old / "report", out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------- the model
+
+def _resolve(spec: Any, data: Any, trust_pickle: bool, architecture: str | None):
+    """(name, module, reference or None, x, y, calibration inputs)."""
+    from hwrel import models
+
+    ref = None
+    if isinstance(spec, models.ReferenceModel):
+        ref, module, name = spec, spec.module, spec.name
+    elif isinstance(spec, nn.Module):
+        module, name = spec, type(spec).__name__
+    elif isinstance(spec, (str, os.PathLike)):
+        module, ref = models.resolve_model(str(spec), trust_pickle, architecture=architecture)
+        name = ref.name if ref is not None else _slug(Path(spec).stem)
+        if ref is None and architecture is not None and data is None:
+            ref_data = models.load(architecture)  # a state dict of a built-in architecture: its test split
+            data = (ref_data.x_test, ref_data.y_test, ref_data.x_train[:512])
+    else:
+        raise HwrelError(f"model: expected a built-in name, a model file or an nn.Module, got {type(spec).__name__}")
+    if data is None and ref is not None:
+        data = (ref.x_test, ref.y_test, ref.x_train[:512])
+    if data is None:
+        raise HwrelError(f"model {name}: the report needs labelled test data (data=(inputs, labels)); "
+                         "built-in models and --architecture state dicts bring their own")
+    if not (isinstance(data, (tuple, list)) and len(data) in (2, 3)):
+        raise HwrelError("data must be (inputs, labels) or (inputs, labels, calibration inputs)")
+    x, y = torch.as_tensor(data[0]).float(), torch.as_tensor(data[1]).long()
+    calib = torch.as_tensor(data[2]).float() if len(data) == 3 else x
+    if x.shape[0] == 0 or y.shape[0] != x.shape[0]:
+        raise HwrelError(f"data: {x.shape[0]} inputs and {y.shape[0]} labels (need the same number > 0)")
+    return name, module, ref, x, y, calib
+
+
+def _network(module: nn.Module, name: str, ref: Any, x: torch.Tensor):
+    from hwrel.network import Network
+
+    domain = tuple(ref.input_domain) if ref is not None else (0.0, 1.0)
+    shape = tuple(ref.input_shape) if ref is not None else tuple(x.shape[1:])
+    try:
+        return Network.from_module(module, domain, shape)
+    except HwrelError as exc:
+        raise HwrelError(f"model {name} cannot be analysed: {exc}") from None
+    except Exception as exc:  # tracing failures of arbitrary user code: one line, no traceback
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise HwrelError(f"model {name} cannot be analysed: {type(exc).__name__}: {first}") from None
+
+
+# ------------------------------------------------------------------------------- build
+
+def build_report(model_spec_or_module: Any = DEFAULT_MODEL, accelerator: str = DEFAULT_ACCELERATOR, *,
+                 out: str | os.PathLike[str] | None = None, force: bool = False, max_accuracy_drop: float = 0.01,
+                 mission_hours: float = 87600, target: str | None = "asil-b", seed: int = 0,
+                 progress: bool = True, data: Any = None, config: ReportConfig | None = None,
+                 trust_pickle: bool = False, architecture: str | None = None,
+                 command: str | None = None) -> Path:
+    """Analyse a model on an accelerator and write the reliability report; returns its folder.
+
+    ``model_spec_or_module``: a built-in model name, a model file, a ReferenceModel or an
+    ``nn.Module`` (then ``data=(inputs, labels[, calibration])`` is required). ``out`` defaults to
+    ``reports/<model>-<accelerator>``; an existing folder is refused unless ``force``. The budget
+    ``max_accuracy_drop`` (fraction) drives tolerance, bit width and SEU vulnerability;
+    ``mission_hours`` and ``target`` (e.g. ``"asil-b"``, or None) the mission verdict. Every random
+    choice derives from ``seed``. Progress goes to stderr. Raises :class:`HwrelError` (and writes
+    nothing) for bad input.
+    """
+    from hwrel.report import render, sections
+    from hwrel.seu.accelerator import load_accelerator
+
+    cfg = config or ReportConfig()
+    drop = _fraction(max_accuracy_drop, "max_accuracy_drop")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise HwrelError(f"seed must be an integer >= 0, got {seed!r}")
+    if isinstance(mission_hours, bool) or not isinstance(mission_hours, (int, float)) \
+            or not math.isfinite(mission_hours) or mission_hours <= 0:
+        raise HwrelError(f"mission_hours must be a number > 0, got {mission_hours!r}")
+    acc = load_accelerator(accelerator)
+    if target is not None:
+        from hwrel.seu.rates import parse_target
+
+        parse_target(target)
+    log = _Progress(progress)
+    log(f"loading model {model_spec_or_module if isinstance(model_spec_or_module, str) else '(module)'}")
+    name, module, ref, x, y, calib = _resolve(model_spec_or_module, data, trust_pickle, architecture)
+    out_path = Path(out) if out is not None else Path("reports") / f"{_slug(name)}-{acc.name}"
+    tmp = _prepare_out(out_path, force)
+    try:
+        net = _network(module, name, ref, x)
+        if tuple(x.shape[1:]) != tuple(net.input_shape):
+            raise HwrelError(f"data: inputs of shape {tuple(x.shape[1:])}, model expects {tuple(net.input_shape)}")
+        if not net.layers:
+            raise HwrelError(f"model {name} cannot be analysed: it has no hidden layer (no neuron can fail)")
+        g = torch.Generator().manual_seed(seed)
+        if x.shape[0] > cfg.samples:
+            keep = torch.randperm(x.shape[0], generator=g)[:cfg.samples].sort().values
+            x, y = x[keep], y[keep]
+        lo, hi = net.input_lo.float(), net.input_hi.float()
+        if bool(((x < lo - 1e-6) | (x > hi + 1e-6)).any()):
+            raise HwrelError("data: some inputs lie outside the model's input domain")
+        results = _analyse(name, module, ref, net, acc, x, y, calib, drop, mission_hours, target, seed, cfg, log)
+        log("writing the report")
+        cmd = command or _command(model_spec_or_module, name, acc.name, out, drop, mission_hours, target, seed)
+        report = _assemble(results, name, acc, net, cmd, seed, cfg, sections, render)
+        render.write_report(report, tmp)
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the report is an ordinary folder
+        _move_into_place(tmp, out_path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"done: {out_path / 'index.html'}")
+    if results["checks_violated"]:
+        print(f"hwrel report: BOUND VIOLATIONS FOUND ({results['checks_violated']}); see the report",
+              file=sys.stderr, flush=True)
+    return out_path
+
+
+def _command(spec: Any, name: str, acc: str, out: Any, drop: float, hours: float, target: str | None,
+             seed: int) -> str:
+    model = str(spec) if isinstance(spec, (str, os.PathLike)) else name
+    parts = ["hwrel", "report", model, "--accelerator", acc, "--max-accuracy-drop", f"{drop:g}",
+             "--mission-hours", f"{hours:g}", "--target", target or "none", "--seed", str(seed)]
+    if out is not None:
+        parts += ["--out", str(out)]
+    return shlex.join(parts)
+
+
+def _analyse(name, module, ref, net, acc, x, y, calib, drop, hours, target, seed, cfg: ReportConfig,
+             log: Callable[[str], None]) -> dict[str, Any]:
+    from hwrel.report import sections
+
+    res: dict[str, Any] = {"x": x, "y": y, "missing": [], "hours": float(hours)}
+    summary = net.summary()
+    C = float(max(summary["range_hi"].abs().max(), summary["range_lo"].abs().max()))
+    adv = None
+    if cfg.adversarial:
+        adv = {"steps": cfg.adversarial_steps, "restarts": cfg.adversarial_restarts,
+               "pool_size": cfg.adversarial_pool, "inputs": cfg.adversarial_inputs}
+    log(f"Fep bounds, tolerance and failure injection ({len(net.layers)} hidden layers)")
+    res["fep"] = sections.fep_analysis(net, x, y, capacity=C, counts=cfg.failure_counts, max_accuracy_drop=drop,
+                                       random_sets=cfg.random_sets, adversarial=adv, seed=seed, log=log)
+    quantize = _optional("hwrel.quantize")
+    res["bitwidth"] = None
+    if quantize is not None and hasattr(quantize, "safe_bitwidth"):
+        log(f"safe bit width: sweeping {len(cfg.bits)} widths (certified, adversarial, estimated, Brevitas PTQ)")
+        res["bitwidth"] = quantize.safe_bitwidth(module, (x, y, calib), max_accuracy_drop=drop, per_layer=True,
+                                                 bits=cfg.bits, input_domain=(float(net.input_lo.min()),
+                                                                              float(net.input_hi.max())),
+                                                 input_shape=net.input_shape)
+    else:
+        res["missing"].append("safe bit width")
+    seu_mod = _optional("hwrel.seu.analysis")
+    res["seu"] = None
+    if seu_mod is not None:
+        log(f"SEU analysis on {acc.name} ({cfg.seu_campaign} injected flips)")
+        res["seu"] = seu_mod.seu_analysis(net, acc, data=(x, y), mission_hours=hours, target=target, seed=seed,
+                                          max_accuracy_drop=drop, campaign_size=cfg.seu_campaign,
+                                          max_samples=cfg.seu_samples)
+        res["seu"] = dataclasses.replace(res["seu"], model=name)
+    else:
+        res["missing"].append("SEU tolerance")
+    res["checks"] = sections.validation_checks(res["fep"], res["bitwidth"], res["seu"])
+    res["checks_violated"] = int(res["checks"]["violated"].astype(bool).sum()) if len(res["checks"]) else 0
+    res["clean_accuracy"] = res["fep"].clean_accuracy
+    return res
+
+
+def _assemble(res, name, acc, net, cmd, seed, cfg: ReportConfig, sections, render):
+    import pandas as pd
+
+    from hwrel.report import figures as figs
+
+    seu, bw = res["seu"], res["bitwidth"]
+    float_bits = sum(32 * int(net.nodes[i].affine.weight.numel()) for i in net.synapse_layers)
+    mems = pd.DataFrame([{"memory": m.name, "holds": ", ".join(m.holds), "size_bytes": m.size_bytes,
+                          "off_chip": m.off_chip, "protection": m.protection.describe(),
+                          "ser_fit_per_mbit": m.ser_fit_per_mbit} for m in acc.memories])
+    if seu is not None:
+        stored = seu.mapping.groupby("memory")["bits"].sum()
+        mems["model_bits_stored"] = [int(stored.get(m, 0)) for m in mems["memory"]]
+    info = {"model": name, "input shape": tuple(net.input_shape),
+            "input domain": f"[{float(net.input_lo.min()):g}, {float(net.input_hi.max()):g}]",
+            "hidden layers": f"{len(net.layers)} ({', '.join(str(s) for s in net.layer_sizes())} neurons)",
+            "parameters": f"{net.num_parameters:,} (float32: {float_bits:,} weight bits)",
+            "test accuracy (analysed inputs)": f"{res['clean_accuracy']:.2%} on {len(res['x'])} inputs",
+            "accelerator": f"{acc.name}: {acc.title}",
+            "formats": ", ".join(acc.formats) + (f" (model stored as {seu.format})" if seu is not None else ""),
+            "technology": f"{acc.technology_node_nm:g} nm" + (f", {acc.clock_mhz:g} MHz" if acc.clock_mhz else "")}
+    if seu is not None:
+        info["stored parameter bits"] = f"{seu.total_bits:,}"
+    heat = mission = scatter = None
+    plots = _optional("hwrel.seu.plots")
+    if seu is not None and plots is not None:
+        heat = figs.png_bytes(plots.critical_bits_heatmap(seu))
+        mission = figs.png_bytes(plots.mission_plot(seu))
+    if len(res["checks"]):
+        scatter = figs.png_bytes(figs.validation_figure(res["checks"]))
+    banner = sections.violation_banner(res["checks"], res["missing"])
+    secs = (
+        sections.summary_section(info, net.summary(), net.affine_summary().astype({"weight_shape": str}), mems,
+                                 seu.mapping if seu is not None else None),
+        sections.fep_section(res["fep"]),
+        sections.bitwidth_section(bw, float_bits),
+        sections.seu_section(seu, heat, mission),
+        sections.validation_section(res["checks"], banner, scatter),
+        sections.reproduce_section(cmd, seed, _versions(), asdict(cfg)),
+    )
+    verdict = ""
+    if seu is not None and seu.target is not None:
+        verdict = f"; {seu.target}: {'met' if seu.meets_target else 'NOT met'} without ECC"
+    sub = (f"{acc.name}, accuracy budget {res['fep'].max_accuracy_drop:.2%}, mission "
+           f"{res['hours']:g} h{verdict}. Generated by hwrel {_versions()['hwrel']}.")
+    return render.Report(f"Reliability report: {name} on {acc.name}", sub, secs, banner)
+
+
+__all__ = ["DEFAULT_ACCELERATOR", "DEFAULT_MODEL", "ReportConfig", "build_report"]
