@@ -203,7 +203,7 @@ def validation_checks(fep: FepResult | None, bitwidth: Any, seu: Any) -> pd.Data
                              or int(getattr(r, "certified_but_broken", 0) or 0) > 0})
     if seu is not None and len(seu.campaign):
         c = seu.campaign
-        for (tensor, bit), grp in c.groupby(["tensor", "bit"], sort=False):
+        for (tensor, bit), grp in c.groupby(["tensor", "bit"], sort=True):
             viol = sum(_violated(float(d), float(b)) for d, b in zip(grp.max_abs_delta, grp.certified_damage))
             viol += int((grp.vulnerable & ~grp.certified_vulnerable).sum())
             rows.append({"analysis": "SEU single flips", "case": f"{tensor} bit {int(bit)} ({len(grp)} flips)",

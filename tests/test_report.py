@@ -1,0 +1,212 @@
+"""The reliability report: content, self-containment, atomic output, errors, committed example."""
+from __future__ import annotations
+
+import base64
+import re
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from hwrel.cli import main
+from hwrel.errors import HwrelError
+from hwrel.report import ReportConfig, build_report, render, sections
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "reports" / "digits-mlp-eyeriss-v1"
+SECTIONS = ("summary", "fep", "bitwidth", "seu", "validation", "reproduce")
+FIGURES = ("fep_bounds", "fep_tolerance", "bitwidth", "seu_critical_bits", "seu_mission", "validation")
+# Committed example vs regenerated: same machine reproduces exactly; across machines the trained
+# weights may differ in the last digits, so numbers must agree to 1% (absolute 1e-6 near zero).
+RTOL, ATOL = 1e-2, 1e-6
+SMALL = ReportConfig(samples=96, random_sets=8, adversarial_steps=2, adversarial_inputs=8, seu_campaign=60,
+                     seu_samples=48, bits=(4, 8, 12, 16))
+
+
+def check_html(folder: Path) -> str:
+    """Every section and figure present, every figure an embedded PNG, nothing external."""
+    text = (folder / "index.html").read_text(encoding="utf-8")
+    for sid in SECTIONS:
+        assert f'<section id="{sid}">' in text, sid
+    for name in FIGURES:
+        m = re.search(rf'<figure id="fig-{name}"><img alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)"',
+                      text)
+        assert m is not None, name
+        png = base64.b64decode(m.group(1))
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and png == (folder / "figures" / f"{name}.png").read_bytes()
+    lower = text.lower()
+    for bad in ("http://", "https://", "<script", "<link", "@import", "url(", "<iframe", "file://"):
+        assert bad not in lower, bad
+    srcs = re.findall(r'(?:src|href)="([^"]*)"', text)
+    assert srcs and all(s.startswith(("data:image/png;base64,", "#")) for s in srcs)
+    md = (folder / "report.md").read_text(encoding="utf-8")
+    for name in FIGURES:
+        assert f"(figures/{name}.png)" in md
+    return text
+
+
+def test_cli_refuses_existing_folder(tmp_path, capsys):
+    out = tmp_path / "rep"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["report", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hwrel: error: output folder") and "--force" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"] and (out / "keep.txt").read_text() == "mine"
+
+
+def test_cli_unwritable_folder(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert main(["report", "--out", str(blocker / "rep"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot write there" in err[0] and str(blocker / "rep") in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["not-a-model"], "neither a built-in model"),
+    (["digits-mlp", "--accelerator", "no-such-chip"], "no-such-chip"),
+    (["digits-mlp", "--target", "asil-z"], "asil-z"),
+    (["digits-mlp", "--max-accuracy-drop", "150%"], "--max-accuracy-drop"),
+])
+def test_cli_bad_input_one_line(tmp_path, capsys, argv, words):
+    assert main(["report", *argv, "--out", str(tmp_path / "rep"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hwrel: error:") and words in err[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_model_file_that_cannot_be_read(tmp_path, capsys):
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"not a torch file")
+    assert main(["report", str(bad), "--out", str(tmp_path / "rep"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model file" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+class _Weird(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.sort(self.fc(x), dim=1).values)  # no analysis rule for sort
+
+
+def test_module_that_cannot_be_analysed(tmp_path):
+    x = torch.rand(10, 4)
+    with pytest.raises(HwrelError, match=r"cannot be analysed") as e:
+        build_report(_Weird(), out=tmp_path / "rep", data=(x, torch.zeros(10, dtype=torch.long)), progress=False)
+    assert "\n" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []  # the temporary folder is gone too
+
+
+def test_no_half_written_report(tmp_path, monkeypatch):
+    import hwrel.report as rep
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full while analysing")
+
+    monkeypatch.setattr(rep, "_analyse", boom)
+    with pytest.raises(RuntimeError):
+        build_report("digits-mlp", out=tmp_path / "rep", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_violation_is_loud():
+    checks = pd.DataFrame([
+        {"analysis": "Fep crash", "case": "L1 f=1", "quantity": "q", "bound": 1.0, "must_hold": "measured <= bound",
+         "measured": 0.5, "violated": False},
+        {"analysis": "Fep crash", "case": "L2 f=1", "quantity": "q", "bound": 1.0, "must_hold": "measured <= bound",
+         "measured": 1.5, "violated": sections._violated(1.5, 1.0)},
+    ])
+    assert not sections._violated(1.0 + 1e-6, 1.0) and sections._violated(1.5, 1.0)
+    banner = sections.violation_banner(checks, [])
+    assert banner.kind == "alert" and "BOUND VIOLATIONS FOUND: 1 of 2" in banner.text and "L2 f=1" in banner.text
+    ok = sections.violation_banner(checks.iloc[:1], [])
+    assert ok.kind == "ok" and ok.text.startswith("Bound violations: none")
+    page = render.to_html(render.Report("t", "s", (sections.validation_section(checks, banner, None),), banner))
+    assert page.count('class="alert"') == 2 and "BOUND VIOLATIONS FOUND" in page
+
+
+def test_missing_analysis_says_so():
+    for sec in (sections.bitwidth_section(None, None), sections.seu_section(None, None, None),
+                sections.fep_section(None)):
+        assert any(sections.NOT_AVAILABLE in b.text for b in sec.blocks)
+    assert "not available in this version" in sections.violation_banner(
+        pd.DataFrame(columns=["violated"]), ["SEU tolerance"]).text
+
+
+@pytest.fixture(scope="module")
+def small_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rep") / "digits"
+    out.mkdir()
+    (out / "stale.txt").write_text("old report")
+    path = build_report("digits-mlp", "eyeriss-v1", out=out, force=True, config=SMALL, progress=False)
+    return path
+
+
+def test_report_contents(small_report):
+    assert not (small_report / "stale.txt").exists()  # --force replaced the old folder
+    assert [p.name for p in small_report.parent.iterdir()] == ["digits"]  # no temporary folder left
+    text = check_html(small_report)
+    assert "Bound violations: none" in text and "BOUND VIOLATIONS" not in text
+    for needle in ("hwrel", "torch", "brevitas", "python", "seed", "hwrel report digits-mlp --accelerator eyeriss-v1",
+                   "FIT with SECDED ECC", "asil-b", "recommended uniform width", "Tolerated failures per layer"):
+        assert needle in text, needle
+    tables = {p.stem: pd.read_csv(p) for p in (small_report / "tables").glob("*.csv")}
+    b = tables["fep_bounds"]
+    assert set(b.fault) == {"crash", "byzantine"} and (b.best <= b[["paper", "weights", "interval"]].min(1) + 1e-9).all()
+    v = tables["validation"]
+    assert len(v) > 20 and not v.violated.any()
+    le = v[v.must_hold == "measured <= bound"]
+    assert (le.measured <= le.bound * (1 + 1e-4) + 1e-4).all()
+    assert {"Fep crash", "Fep byzantine", "quantization", "SEU single flips"} <= set(v.analysis)
+    bw = tables["bitwidth"]
+    assert list(bw.bits) == [4, 8, 12, 16]
+    tol = tables["fep_tolerance"]
+    assert (tol.certified_accuracy_drop <= 0.01 + 1e-12).all() and (tol.tolerated <= tol.neurons).all()
+
+
+def _compare_tables(committed: Path, fresh: Path) -> None:
+    names = sorted(p.name for p in (committed / "tables").glob("*.csv"))
+    assert names == sorted(p.name for p in (fresh / "tables").glob("*.csv"))
+    for name in names:
+        a, b = pd.read_csv(committed / "tables" / name), pd.read_csv(fresh / "tables" / name)
+        assert list(a.columns) == list(b.columns) and a.shape == b.shape, name
+        for col in a.columns:
+            if pd.api.types.is_numeric_dtype(a[col]) and not pd.api.types.is_bool_dtype(a[col]):
+                assert np.allclose(a[col].astype(float), b[col].astype(float), rtol=RTOL, atol=ATOL,
+                                   equal_nan=True), f"{name}:{col}"
+            else:
+                assert a[col].astype(str).tolist() == b[col].astype(str).tolist(), f"{name}:{col}"
+
+
+def test_committed_example_is_self_contained():
+    check_html(EXAMPLE)
+    total = sum(p.stat().st_size for p in EXAMPLE.rglob("*") if p.is_file())
+    assert total < 2_000_000
+    readme = (REPO / "reports" / "README.md").read_text()
+    assert "hwrel report" in readme and "digits-mlp-eyeriss-v1" in readme
+
+
+@pytest.mark.slow
+def test_committed_example_matches_the_command(tmp_path):
+    """Regenerate the example with the command documented in reports/README.md; compare tables."""
+    readme = (REPO / "reports" / "README.md").read_text()
+    cmd = re.search(r"^    (hwrel report [^\n]*)$", readme, re.M).group(1)
+    argv = shlex.split(cmd)[1:]
+    if "--out" in argv:
+        i = argv.index("--out")
+        del argv[i:i + 2]
+    argv += ["--out", str(tmp_path / "fresh")]
+    assert main([*argv, "--quiet"]) == 0
+    _compare_tables(EXAMPLE, tmp_path / "fresh")
+    check_html(tmp_path / "fresh")
