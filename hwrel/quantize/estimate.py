@@ -18,49 +18,75 @@ import math
 from typing import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
-from torch.func import jacrev, vmap
+
+from hwrel.errors import HwrelError
 
 from hwrel.network import Network
-from hwrel.quantize.search import perturbed_forward
 
 Z_SIGMA = 3.0
+
+
+def _forward_values(net: Network, x: Tensor, taps: Mapping[int, Tensor]) -> list[Tensor]:
+    vals: list[Tensor] = []
+    for i, node in enumerate(net.nodes):
+        v = x if node.op == "input" else node.apply([vals[j] for j in node.inputs])
+        vals.append(v + taps[i] if i in taps else v)
+    return vals
+
+
+def _weight_grad_sq(node, y: Tensor, g: Tensor) -> Tensor:
+    """Per sample, class and output channel: ``sum over the channel's weights of (dF/dW)^2``.
+
+    ``g`` is ``dF/ds`` at the affine output ``(B, C, *out_shape)``, ``y`` its input. Dense:
+    ``dF/dW_ji = g_j y_i``. Convolution: the per-sample weight gradient is ``g`` times the unfolded
+    input, summed over output positions.
+    """
+    a = node.affine
+    if a.kind == "linear":
+        return g ** 2 * (y ** 2).sum(1)[:, None, None]
+    if a.groups != 1:
+        raise HwrelError(f"layer {node.name}: grouped convolutions are not supported by the estimate")
+    u = F.unfold(y, a.weight.shape[2:], a.dilation, a.padding, a.stride)  # (B, in*k*k, P)
+    b, c, o = g.shape[:3]
+    gw = torch.bmm(g.reshape(b, c * o, -1), u.transpose(1, 2))  # (B, C*out, in*k*k)
+    return (gw ** 2).sum(-1).reshape(b, c, o)
 
 
 class JacobianSums:
     """Squared Jacobian sums per (layer, output channel) and per activation node, per test input."""
 
     def __init__(self, net: Network, x: Tensor, pred: Tensor, layers: tuple[int, ...], acts: tuple[int, ...],
-                 chunk: int = 32):
+                 chunk: int = 256):
         self.layers, self.acts = layers, acts
-        zw = {i: torch.zeros_like(net.nodes[i].affine.weight) for i in layers}
-        za = {i: torch.zeros(net.nodes[i].shape, dtype=x.dtype) for i in acts}
-
-        def f(dw, da, xi):
-            return perturbed_forward(net, xi[None], dw, {k: v[None] for k, v in da.items()})[0]
-
-        jac = vmap(jacrev(f, argnums=(0, 1)), in_dims=(None, None, 0))
-        out_w: dict[int, list] = {i: [] for i in layers}
-        out_mw: dict[int, list] = {i: [] for i in layers}
-        out_a: dict[int, list] = {i: [] for i in acts}
-        out_ma: dict[int, list] = {i: [] for i in acts}
+        sq: dict[tuple[str, int], list] = {}
         for s in range(0, len(x), chunk):
-            jw, ja = jac(zw, za, x[s:s + chunk])
-            c = pred[s:s + chunk]
-            for store, mstore, jd in ((out_w, out_mw, jw), (out_a, out_ma, ja)):
-                for i, j in jd.items():  # j: (B, C, *shape)
-                    jc = j[torch.arange(len(c)), c][:, None]
-                    if store is out_w:  # keep the output-channel dim, sum the rest
-                        store[i].append((j ** 2).flatten(3).sum(-1) if j.dim() > 3 else j ** 2)
-                        mstore[i].append(((jc - j) ** 2).flatten(3).sum(-1) if j.dim() > 3 else (jc - j) ** 2)
-                    else:
-                        store[i].append((j ** 2).flatten(2).sum(-1))
-                        mstore[i].append(((jc - j) ** 2).flatten(2).sum(-1))
+            xb, c = x[s:s + chunk], pred[s:s + chunk]
+            n = len(xb)
+            # zero offsets on each affine output / activation output: their gradients are dF/ds, dF/dy
+            taps = {i: torch.zeros(n, *net.nodes[i].shape, dtype=x.dtype, requires_grad=True)
+                    for i in tuple(layers) + tuple(acts)}
+            vals = _forward_values(net, xb, taps)
+            out = vals[-1]
+            params = list(taps.values())
+            grads = [torch.autograd.grad(out[:, o].sum(), params, retain_graph=True) for o in range(out.shape[1])]
+            for k, i in enumerate(taps):
+                g = torch.stack([gr[k] for gr in grads], 1)  # (B, C, *shape)
+                gm = g[torch.arange(n), c][:, None] - g  # margin F_c - F_o
+                if i in layers:
+                    y = vals[net.nodes[i].inputs[0]]
+                    pair = (_weight_grad_sq(net.nodes[i], y, g), _weight_grad_sq(net.nodes[i], y, gm))
+                else:
+                    pair = ((g ** 2).flatten(2).sum(-1), (gm ** 2).flatten(2).sum(-1))
+                sq.setdefault(("v", i), []).append(pair[0])
+                sq.setdefault(("m", i), []).append(pair[1])
+        cat = {k: torch.cat(v) for k, v in sq.items()}
         # weights: (N, C, out_channels); activations: (N, C)
-        self.w = {i: torch.cat(v) for i, v in out_w.items()}
-        self.mw = {i: torch.cat(v) for i, v in out_mw.items()}
-        self.a = {i: torch.cat(v) for i, v in out_a.items()}
-        self.ma = {i: torch.cat(v) for i, v in out_ma.items()}
+        self.w = {i: cat[("v", i)] for i in layers}
+        self.mw = {i: cat[("m", i)] for i in layers}
+        self.a = {i: cat[("v", i)] for i in acts}
+        self.ma = {i: cat[("m", i)] for i in acts}
 
     def variances(self, steps: Mapping[int, Tensor], act_steps: Mapping[int, float]) -> tuple[Tensor, Tensor]:
         """``(Var dF, Var d margin)``, each ``(N, C)``; ``steps[i]`` per output channel ``(out,)``."""
