@@ -163,7 +163,8 @@ def test_report_contents(small_report):
         assert needle in text, needle
     tables = {p.stem: pd.read_csv(p) for p in (small_report / "tables").glob("*.csv")}
     b = tables["fep_bounds"]
-    assert set(b.fault) == {"crash", "byzantine"} and (b.best <= b[["paper", "weights", "interval"]].min(1) + 1e-9).all()
+    assert set(b.fault) == {"crash", "byzantine"}
+    assert (b.best <= b[["paper", "weights", "interval"]].min(axis=1) + 1e-9).all()
     v = tables["validation"]
     assert len(v) > 20 and not v.violated.any()
     le = v[v.must_hold == "measured <= bound"]

@@ -111,7 +111,8 @@ def _shown(t: Table) -> pd.DataFrame:
 
 
 def _numeric(t: Table) -> set[str]:
-    return {c for c in t.df.columns if pd.api.types.is_numeric_dtype(t.df[c]) and not pd.api.types.is_bool_dtype(t.df[c])}
+    types = pd.api.types
+    return {c for c in t.df.columns if types.is_numeric_dtype(t.df[c]) and not types.is_bool_dtype(t.df[c])}
 
 
 def _html_table(t: Table) -> str:

@@ -349,14 +349,16 @@ def seu_section(seu: Any, heatmap: bytes | None, mission: bytes | None) -> Secti
     facts = Facts((
         ("storage format", seu.format), ("budget", ", ".join(f"{k} = {v}" for k, v in seu.budget.items())),
         ("stored parameter bits", f"{seu.total_bits:,}"),
-        ("certified tolerated flips (any bits)", f"{seu.certified_flips}" + (" (capped)" if seu.certified_flips_capped else "")),
+        ("certified tolerated flips (any bits)",
+         f"{seu.certified_flips}" + (" (capped)" if seu.certified_flips_capped else "")),
         ("vulnerable fraction, certified (upper bound)", f"{seu.vulnerable_fraction_certified:.4%}"),
         ("vulnerable fraction, measured", f"{seu.vulnerable_fraction_measured:.4%} (95% CI {lo:.4%} .. {hi:.4%}, "
                                           f"{seu.campaign_size} random flips)"),
         ("FIT without ECC (certified vulnerable bits)", f"{seu.fit:.4g} (raw {seu.fit_raw:.4g}; measured-fraction "
                                                         f"estimate {seu.fit_measured:.4g})"),
         ("FIT with SECDED ECC", f"{seu.fit_with_ecc:.4g}"),
-        ("mission", f"{seu.mission_hours:g} h at {seu.altitude_m:g} m: P(failure) {seu.mission_failure_probability:.3e} "
+        ("mission", f"{seu.mission_hours:g} h at {seu.altitude_m:g} m: "
+                    f"P(failure) {seu.mission_failure_probability:.3e} "
                     f"without ECC, {seu.mission_failure_probability_with_ecc:.3e} with ECC"),
         ("verdict", verdict), ("what to protect", what),
     ))
