@@ -22,8 +22,6 @@ networks only.
 from __future__ import annotations
 
 import math
-import sys
-import types
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -238,17 +236,6 @@ def boosting(net: Network, epsilon: float | None = None, *, quorum: Sequence[int
         raise HwrelError(f"quorum {list(q)} has certified error {res.bound:.6g} ({method}) above "
                          f"epsilon - epsilon' = {budget:.6g}")
     return res
-
-
-class _CallableModule(types.ModuleType):
-    """Importing this module makes ``hwrel.boosting`` the module, shadowing the lazily exported
-    function of the same name; calling the module calls :func:`boosting`, so both spellings work."""
-
-    def __call__(self, *args, **kwargs) -> BoostResult:
-        return boosting(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 
 # ------------------------------------------------------------------------------------ simulation
