@@ -4,9 +4,14 @@ Bounds and campaigns give the same results on a GPU as on the CPU up to float ro
 computed in float64 (agreement to ~1e-12 relative, far below the float32 errors they bound);
 injection measures float32 forwards, whose sums a GPU may round differently (``max_abs_delta``
 agrees to ~1e-5 relative; a top-1 decision can differ only where two logits tie to within that
-rounding). Tests: ``tests/test_cuda.py`` (skipped without a GPU).
+rounding). That needs true float32 arithmetic: by default cuDNN convolutions on Ampere and later
+GPUs use TF32 (10-bit mantissa, ~1e-3 relative), so hwrel computes inside :func:`exact_float32`.
+Tests: ``tests/test_cuda.py`` (skipped without a GPU).
 """
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator
 
 import torch
 
@@ -67,3 +72,16 @@ def resolve_device(name: str | torch.device | None = "cpu") -> torch.device:
 def cuda_available() -> bool:
     """Whether a usable CUDA GPU is present (what ``@pytest.mark.cuda`` tests skip on)."""
     return _cuda_count() > 0
+
+
+@contextlib.contextmanager
+def exact_float32() -> Iterator[None]:
+    """Within the block, float32 matmuls and cuDNN convolutions on a GPU use full float32 (no
+    TF32), so GPU results agree with the CPU to float32 rounding; the flags are restored after."""
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old

@@ -38,7 +38,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from hwrel.device import parse_device, resolve_device
+from hwrel.device import exact_float32, parse_device, resolve_device
 from hwrel.errors import HwrelError, check
 from hwrel.network import Network
 
@@ -135,8 +135,10 @@ def _run_task(payload: tuple[Network, torch.Tensor, torch.Tensor | None], spec: 
     if threads:
         torch.set_num_threads(threads)
     net, x, y = payload
-    df = run_campaign(net, CampaignSpec.from_dict(spec), x, y, out=folder, seed=seed, shard=shard,
-                      progress=False, range_limit=range_limit, device=str(resolve_device(device)))
+    with exact_float32():
+        df = run_campaign(net, CampaignSpec.from_dict(spec), x, y, out=folder, seed=seed,
+                          shard=shard, progress=False, range_limit=range_limit,
+                          device=str(resolve_device(device)))
     return {"shard": tuple(shard), "rows": len(df), "host": socket.gethostname(), "pid": os.getpid()}
 
 
@@ -202,8 +204,9 @@ class Executor:
                                 range_limit=range_limit, device="cpu")
 
         if self._in_process():
-            df = run_campaign(net, spec, x, y, out=out, seed=seed, shard=sh, progress=progress,
-                              range_limit=range_limit, device=dev)
+            with exact_float32():
+                df = run_campaign(net, spec, x, y, out=out, seed=seed, shard=sh, progress=progress,
+                                  range_limit=range_limit, device=dev)
             return df if load else None
         tmp = None
         if out is None:
