@@ -204,9 +204,14 @@ class Executor:
                                 range_limit=range_limit, device="cpu")
 
         if self._in_process():
-            with exact_float32():
-                df = run_campaign(net, spec, x, y, out=out, seed=seed, shard=sh, progress=progress,
-                                  range_limit=range_limit, device=dev)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(getattr(self, "_threads_given", None) or threads)
+            try:
+                with exact_float32():
+                    df = run_campaign(net, spec, x, y, out=out, seed=seed, shard=sh,
+                                      progress=progress, range_limit=range_limit, device=dev)
+            finally:
+                torch.set_num_threads(threads)
             return df if load else None
         tmp = None
         if out is None:
@@ -304,8 +309,11 @@ class LocalExecutor(Executor):
               f"workers must be an integer >= 1, got {workers!r}")
         check(isinstance(max_retries, int) and max_retries >= 0,
               f"max_retries must be an integer >= 0, got {max_retries!r}")
+        check(threads is None or (isinstance(threads, int) and threads >= 1),
+              f"threads must be an integer >= 1, got {threads!r}")
         self.workers, self.max_retries = w, max_retries
         self.threads = threads if threads is not None else max(1, cores // w)
+        self._threads_given = threads  # in process: keep the caller's thread count unless given
 
     def _workers(self) -> int:
         return self.workers
