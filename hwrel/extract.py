@@ -9,9 +9,8 @@ semantics, running statistics). The user's model is deep-copied and put in eval 
 from __future__ import annotations
 
 import copy
-import math
 import operator
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
@@ -207,14 +206,18 @@ def extract(model: nn.Module, input_domain: tuple[Any, Any] = (0.0, 1.0),
     if not isinstance(model, nn.Module):
         raise HwrelError(f"expected an nn.Module, got {type(model).__name__}")
     if input_shape is None and _is_exported(model):
-        input_shape = _guess_exported_shape(model)
+        from hwrel.extract_export import guess_exported_shape
+
+        input_shape = guess_exported_shape(model)
     shape = tuple(int(d) for d in input_shape) if input_shape is not None else _guess_input_shape(model)
     lo, hi = (torch.as_tensor(v, dtype=torch.float32) for v in input_domain)
     lo, hi = lo.expand(shape).clone(), hi.expand(shape).clone()
     if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()) or bool((lo > hi).any()):
         raise HwrelError(f"input_domain must be finite with lo <= hi, got {input_domain}")
     if _is_exported(model):
-        return _extract_exported(model, shape if input_shape is not None else None, lo, hi, input_domain)
+        from hwrel.extract_export import extract_exported
+
+        return extract_exported(model, shape, lo, hi)
     model = copy.deepcopy(model).eval()
     try:
         graph = _Tracer().trace(model)
@@ -338,6 +341,13 @@ def _function_node(b: _Builder, n: fx.Node, index: dict[fx.Node, int]) -> int:
     raise UnsupportedLayerError(f"operation {name} ({label}) is not supported")
 
 
+def _is_exported(model: nn.Module) -> bool:
+    """An fx graph of aten calls: what ``torch.export.load(path).module()`` returns."""
+    if not isinstance(model, fx.GraphModule):
+        return False
+    return any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) for n in model.graph.nodes)
+
+
 def _finish(nodes: list[Node], shape: tuple[int, ...], lo: Tensor, hi: Tensor) -> Network:
     if nodes[0].op != "input":
         raise UnsupportedLayerError("model does not start from its input")
@@ -357,141 +367,3 @@ def _finish(nodes: list[Node], shape: tuple[int, ...], lo: Tensor, hi: Tensor) -
         raise UnsupportedLayerError("model has no Linear or Conv2d layer")
     return Network(tuple(nodes), shape, lo, hi, layers, synapses)
 
-
-# --- torch.export programs (aten ops) ----------------------------------------------------------
-# An exported program's module is an fx graph of aten calls with weights as attributes. Each call
-# is turned into the equivalent nn module and handled by the same rules as above.
-
-def _is_exported(model: nn.Module) -> bool:
-    if not isinstance(model, fx.GraphModule):
-        return False
-    return any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) for n in model.graph.nodes)
-
-
-def _fetch(gm: nn.Module, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _guess_exported_shape(gm: fx.GraphModule) -> tuple[int, ...]:
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and n.target is torch.ops.aten.conv2d.default:
-            raise HwrelError("input_shape is required for a convolutional model (e.g. input_shape=(1, 28, 28))")
-        if n.op == "call_function" and n.target is torch.ops.aten.linear.default:
-            return (int(_fetch(gm, n.args[1].target).shape[1]),)
-    raise HwrelError("input_shape is required: the model has no linear layer to infer it from")
-
-
-class _Shim:
-    """The parts of an fx node that the module rules read."""
-
-    def __init__(self, node: fx.Node, src: fx.Node):
-        self.target = node.name
-        self.args = (src,)
-
-
-def _aten_module(gm: fx.GraphModule, n: fx.Node) -> tuple[nn.Module | None, fx.Node]:
-    aten = torch.ops.aten
-    t = n.target
-    a = list(n.args)
-    src = a[0]
-
-    def attr(i: int, default: Any = None) -> Any:
-        if i >= len(a) or a[i] is None:
-            return default
-        return _fetch(gm, a[i].target) if isinstance(a[i], fx.Node) else a[i]
-
-    with torch.no_grad():
-        if t is aten.linear.default:
-            w, b = attr(1), attr(2)
-            m = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
-            m.weight.copy_(w)
-            if b is not None:
-                m.bias.copy_(b)
-            return m, src
-        if t is aten.conv2d.default:
-            w, b = attr(1), attr(2)
-            stride, padding, dilation, groups = attr(3, 1), attr(4, 0), attr(5, 1), attr(6, 1)
-            m = nn.Conv2d(w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), stride, padding, dilation, groups,
-                          bias=b is not None)
-            m.weight.copy_(w)
-            if b is not None:
-                m.bias.copy_(b)
-            return m, src
-        if t in (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default):
-            if t is aten.batch_norm.default:
-                w, b, mean, var, eps = attr(1), attr(2), attr(3), attr(4), attr(7, 1e-5)
-            else:
-                w, b, mean, var, eps = attr(1), attr(2), attr(3), attr(4), attr(6, 1e-5)
-            cls = nn.BatchNorm2d if src.meta.get("val") is not None and src.meta["val"].dim() == 4 else nn.BatchNorm1d
-            m = cls(mean.numel(), eps=float(eps), affine=w is not None).eval()
-            m.running_mean.copy_(mean)
-            m.running_var.copy_(var)
-            if w is not None:
-                m.weight.copy_(w)
-                m.bias.copy_(b)
-            return m, src
-    simple = {aten.relu.default: nn.ReLU, aten.sigmoid.default: nn.Sigmoid, aten.tanh.default: nn.Tanh,
-              aten.hardsigmoid.default: nn.Hardsigmoid, aten.dropout.default: nn.Identity,
-              aten.clone.default: nn.Identity, aten.alias.default: nn.Identity}
-    if t in simple:
-        return simple[t](), src
-    if t is aten.hardtanh.default:
-        lo_, hi_ = attr(1, -1.0), attr(2, 1.0)
-        return (nn.ReLU6() if (lo_, hi_) == (0.0, 6.0) else nn.Hardtanh(lo_, hi_)), src
-    if t is aten.leaky_relu.default:
-        return nn.LeakyReLU(attr(1, 0.01)), src
-    if t is aten.max_pool2d.default:
-        k = attr(1)
-        return nn.MaxPool2d(k, attr(2, None) or k, attr(3, 0), attr(4, 1), ceil_mode=bool(attr(5, False))), src
-    if t is aten.avg_pool2d.default:
-        k = attr(1)
-        return nn.AvgPool2d(k, attr(2, None) or k, attr(3, 0), bool(attr(4, False)), bool(attr(5, True))), src
-    if t is aten.adaptive_avg_pool2d.default:
-        return nn.AdaptiveAvgPool2d(tuple(attr(1))), src
-    if t is aten.flatten.using_ints:
-        return nn.Flatten(attr(1, 0), attr(2, -1)), src
-    return None, src
-
-
-def _extract_exported(gm: fx.GraphModule, shape: tuple[int, ...] | None, lo: Tensor, hi: Tensor,
-                      domain: Any) -> Network:
-    if shape is None:
-        shape = _guess_exported_shape(gm)
-    aten = torch.ops.aten
-    b = _Builder(shape)
-    index: dict[fx.Node, int] = {}
-    out = None
-    with torch.no_grad():
-        for n in gm.graph.nodes:
-            if n.op == "placeholder":
-                if any(v.op == "input" for v in b.nodes):
-                    raise UnsupportedLayerError(f"model has several inputs ({n.name}); hwrel analyses one input")
-                index[n] = b.add("input", "input", ())
-            elif n.op in ("get_attr", "call_module"):
-                continue  # weights (read by their users) and export's input guards
-            elif n.op == "output":
-                arg = n.args[0]
-                arg = arg[0] if isinstance(arg, (tuple, list)) else arg
-                out = index[arg]
-            elif n.target in (aten.add.Tensor,):
-                ins = tuple(index[x] for x in n.args if isinstance(x, fx.Node))
-                if len(ins) != 2 or n.kwargs.get("alpha", 1) != 1:
-                    raise UnsupportedLayerError(f"operation {n.name} (aten.add): only the sum of two tensors")
-                index[n] = b.add(n.name, "add", ins)
-            elif n.target in (aten.view.default, aten.reshape.default):
-                src = index[n.args[0]]
-                index[n] = b.reshape(n.name, src, tuple(b.values[src].reshape(1, -1).shape[1:])
-                                     if -1 in list(n.args[1])[1:] else tuple(list(n.args[1])[1:]))
-            elif n.target is operator.getitem:
-                index[n] = index[n.args[0]]  # first output of batch norm variants
-            else:
-                module, src = _aten_module(gm, n)
-                if module is None:
-                    raise UnsupportedLayerError(f"operation {n.name} ({n.target}) is not supported")
-                index[n] = _module_node(b, _Shim(n, src), module, index)  # type: ignore[arg-type]
-    if out is None:
-        raise UnsupportedLayerError("exported program has no output")
-    return _finish(b.nodes[: out + 1], shape, lo.expand(shape).clone(), hi.expand(shape).clone())

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from hwrel.bounds.api import METHODS, Analyzer, _check_method
+from hwrel.bounds.api import Analyzer, _check_method
 from hwrel.bounds.faults import FaultModel, as_fault
 from hwrel.errors import HwrelError
 from hwrel.network import Network

@@ -7,13 +7,12 @@ with at most ``f`` failures in that layer keeps the certified output error withi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import pandas as pd
 import torch
 from torch import Tensor
 
-from hwrel.bounds.api import METHODS, Analyzer, _check_method, check_epsilon
+from hwrel.bounds.api import Analyzer, _check_method, check_epsilon
 from hwrel.bounds.faults import FaultModel, as_fault
 from hwrel.errors import HwrelError
 from hwrel.network import Network
