@@ -10,8 +10,8 @@ test inputs) is run, in the same process and run:
   pool start-up (spawning, importing torch) included.
 
 Every run's rows are checked to equal the baseline's; each figure is the best of two runs.
-Throughput counts configurations per second
-of the executor's ``run`` (tasks, transfers, writing the chunks); the scaling ratio is 2-worker over 1-worker throughput. Writes
+Throughput counts configurations per second of the executor's ``run`` (tasks, transfers, writing
+the chunks); the scaling ratio is 2-worker over 1-worker throughput. Writes
 ``benchmarks/results/scaling.json`` and ``.md``.
 
     python benchmarks/bench_scaling.py [--count 24576] [--inputs 64] [--chunk-size 256]

@@ -17,7 +17,6 @@ from hwrel.errors import HwrelError
 from hwrel.inject.campaign import run_campaign
 from hwrel.inject.engine import Injector
 from hwrel.inject.executors import LocalExecutor, add_executor_args, run_with_executor
-from hwrel.inject.faults import Fault
 from hwrel.network import Network
 
 GPU = torch.cuda.is_available()
