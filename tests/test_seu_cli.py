@@ -15,8 +15,10 @@ def test_seu_json_and_plots(capsys, tmp_path):
     assert rc == 0
     d = json.loads(capsys.readouterr().out)
     for key in ("certified_flips", "vulnerable_fraction_certified", "vulnerable_fraction_measured",
-                "fit", "fit_with_ecc", "mission_failure_probability", "meets_target"):
+                "fit", "fit_with_ecc", "mission_failure_probability", "meets_target",
+                "certified_flips_weights_only", "certified_flips_with_plan", "plan_protected_bits"):
         assert key in d
+    assert d["certified_flips_with_plan"] >= d["certified_flips"]
     assert d["accelerator"] == "eyeriss-v1" and d["format"] == "int16"
     assert d["fit_with_ecc"] < d["fit"] <= d["fit_raw"]
     assert d["meets_target"] == (d["fit"] < 10)
@@ -29,6 +31,15 @@ def test_seu_text(capsys):
                  "1000", "--epsilon", "5", "--campaign-size", "20"]) == 0
     out = capsys.readouterr().out
     assert "certified tolerated flips" in out and "FIT" in out
+
+
+def test_seu_text_explains_zero_flips(capsys):
+    assert main(["seu", "digits-mlp", "--accelerator", "eyeriss-v1", "--mission-hours", "1000",
+                 "--campaign-size", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "certified tolerated flips: 0; biases protected: " in out
+    why = [ln for ln in out.splitlines() if ln.strip().startswith("why 0:")]
+    assert len(why) == 1 and "bit 31 (sign) of " in why[0] and ".bias (int32)" in why[0]
 
 
 @pytest.mark.parametrize("args,msg", [

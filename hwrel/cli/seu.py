@@ -53,6 +53,31 @@ def _save(fig, path: str) -> None:
         raise
 
 
+def _breaker_line(b: dict, what: str) -> str:
+    alone = "alone breaks the budget" if b["alone"] else "dominates the one-flip bound"
+    return (f"  {what}: one flip of bit {b['bit']} ({b['role']}) of {b['tensor']} "
+            f"({b['format']}) {alone}: certified damage {b['certified_damage']:.4g}; "
+            f"flipping element {b['element']} measured max |output change| "
+            f"{b['measured_max_abs_delta']:.4g}, decisions changed on "
+            f"{b['measured_decision_changed']:.2%} of the evaluated inputs")
+
+
+def _why_zero(res) -> list[str]:
+    """Why the certified counts are 0, in words (empty when they are not)."""
+    out = []
+    if res.single_flip_breaker is not None:
+        out.append(_breaker_line(res.single_flip_breaker, "why 0"))
+    if res.single_flip_breaker_weights is not None:
+        out.append(_breaker_line(res.single_flip_breaker_weights, "with biases protected, why 0"))
+    if res.certified_flips_with_plan == 0:
+        out.append("  with the plan, why 0: " + (
+            "the plan protects nothing (the FIT target is met without it)"
+            if res.plan_protected_bits == 0 else
+            "the plan stops once the FIT target is met, leaving bits whose single flip breaks "
+            "the budget unprotected"))
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from hwrel import models
     from hwrel.seu.analysis import seu_analysis
@@ -80,7 +105,13 @@ def run(args: argparse.Namespace) -> int:
         f"{res.model} on {res.accelerator} ({res.format}, {res.total_bits} parameter bits), "
         f"budget {res.budget}",
         f"certified tolerated flips: {res.certified_flips}"
-        + (" (search cap)" if res.certified_flips_capped else ""),
+        + (" (search cap)" if res.certified_flips_capped else "")
+        + f"; biases protected: {res.certified_flips_weights_only}"
+        + (" (search cap)" if res.certified_flips_weights_only_capped else "")
+        + f"; with the protection plan ({res.plan_protected_bits} bits protected): "
+        f"{res.certified_flips_with_plan}"
+        + (" (search cap)" if res.certified_flips_with_plan_capped else ""),
+        *_why_zero(res),
         f"vulnerable fraction: certified <= {res.vulnerable_fraction_certified:.4g}, measured "
         f"{res.vulnerable_fraction_measured:.4g} [{lo:.4g}, {hi:.4g}] (n={res.campaign_size})",
         f"FIT (altitude factor {res.altitude_factor:.3g}): raw {res.fit_raw:.4g}, model "

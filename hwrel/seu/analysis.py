@@ -43,6 +43,17 @@ class SEUResult:
     Certified figures are sound for the stated budget and storage (``certified_flips``,
     ``vulnerable_fraction_certified``, ``fit`` given the raw rates); ``*_measured`` figures are
     campaign estimates; FIT and probabilities are per 1e9 h and per mission under a Poisson model.
+
+    ``certified_flips`` counts arbitrary flips anywhere in the stored parameters;
+    ``certified_flips_weights_only`` the same with every bias bit protected (biases in ECC memory
+    or registers); ``certified_flips_with_plan`` with the protection plan applied: its SECDED
+    columns, every bit already in a SECDED memory (``plan_protected_bits`` in all) and its range
+    restriction when it has one are protected, flips land anywhere else. Protected bits are
+    assumed never to flip (ECC corrects them); every other figure is as sound as
+    ``certified_flips``. ``single_flip_breaker`` (only when ``certified_flips == 0``): the bit
+    column whose single flip breaks the budget alone (``alone``: the bound with only that column
+    flippable still fails), with its certified damage and one measured flip of its worst element; ``single_flip_breaker_weights`` the same among weight bits when
+    ``certified_flips_weights_only == 0``.
     """
 
     model: str
@@ -82,6 +93,13 @@ class SEUResult:
     mission_curve: pd.DataFrame
     campaign: pd.DataFrame
     mapping: pd.DataFrame
+    certified_flips_weights_only: int = 0
+    certified_flips_weights_only_capped: bool = False
+    certified_flips_with_plan: int = 0
+    certified_flips_with_plan_capped: bool = False
+    plan_protected_bits: int = 0
+    single_flip_breaker: dict[str, Any] | None = None
+    single_flip_breaker_weights: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (tables as lists of records; the campaign is summarised)."""
@@ -95,7 +113,10 @@ class SEUResult:
             "scrub_hours", "fit_raw", "fit", "fit_measured", "fit_with_ecc",
             "fit_with_ecc_detected", "expected_upsets", "p_upsets_exceed_certified",
             "mission_failure_probability", "mission_failure_probability_with_ecc", "target",
-            "target_max_fit", "meets_target", "meets_target_with_ecc")}
+            "target_max_fit", "meets_target", "meets_target_with_ecc",
+            "certified_flips_weights_only", "certified_flips_weights_only_capped",
+            "certified_flips_with_plan", "certified_flips_with_plan_capped", "plan_protected_bits",
+            "single_flip_breaker", "single_flip_breaker_weights")}
         for name in ("flip_bounds", "critical_bits", "memories", "protection_plan", "mapping"):
             out[name] = records(getattr(self, name))
         return out
@@ -215,8 +236,12 @@ def _vulnerability(fb: FlipBounds, epsilon: float | None, x: Tensor | None) -> _
             y = vals[net.nodes[i].inputs[0]].abs()
             r = (2 * y / m.reshape(-1, *([1] * (y.dim() - 1)))).clamp(max=1e300)
             Z[i] = r.amax(dim=0, keepdim=True)
-        flags = [d >= 1 for d in fb.single(Z)]
-        words = [int((w >= 1).sum()) for w in fb.word(Z)]
+        # A bias's amplification does not depend on the input, so Z's 2/margin never reaches
+        # it: scale its damage by the worst sample's 2/margin instead.
+        inv = float((2 / m).max())
+        scale = [inv if s.tensor.part == "bias" else 1.0 for s in fb.sites]
+        flags = [d * c >= 1 for d, c in zip(fb.single(Z), scale)]
+        words = [int((w * c >= 1).sum()) for w, c in zip(fb.word(Z), scale)]
     return _Vulnerability([f.sum(0).numpy() for f in flags], words,
                           [d.amax(0).numpy() for d in dmg], flags, dmg)
 
@@ -267,6 +292,84 @@ def _critical_table(mapping: ModelMapping, vul: _Vulnerability, campaign: pd.Dat
                          "measured_vulnerable": float(sel.vulnerable.mean()) if len(sel)
                          else math.nan})
     return pd.DataFrame(rows)
+
+
+@dataclass(frozen=True, eq=False)
+class _Budget:
+    """The budget test ``ok(k)`` of :func:`seu_analysis` for any (possibly protected) bounds."""
+
+    epsilon: float | None
+    max_accuracy_drop: float | None
+    x: Tensor
+    lo: Tensor
+    hi: Tensor
+    clean_acc: float | None
+    correct: Tensor | None
+    margin: Tensor | None
+
+    def ok(self, fb: FlipBounds, k: int, seen: dict[int, dict[str, float]] | None = None) -> bool:
+        """Sound: True only when every set of ``k`` flips fb allows stays within the budget."""
+        if self.epsilon is not None:
+            b = float(fb.bound(k, self.lo[None], self.hi[None])[0])
+            if seen is not None:
+                seen[k] = {"bound": b}
+            return b <= self.epsilon
+        bnd = _sample_bound(fb, k, self.x)
+        cert = float((self.correct & (self.margin > 2 * bnd)).double().mean())
+        if seen is not None:
+            seen[k] = {"bound": float(bnd.max()), "certified_accuracy": cert}
+        return self.clean_acc - cert <= self.max_accuracy_drop + 1e-12
+
+    def largest(self, fb: FlipBounds, cap: int, seen: dict[int, dict[str, float]] | None = None
+                ) -> tuple[int, bool]:
+        return _largest_k(lambda k: self.ok(fb, k, seen), cap)
+
+
+def plan_bounds(net64: Network, mapping: ModelMapping, plan: pd.DataFrame, fb: FlipBounds
+                ) -> tuple[FlipBounds, dict[int, list[int]]]:
+    """Flip bounds once ``plan`` is applied, and the protected ``{tensor index: bits}`` columns:
+    the plan's ``protect`` columns, every bit of tensors in SECDED memories, and range
+    restriction when the plan restricts (``fb`` is reused otherwise)."""
+    index = {t.name: i for i, t in enumerate(mapping.tensors)}
+    cols: dict[int, list[int]] = {}
+    for i, t in enumerate(mapping.tensors):
+        if mapping.accelerator.memory(t.memory).protection.kind == "secded":
+            cols[i] = list(range(t.fmt.bits))
+    for r in plan[plan.action == "protect"].itertuples():
+        cols.setdefault(index[r.tensor], []).append(int(r.bit))
+    if bool((plan.action == "range_restrict").any()):
+        fb = flip_bounds(net64, mapping.tensors, True)
+    return fb.protect(cols), {i: sorted(set(b)) for i, b in cols.items()}
+
+
+def _breaker(fb: FlipBounds, fm: FlipModel, vul: _Vulnerability, budget: _Budget,
+             mapping: ModelMapping, parts: tuple[str, ...] = ("weight", "bias"), tries: int = 8
+             ) -> dict[str, Any]:
+    """Why ``certified_flips`` is 0: the bit column with the largest certified single-flip
+    damage that fails the budget with every other bit protected (``alone``), else the largest;
+    its worst element is injected once on the evaluated inputs (a measurement)."""
+    cols = sorted(((float(d[b]), ti, b) for ti, d in enumerate(vul.damage)
+                   if mapping.tensors[ti].part in parts for b in range(d.shape[0])),
+                  key=lambda c: -c[0])
+    pick, alone = cols[0], False
+    for c in cols[:tries]:
+        _, ti, b = c
+        only = {i: range(t.fmt.bits) for i, t in enumerate(mapping.tensors) if i != ti}
+        only[ti] = [p for p in range(mapping.tensors[ti].fmt.bits) if p != b]
+        if not budget.ok(fb.protect(only), 1):
+            pick, alone = c, True
+            break
+    dmg, ti, b = pick
+    t = mapping.tensors[ti]
+    e = int(torch.nan_to_num(vul.full[ti][:, b], posinf=1e308).argmax())
+    out = fm.run([(ti, e, b)])
+    finite = bool(torch.isfinite(out).all())
+    return {"tensor": t.name, "bit": int(b), "role": t.fmt.bit_role(b), "format": t.fmt.name,
+            "element": e, "alone": alone, "certified_damage": dmg,
+            "measured_max_abs_delta": float((out - fm.output).abs().max()) if finite
+            else math.inf,
+            "measured_decision_changed": float(((out.argmax(1) != fm.output.argmax(1))
+                                                | ~torch.isfinite(out).all(1)).double().mean())}
 
 
 # ------------------------------------------------------------------------------- the analysis
@@ -326,23 +429,14 @@ def seu_analysis(model: nn.Module | Network | Any, accelerator: str | Accelerato
     # Certified flips.
     seen: dict[int, dict[str, float]] = {}
     clean_acc = None
-    if epsilon is not None:
-        def ok(k: int) -> bool:
-            b = float(fb.bound(k, lo[None], hi[None])[0])
-            seen[k] = {"bound": b}
-            return b <= epsilon
-    else:
+    margin = correct = None
+    if epsilon is None:
         pred = fm.output.argmax(1)
         correct = pred == y
         clean_acc = float(correct.double().mean())
         margin = _margins(fm.output)
-
-        def ok(k: int) -> bool:
-            bnd = _sample_bound(fb, k, x)
-            cert = float((correct & (margin > 2 * bnd)).double().mean())
-            seen[k] = {"bound": float(bnd.max()), "certified_accuracy": cert}
-            return clean_acc - cert <= max_accuracy_drop + 1e-12
-    k_cert, capped = _largest_k(ok, max_flips)
+    budget = _Budget(epsilon, max_accuracy_drop, x, lo, hi, clean_acc, correct, margin)
+    k_cert, capped = budget.largest(fb, max_flips, seen)
     bounds = pd.DataFrame([{"k": k, **v} for k, v in sorted(seen.items())])
 
     # Vulnerable fractions.
@@ -371,6 +465,13 @@ def seu_analysis(model: nn.Module | Network | Any, accelerator: str | Accelerato
         per_r = [(t, vr.bits[i].sum(), vr.words[i]) for i, t in enumerate(mapping.tensors)]
         restricted = (fit_table(acc, per_r, alt, ts), vr)
     plan = protection_plan(acc, mapping, crit, mems, alt, ts, tgt, restricted)
+    biases = {i: range(t.fmt.bits) for i, t in enumerate(mapping.tensors) if t.part == "bias"}
+    k_w, capped_w = budget.largest(fb.protect(biases), max_flips)
+    fb_plan, cols = plan_bounds(net64, mapping, plan, fb)
+    k_p, capped_p = budget.largest(fb_plan, max_flips)
+    plan_bits = sum(mapping.tensors[i].numel * len(b) for i, b in cols.items())
+    breaker = _breaker(fb, fm, vul, budget, mapping) if k_cert == 0 else None
+    breaker_w = _breaker(fb, fm, vul, budget, mapping, ("weight",)) if k_w == 0 else None
     return SEUResult(
         model=name, accelerator=acc.name, format=mapping.fmt.name,
         budget={"epsilon": epsilon} if epsilon is not None else
@@ -390,7 +491,11 @@ def seu_analysis(model: nn.Module | Network | Any, accelerator: str | Accelerato
         meets_target=tgt.met_by(fit) if tgt else None,
         meets_target_with_ecc=tgt.met_by(fit_ecc) if tgt else None,
         flip_bounds=bounds, critical_bits=crit, memories=mems, protection_plan=plan,
-        mission_curve=curve, campaign=camp, mapping=mapping.table())
+        mission_curve=curve, campaign=camp, mapping=mapping.table(),
+        certified_flips_weights_only=k_w, certified_flips_weights_only_capped=capped_w,
+        certified_flips_with_plan=k_p, certified_flips_with_plan_capped=capped_p,
+        plan_protected_bits=plan_bits, single_flip_breaker=breaker,
+        single_flip_breaker_weights=breaker_w)
 
 
 def _wilson(k: int, n: int) -> tuple[float, float]:

@@ -31,7 +31,7 @@ Covers weights and biases; activations and accumulators are not modelled.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
 import torch
@@ -55,7 +55,8 @@ class FlipSites:
 
     ``bit_delta[e, b]``: one flip of bit ``b`` of element ``e``; ``word_delta[e]``: any set of
     flips in that word; ``unit[e]`` (integer codes, no range restriction): ``scale``, so that
-    ``bit_delta = 2^b * unit``; ``limit``: the range-restriction bound or None.
+    ``bit_delta = 2^b * unit``; ``limit``: the range-restriction bound or None. ``free``: bit
+    positions that can flip (``(bits,)`` bool; None: all); see :meth:`protect`.
     """
 
     tensor: StoredTensor
@@ -63,6 +64,29 @@ class FlipSites:
     word_delta: Tensor
     unit: Tensor | None
     limit: float | None
+    free: Tensor | None = None
+
+    def protect(self, bits: Sequence[int]) -> "FlipSites":
+        """These sites with bit positions ``bits`` unable to flip (protected), still sound.
+
+        Protected columns get ``bit_delta = 0``. The word radius (any set of flips in one word)
+        shrinks for integer codes to ``scale * sum of 2^b over the free bits``: the code is linear
+        in its bits and range restriction (a clamp) is 1-Lipschitz; floats keep theirs (two flips
+        in one float word are not additive), except a word with no free bit, whose radius is 0.
+        """
+        free = torch.ones(self.tensor.fmt.bits, dtype=torch.bool) if self.free is None \
+            else self.free.clone()
+        for b in bits:
+            free[int(b)] = False
+        bit_delta = torch.where(free[None], self.bit_delta, torch.zeros((), dtype=torch.float64))
+        word = self.word_delta
+        if not bool(free.any()):
+            word = torch.zeros_like(word)
+        elif self.tensor.codes is not None:
+            pw = float(sum(2.0 ** b for b in range(self.tensor.fmt.bits) if free[b]))
+            s = self.tensor.scale.expand_as(self.tensor.codes).reshape(-1).to(torch.float64)
+            word = torch.minimum(word, s * pw * _UP)
+        return replace(self, bit_delta=bit_delta, word_delta=word, free=free)
 
 
 def _read(values: Tensor, limit: float | None) -> Tensor:
@@ -149,6 +173,13 @@ class FlipBounds:
     sites: list[FlipSites]
     gains: dict[int, Tensor]
 
+    def protect(self, columns: Mapping[int, Sequence[int]]) -> "FlipBounds":
+        """The same bounds when the ``{tensor index: bit positions}`` columns cannot flip
+        (protected by ECC or held in registers): sound for any flips among the other bits."""
+        sites = [s.protect(columns.get(i, ())) if i in columns else s
+                 for i, s in enumerate(self.sites)]
+        return FlipBounds(self.net, sites, self.gains)
+
     def inputs_sup(self, lo: Tensor, hi: Tensor, k: int) -> dict[int, Tensor] | None:
         """Per affine node: bound on ``|y| + e`` at its input for ``k - 1`` other flips."""
         los, his = interval_bounds(self.net, lo, hi)
@@ -157,7 +188,7 @@ class FlipBounds:
         if k <= 1:
             return S
         if any(bool(torch.isinf(s.word_delta).any()) for s in self.sites):
-            return None
+            return None  # a protected tensor has word_delta 0, so only flippable words count
         wr: dict[int, Tensor] = {}
         br: dict[int, Tensor] = {}
         for s in self.sites:
@@ -177,6 +208,8 @@ class FlipBounds:
             return torch.full((B,), math.inf, dtype=torch.float64)
         cands = []
         for s in self.sites:
+            if s.free is not None and not bool(s.free.any()):
+                continue  # fully protected: no flip can reach it
             a = _amplification(self.net, s.tensor, S[s.tensor.node], self.gains[s.tensor.node])
             n = a.shape[1]
             if k == 1:
@@ -184,11 +217,15 @@ class FlipBounds:
             elif s.unit is not None and isinstance(s.tensor.fmt, IntFormat):
                 top = torch.topk(_times(a, s.unit[None]), min(k, n), dim=1).values
                 pw = 2.0 ** torch.arange(s.tensor.fmt.bits, dtype=torch.float64)
+                if s.free is not None:
+                    pw = torch.where(s.free, pw, torch.zeros((), dtype=torch.float64))
                 c = (top[:, :, None] * pw).reshape(B, -1)
                 cands.append(torch.topk(c, min(k, c.shape[1]), dim=1).values)
             else:
                 c = _times(a, s.word_delta[None])
                 cands.append(torch.topk(c, min(k, n), dim=1).values)
+        if not cands:
+            return torch.zeros(B, dtype=torch.float64)
         allc = torch.cat(cands, dim=1)
         return torch.topk(allc, min(k, allc.shape[1]), dim=1).values.sum(1)
 
