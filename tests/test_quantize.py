@@ -174,3 +174,36 @@ def test_ptq_resnet_folds_batchnorm():
     assert torch.allclose(qnet.forward(x), forward(q, x), atol=1e-5)
     acc = float((forward(q, x).argmax(1) == ref.y_test[:64]).double().mean())
     assert acc >= float((forward(ref.module, x).argmax(1) == ref.y_test[:64]).double().mean()) - 0.05
+
+
+def test_fast_certified_flags_and_domain_bounds_match_full_evaluation(sig):
+    from hwrel.bounds.perturb import perturbation_bound
+    from hwrel.quantize.safe import _inputs, sweep
+
+    module, net, x, y, calib = _inputs(sig.module, sig, None, None)
+    bits = (3, 5, 6, 7, 8, 9, 10, 12)
+    full, sw, _ = sweep(module, net, x, y, calib, QuantSpec(), bits, adversarial=False, verify=False)
+    fast, _, _ = sweep(module, net, x, y, calib, QuantSpec(), bits, adversarial=False, verify=True, full_table=False)
+    assert list(full["certified_accuracy"]) == list(fast["certified_accuracy"])
+    assert full["certified_accuracy"].nunique() > 3  # the widths straddle the certification threshold
+    assert fast["certified_error"].isna().all() and (fast["bound_violations"] == 0).all()
+    for b in (4, 11):
+        dom = sw.p.domain_bounds(b)
+        pert = sw.p.perturbation(b, sw.p.domain)
+        for m in ("paper", "weights", "interval"):
+            assert dom[m] == float(perturbation_bound(sw.p.net, pert, m).max())
+
+
+def test_adversarial_breaks_are_real(mlp):
+    from hwrel.quantize.search import per_input_attack, shared_attack
+
+    net = _net(mlp).to()
+    x, c = mlp.x_test[:40].double(), net.forward(mlp.x_test[:40].double()).argmax(1)
+    wr = {i: weight_radius(net.nodes[i].affine.weight, 6, QuantSpec()) for i in net.synapse_layers}
+    m, dev = per_input_attack(net, x, c, wr, {}, steps=10)
+    assert bool((m < 0).any()) and bool((dev > 0).all())
+    ms, dw = shared_attack(net, x, c, wr, steps=10)
+    assert all(bool((dw[i].abs() <= wr[i]).all()) for i in wr)  # inside the box
+    out = perturbed_forward(net, x, dw, {})  # the float64 verdict: broken means the prediction moved
+    assert torch.equal(out.argmax(1) != c, ms < 0)
+    assert bool((ms < 0).any())

@@ -36,6 +36,21 @@ def _forward_values(net: Network, x: Tensor, taps: Mapping[int, Tensor]) -> list
     return vals
 
 
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _unfold(y: Tensor, kernel, dilation, padding, stride) -> Tensor:
+    """``F.unfold`` by strided slices (``(B, C*kh*kw, P)``, same order): CPU im2col is far slower."""
+    (kh, kw), (dh, dw), (ph, pw), (sh, sw) = map(_pair, (kernel, dilation, padding, stride))
+    yp = F.pad(y, (pw, pw, ph, ph))
+    ho = (yp.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    wo = (yp.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    cols = [yp[:, :, i * dh:i * dh + sh * (ho - 1) + 1:sh, j * dw:j * dw + sw * (wo - 1) + 1:sw]
+            for i in range(kh) for j in range(kw)]
+    return torch.stack(cols, 2).reshape(y.shape[0], -1, ho * wo)
+
+
 def _weight_grad_sq(node, y: Tensor, g: Tensor) -> Tensor:
     """Per sample, class and output channel: ``sum over the channel's weights of (dF/dW)^2``.
 
@@ -48,7 +63,7 @@ def _weight_grad_sq(node, y: Tensor, g: Tensor) -> Tensor:
         return g ** 2 * (y ** 2).sum(1)[:, None, None]
     if a.groups != 1:
         raise HwrelError(f"layer {node.name}: grouped convolutions are not supported by the estimate")
-    u = F.unfold(y, a.weight.shape[2:], a.dilation, a.padding, a.stride)  # (B, in*k*k, P)
+    u = _unfold(y, a.weight.shape[2:], a.dilation, a.padding, a.stride)  # (B, in*k*k, P)
     b, c, o = g.shape[:3]
     gw = torch.bmm(g.reshape(b, c * o, -1), u.transpose(1, 2))  # (B, C*out, in*k*k)
     return (gw ** 2).sum(-1).reshape(b, c, o)

@@ -21,15 +21,15 @@ import torch
 from torch import Tensor
 
 from hwrel.bounds.certify import certified_from_bounds, check_data
-from hwrel.bounds.ibp import interval_bounds
-from hwrel.bounds.perturb import WeightPerturbation, perturbation_bound, perturbation_radii
+from hwrel.bounds.ibp import interval_bounds, sup_abs
+from hwrel.bounds.perturb import WeightPerturbation, paper_perturbation, perturbation_radii
 from hwrel.errors import HwrelError, check
 from hwrel.formats import IntFormat, IntStorage
 from hwrel.network import Network
 
 BITS = tuple(range(2, 17))
 _PAD_REL = 2.0 ** -20  # the dequantized value is computed in float32: absorb its rounding
-_CHUNK = 512
+_CHUNK = 1024
 
 
 @dataclass(frozen=True)
@@ -117,12 +117,15 @@ class Predictor:
                 raise HwrelError("some inputs lie outside the model's input_domain; widen input_domain")
             self.x, self.y = x64, y
             with torch.no_grad():
-                self.values = [self.net.forward_all(x64[i:i + _CHUNK]) for i in range(0, len(x64), _CHUNK)]
-            self.logits = torch.cat([v[-1] for v in self.values])
+                values = [self.net.forward_all(x64[i:i + _CHUNK]) for i in range(0, len(x64), _CHUNK)]
+            # nominal value of every node for every test input
+            self.all_values = [torch.cat([v[k] for v in values]) for k in range(len(self.net.nodes))]
+            self.logits = self.all_values[-1]
             self.pred = self.logits.argmax(1)
             self.correct = self.pred == y if y is not None else None
         self.domain = interval_bounds(self.net, self.net.input_lo[None], self.net.input_hi[None])
         self._act_quant = act_quant
+        self._sups: list[Tensor] | None = None
         self._scales: dict[tuple, dict[int, tuple[float, float, float]]] = {}
         check(spec.act_bits is None or act_quant is not None,
               "activation quantization needs the calibrated quantizers (act_quant)")
@@ -158,22 +161,47 @@ class Predictor:
     # ------------------------------------------------------------------------------- bounds
 
     def domain_bounds(self, bits: int | Mapping[int, int]) -> dict[str, float]:
-        """Sound bounds on ``max_o sup_{x in domain} |F~_o(x) - F_o(x)|`` by every method."""
-        p = self.perturbation(bits, self.domain)
-        return {m: float(perturbation_bound(self.net, p, m).max()) for m in ("paper", "weights", "interval")}
+        """Sound bounds on ``max_o sup_{x in domain} |F~_o(x) - F_o(x)|`` by every method.
 
-    def sample_bounds(self, bits: int | Mapping[int, int], cap: float = float("inf")) -> Tensor:
-        """Sound per-test-input, per-output bounds ``(N, n_out)`` (interval at the point, capped)."""
+        The same computation as :func:`hwrel.bounds.perturb.perturbation_bound` over the domain,
+        reusing the domain's nominal intervals (computed once) instead of recomputing them per call.
+        """
+        p = self.perturbation(bits, self.domain)
+        lo, hi = self.net.input_lo[None], self.net.input_hi[None]
+        if self._sups is None:
+            self._sups = [sup_abs(a, b).max() for a, b in zip(*self.domain)]
+        out = {"paper": float(paper_perturbation(self.net, p, self._sups))}
+        for m in ("weights", "interval"):
+            out[m] = float(perturbation_radii(self.net, p, lo, hi, m, self.domain)[-1].max())
+        return out
+
+    def sample_bounds(self, bits: int | Mapping[int, int], cap: float = float("inf"),
+                      idx: Tensor | None = None) -> Tensor:
+        """Sound per-test-input, per-output bounds ``(N, n_out)`` (interval at the point, capped).
+
+        ``idx``: only these test inputs (rows in that order); the bound of an input does not depend
+        on which others are evaluated with it.
+        """
         if self.x is None:
             raise HwrelError("per-input certificates need data")
+        if idx is None:
+            idx = torch.arange(len(self.x))
         out = []
-        for k, vals in enumerate(self.values):
-            xb = self.x[k * _CHUNK:(k + 1) * _CHUNK]
+        for s in range(0, len(idx), _CHUNK):
+            ib = idx[s:s + _CHUNK]
+            xb = self.x[ib]
+            vals = [v[ib] for v in self.all_values]
             nominal = (vals, vals)
             p = self.perturbation(bits, nominal)
             e = perturbation_radii(self.net, p, xb, xb, "interval", nominal)[-1].flatten(1)
             out.append(torch.clamp(e, max=cap))
+        if not out:
+            return torch.zeros(0, self.logits.shape[1], dtype=self.logits.dtype)
         return torch.cat(out)
+
+    def certify_subset(self, bound: Tensor, idx: Tensor) -> Tensor:
+        """Certified flags (prediction provably kept) of the inputs ``idx`` given their bounds."""
+        return certified_from_bounds(self.logits[idx], bound)[1]
 
     def certify(self, bound: Tensor) -> tuple[float, Tensor]:
         """Certified accuracy (correct and provably kept) and the certified flags."""

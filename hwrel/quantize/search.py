@@ -4,15 +4,20 @@ Every perturbation tried lies inside the quantization box (``|dW| <= R``, activa
 most their radius), so each damage found is *real*: an input broken here is broken by some
 Byzantine rounding within half a step, and no sound certificate may claim it. Two searches:
 
-- per input: each input gets its own perturbation (sign-gradient steps on the logit margin,
-  batched with ``torch.func.vmap``), which is what a per-input certificate must cover;
+- per input: each input gets its own perturbation (PGD with sign steps and restarts on the margin
+  to the runner-up class, batched as per-sample weights), which is what a per-input certificate
+  must cover;
 - shared: one perturbation for the whole test set (what a real quantizer, or an adversary choosing
-  the rounding, applies), found by sign-gradient steps on the summed clipped margins.
+  the rounding, applies), found by PGD with restarts on the summed clipped margins.
+
+Both search in float32 (fast) and judge the perturbation they found in the float64 network, so
+every reported break is a float64 break of a perturbation inside the box.
 
 Neither is a bound: they under-estimate the worst case, and are labelled *adversarial*.
 """
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import torch
@@ -74,63 +79,97 @@ def _forward_per_sample(net: Network, x: Tensor, dw: Mapping[int, Tensor], da: M
     return vals[-1]
 
 
-def per_input_attack(net: Network, x: Tensor, c: Tensor, wr: Mapping[int, Tensor], ar: Mapping[int, Tensor],
-                     steps: int = 4, chunk: int = 64) -> tuple[Tensor, Tensor]:
-    """Per input, the smallest margin found and the largest ``|dF_o|`` on the way (``(N,)`` each).
+def _step_size(t: int, steps: int) -> float:
+    """Sign-step length as a fraction of the radius: a full jump to the corner, then cosine decay."""
+    return 1.0 if t == 0 else 0.05 + 0.45 * (1 + math.cos(math.pi * t / steps))
 
-    Each input has its own weight perturbation (``(B, *W.shape)``): the summed margin's gradient
-    with respect to it is each input's own gradient. ``ar[i]`` is a per-sample radius
-    ``(N, *shape)`` for activation node ``i``.
+
+def _start(r: Tensor, restart: int, gen: torch.Generator) -> Tensor:
+    """Restart 0 starts at zero (its first full step lands on the gradient-sign corner); others at
+    a random corner-biased point of the box."""
+    if restart == 0:
+        return torch.zeros_like(r)
+    u = torch.rand(r.shape, generator=gen, dtype=r.dtype) * 2 - 1
+    return r * torch.sign(u) * u.abs().sqrt()
+
+
+def per_input_attack(net: Network, x: Tensor, c: Tensor, wr: Mapping[int, Tensor], ar: Mapping[int, Tensor],
+                     steps: int = 20, restarts: int = 2, chunk: int = 64, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Per input, the smallest margin found and the largest ``|dF_o|`` seen (``(N,)`` each).
+
+    PGD on the margin to the runner-up class (``F_c - max_{o != c} F_o``) with sign steps inside
+    the box, ``restarts`` starts per input (zero, then random), searched in float32 for speed.
+    Each input's best perturbation is then re-evaluated in the float64 network, and only that
+    margin and deviation are returned, so a negative margin is a real break. ``ar[i]`` is a
+    per-sample radius ``(N, *shape)`` for activation node ``i``.
     """
+    gen = torch.Generator().manual_seed(seed)
+    net32 = net.to(torch.float32)
     best_m, best_dev = [], []
     with torch.no_grad():
         clean = net.forward(x)
     for s in range(0, len(x), chunk):
         xb, cb = x[s:s + chunk], c[s:s + chunk]
         n = len(xb)
-        rw = {k: v.expand(n, *v.shape) for k, v in wr.items()}
-        ra = {k: v[s:s + chunk] for k, v in ar.items()}
-        dw = {k: torch.zeros_like(v, requires_grad=True) for k, v in rw.items()}
-        da = {k: torch.zeros_like(v, requires_grad=True) for k, v in ra.items()}
-        m_best = torch.full((n,), float("inf"), dtype=x.dtype)
-        dev = torch.zeros(n, dtype=x.dtype)
-        for t in range(steps + 1):
+        rw = {k: v.expand(n, *v.shape).to(torch.float32) for k, v in wr.items()}
+        ra = {k: v[s:s + chunk].to(torch.float32) for k, v in ar.items()}
+        radii = list(rw.values()) + list(ra.values())
+        keep = [torch.zeros_like(r) for r in radii]  # each input's best perturbation so far
+        m_keep = torch.full((n,), float("inf"))
+        x32 = xb.to(torch.float32)
+        for restart in range(restarts):
+            params = [_start(r, restart, gen).requires_grad_(True) for r in radii]
+            for t in range(steps + 1):
+                dw = dict(zip(rw, params[:len(rw)]))
+                da = dict(zip(ra, params[len(rw):]))
+                m = _margin(_forward_per_sample(net32, x32, dw, da), cb)
+                with torch.no_grad():
+                    better = m < m_keep
+                    m_keep = torch.where(better, m.detach(), m_keep)
+                    for kv, v in zip(keep, params):
+                        kv[better] = v.detach()[better]
+                if t == steps:
+                    break
+                gs = torch.autograd.grad(m.sum(), params)
+                step = _step_size(t, steps)
+                with torch.no_grad():
+                    for v, g, r in zip(params, gs, radii):
+                        v.copy_(torch.clamp(v - step * r * torch.sign(g), -r, r))
+        with torch.no_grad():  # the float64 verdict on the best perturbation found
+            dw = {k: torch.minimum(torch.maximum(v.double(), -wr[k]), wr[k]) for k, v in zip(rw, keep[:len(rw)])}
+            da = {k: torch.minimum(torch.maximum(v.double(), -ar[k][s:s + chunk]), ar[k][s:s + chunk])
+                  for k, v in zip(ra, keep[len(rw):])}
             out = _forward_per_sample(net, xb, dw, da)
-            m = _margin(out, cb)
-            with torch.no_grad():
-                m_best = torch.minimum(m_best, m)
-                dev = torch.maximum(dev, (out - clean[s:s + chunk]).abs().amax(1))
-            if t == steps:
-                break
-            params = list(dw.values()) + list(da.values())
-            gs = torch.autograd.grad(m.sum(), params)
-            step = 1.0 if t == 0 else 0.5 / (1 + t // 3)
-            with torch.no_grad():
-                radii = list(rw.values()) + list(ra.values())
-                for v, g, r in zip(params, gs, radii):
-                    v.copy_(torch.clamp(v - step * r * torch.sign(g), -r, r))
-        best_m.append(m_best)
-        best_dev.append(dev)
+        best_m.append(_margin(out, cb))
+        best_dev.append((out - clean[s:s + chunk]).abs().amax(1))
     return torch.cat(best_m), torch.cat(best_dev)
 
 
-def shared_attack(net: Network, x: Tensor, c: Tensor, wr: Mapping[int, Tensor], steps: int = 20,
-                  kappa: float = 0.0) -> tuple[Tensor, dict[int, Tensor]]:
-    """One weight perturbation for all inputs; returns the margins under it and the perturbation."""
-    dw = {k: torch.zeros_like(v, requires_grad=True) for k, v in wr.items()}
+def shared_attack(net: Network, x: Tensor, c: Tensor, wr: Mapping[int, Tensor], steps: int = 40,
+                  kappa: float = 0.0, restarts: int = 2, seed: int = 0) -> tuple[Tensor, dict[int, Tensor]]:
+    """One weight perturbation for all inputs; returns the float64 margins under it and the perturbation.
+
+    PGD (float32 search, sign steps, ``restarts`` starts) on the summed runner-up margins clipped
+    at ``-kappa`` (an input already lost stops pulling); the perturbation breaking the most inputs
+    in float64 wins.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    net32 = net.to(torch.float32)
+    x32 = x.to(torch.float32)
+    r32 = {k: v.to(torch.float32) for k, v in wr.items()}
     best, best_dw = None, None
-    for t in range(steps + 1):
-        out = perturbed_forward(net, x, dw, {})
-        m = _margin(out, c)
+    for restart in range(restarts):
+        dw = {k: _start(v, restart, gen).requires_grad_(True) for k, v in r32.items()}
+        for t in range(steps):
+            m = _margin(perturbed_forward(net32, x32, dw, {}), c)
+            gs = torch.autograd.grad(torch.clamp(m, min=-kappa).sum(), list(dw.values()))
+            step = _step_size(t, steps)
+            with torch.no_grad():
+                for (k, v), g in zip(dw.items(), gs):
+                    v.copy_(torch.clamp(v - step * r32[k] * torch.sign(g), -r32[k], r32[k]))
         with torch.no_grad():
-            if best is None or int((m < 0).sum()) > int((best < 0).sum()):
-                best, best_dw = m.detach().clone(), {k: v.detach().clone() for k, v in dw.items()}
-        if t == steps:
-            break
-        loss = torch.clamp(m, min=-kappa).sum()
-        gs = torch.autograd.grad(loss, list(dw.values()))
-        step = 1.0 if t == 0 else 0.5 / (1 + t // 5)
-        with torch.no_grad():
-            for (k, v), g in zip(dw.items(), gs):
-                v.copy_(torch.clamp(v - step * wr[k] * torch.sign(g), -wr[k], wr[k]))
+            cand = {k: torch.minimum(torch.maximum(v.detach().double(), -wr[k]), wr[k]) for k, v in dw.items()}
+            m = _margin(perturbed_forward(net, x, cand, {}), c)
+        if best is None or int((m < 0).sum()) > int((best < 0).sum()):
+            best, best_dw = m, cand
     return best, best_dw
