@@ -496,3 +496,54 @@ def test_model_not_mutated(mlp):
     before = {k: v.clone() for k, v in mlp.module.state_dict().items()}
     inject(mlp.module, 50, mlp.x_test[:8])
     assert all(torch.equal(before[k], v) for k, v in mlp.module.state_dict().items())
+
+
+@pytest.mark.parametrize("layer", ["1", "3"])
+def test_tail_thresholds_match_reference_near_class_flips(mlp, layer):
+    """Stuck neurons swept densely across the values where top-1 classes flip and ReLUs of the
+    tail switch: run()'s metrics (read off per-sample tables where safe) equal a plain forward's,
+    with labels (accuracy) too."""
+    x, y = mlp.x_test[:B], mlp.y_test[:B]
+    inj = Injector(mlp.module, x, y)
+    model = copy.deepcopy(mlp.module)
+    clean = inj.clean[-1]
+    neurons = [0, 7, 31, 64, 100]
+    faults = [Fault("neuron", layer, j, "stuck", value=float(v)) for j in neurons
+              for v in np.concatenate([np.linspace(-6, 30, 120), np.geomspace(1e-6, 5, 40)])]
+    res = inj.run(faults)
+    flips = 0
+    with torch.no_grad():
+        for c, f in enumerate(faults):
+            ref = reference(model, x, [f], {})
+            d = float((ref.double() - clean.double()).abs().max())
+            assert abs(res["max_abs_delta"][c] - d) <= RTOL * (1 + float(ref.abs().max())), f
+            mism = float((ref.argmax(1) != clean.argmax(1)).double().mean())
+            flips += mism > 0
+            assert abs(res["mismatch_rate"][c] - mism) <= 1.5 / B, f
+            acc = float((ref.argmax(1) == y).double().mean())
+            assert abs(res["accuracy"][c] - acc) <= 1.5 / B, f
+    assert flips > 50  # the sweep does cross class boundaries
+
+
+def test_quantized_tail_matches_plain_path():
+    """Brevitas MLP (quantized ReLUs): run() with tables and bin shortcuts equals outputs() of every
+    configuration, and outputs() equals a hooked Brevitas forward."""
+    import brevitas.nn as qnn
+
+    torch.manual_seed(1)
+    m = nn.Sequential(qnn.QuantLinear(12, 16, bias=True, weight_bit_width=8), qnn.QuantReLU(bit_width=4),
+                      qnn.QuantLinear(16, 16, bias=True, weight_bit_width=8), qnn.QuantReLU(bit_width=4),
+                      qnn.QuantLinear(16, 5, bias=True, weight_bit_width=8)).eval()
+    x = torch.rand(40, 12)
+    inj = Injector(m, x, format="int8")
+    faults = inj.random_faults(600, seed=3) + inj.random_faults(100, site="neuron", kind="crash", seed=4)
+    res = inj.run(faults)
+    clean = inj.clean[-1]
+    for c, f in enumerate(faults):
+        out = inj.outputs(f)
+        if torch.isfinite(out).all():
+            d = float((out.double() - clean.double()).abs().max())
+            assert abs(res["max_abs_delta"][c] - d) <= RTOL * (1 + float(out.abs().max())), f
+            assert res["mismatch_rate"][c] == float((out.argmax(1) != clean.argmax(1)).double().mean()), f
+        else:
+            assert res["nonfinite"][c]

@@ -18,7 +18,16 @@ Why it is fast:
   the next affine layer's output as ``clean + W[:, block] @ delta`` (a grouped convolution for
   conv layers); only then does the forward become dense;
 * *batching faults*: configurations starting at the same node are stacked along a leading
-  dimension (F configurations x B samples) and propagated together.
+  dimension (F configurations x B samples) and propagated together;
+* *tail tables* (``run`` only): when the rest of the network after a flat node is the output,
+  ``linear`` or ``linear -> ReLU -> linear``, a change ``d`` of one unit ``j`` moves the output by
+  ``v_bj * d`` (per sample b) until a ReLU of the tail switches. Per (sample, unit) thresholds, built
+  once from the clean run, bound the ``d`` for which that holds *and* the top-1 class provably stays
+  the clean one (margin: a float32 rounding bound of the tail's sums); inside them
+  ``max|faulty - clean| = |d| * max_k |v_bjk|`` with no forward, outside (and for NaN/Inf) the row
+  takes the exact path. For ``linear -> quantizer`` tails the thresholds keep every pre-activation in
+  its quantization bin (output exactly clean). Quantized activations of dense faulty values only
+  requantize entries that left their clean bin (bins found by bisection on the quantizer itself).
 """
 from __future__ import annotations
 
@@ -64,6 +73,19 @@ class _Storage:
     codes: Tensor | None  # flat int64 codes (integer layers)
     scale: Tensor | None  # flat per weight element (float32)
     zero_point: Tensor | None
+
+
+@dataclass
+class _Tail:
+    """Output response to a change ``d`` of one unit ``j`` of flat node ``q`` (all else clean), per
+    (unit j, sample b): while ``lo <= d <= hi`` the output is ``clean + v_bj * d`` (no ReLU of the
+    tail changes state) up to float rounding, the top-1 class stays the clean one with a margin
+    above any float32 evaluation's rounding, and ``max |faulty - clean| = |d| * mx``."""
+
+    hi: Tensor  # (J, B) float32, >= 0
+    lo: Tensor  # (J, B) float32, <= 0
+    mx: Tensor  # (J, B) float32: max_k |v_bjk|
+    clean: Tensor  # (J, B) the node's clean value, transposed
 
 
 @dataclass
@@ -138,6 +160,13 @@ class Injector:
                 raise HwrelError(f"labels have {lab.numel()} entries for {self.batch} inputs")
             self.labels = lab
         self._pad_cache: dict[int, Tensor] = {}
+        self._t_cache: dict[int, Tensor] = {}
+        self._qbins: dict[int, tuple[Tensor, Tensor] | None] = {}
+        self._tails = self._build_tails(consumers)
+        # nodes from which a single-unit change stays a single unit (activations only) up to a tail
+        self._to_tail = {n for q in self._tails for n in range(q + 1)
+                         if all(len(self.nodes[m].shape) == 1 and self.nodes[m].op in ("act", "affine")
+                                and (m == n or self.nodes[m].op == "act") for m in range(n, q + 1))}
 
     # --- storage -----------------------------------------------------------------------------
 
@@ -173,6 +202,189 @@ class Injector:
             storage[i] = st
         del int_layers
         return replace(net, nodes=tuple(nodes)), storage
+
+    # --- tails: the last affine layer(s) as a per-sample linear map -------------------------------
+
+    def _build_tails(self, consumers: list[list[int]]) -> dict[int, _Tail]:
+        """Tables for the flat nodes ``q`` from which the rest of the network is a chain ending in
+        the output: the output itself (depth 0), ``q -> linear`` (depth 1) or ``q -> linear -> ReLU
+        -> linear`` (depth 2). A single-unit change there is read off per (sample, unit) thresholds
+        instead of a forward; rows outside the thresholds take the exact path."""
+        nodes, last = self.nodes, len(self.nodes) - 1
+        out = self.clean[last]
+        if not bool(torch.isfinite(out).all()):
+            return {}
+
+        def chain(a: int, b: int) -> bool:  # b consumes a alone, a feeds only b
+            return b == a + 1 and consumers[a] == [b] and tuple(nodes[b].inputs) == (a,)
+
+        def flat_lin(n: int) -> bool:
+            nd = nodes[n]
+            return nd.op == "affine" and nd.affine.kind == "linear" and len(nodes[nd.inputs[0]].shape) == 1
+
+        plans: list[tuple[int, list[int]]] = [(last, [])]
+        if flat_lin(last) and chain(last - 1, last):
+            q = last - 1
+            plans.append((q, [last]))
+            a = nodes[q]
+            if (a.op == "act" and a.act.kind == "relu" and flat_lin(q - 1) and chain(q - 1, q)
+                    and chain(q - 2, q - 1) and bool(torch.isfinite(self.clean[q - 1]).all())):
+                plans.append((q - 2, [q - 1, q, last]))
+            elif (a.op == "act" and a.act.kind == "quant" and flat_lin(q - 1) and chain(q - 1, q)
+                    and chain(q - 2, q - 1) and self._quant_bins(q) is not None):
+                plans.append((q - 2, [q - 1, q]))
+        tails = {}
+        for q, tail in plans:
+            if nodes[q].op == "input" or len(nodes[q].shape) != 1:
+                continue
+            tails[q] = self._quant_tail_table(q, tail[0]) if len(tail) == 2 else self._tail_table(q, tail)
+        return tails
+
+    def _quant_tail_table(self, q: int, m: int) -> _Tail:
+        """``q -> linear m -> quantizer``: thresholds on a change ``d`` of unit j within which every
+        ``fl(z_m + W_mj * d)`` stays in its quantization bin (bins from :meth:`_quant_bins`, margin
+        for the float rounding of the sum): the quantized values, hence the output, stay clean."""
+        u = 2.0 ** -24
+        lo_b, hi_b = (t.double() for t in self._quant_bins(m + 1))
+        z = self.clean[m].double()  # (B, M)
+        W = self.nodes[m].affine.weight.double()  # (M, J)
+        B, J = z.shape[0], W.shape[1]
+        up = (hi_b - z - 4 * u * z.abs()).clamp_min(0)  # room above, (B, M)
+        dn = (z - lo_b - 4 * u * z.abs()).clamp_min(0)  # room below
+        hi = torch.empty(B, J, dtype=torch.float64, device=self.device)
+        lo = torch.empty_like(hi)
+        step = max(1, (1 << 20) // (J * W.shape[0]))
+        aw = W.abs().t()[None] * (1 + 8 * u)  # (1, J, M)
+        pos = (W.t() > 0)[None]
+        for b0 in range(0, B, step):
+            sl = slice(b0, min(B, b0 + step))
+            upb, dnb = up[sl][:, None, :], dn[sl][:, None, :]  # (nb, 1, M)
+            room_p = torch.where(pos, upb, dnb) / aw  # d > 0 moves z_m up where W > 0
+            room_n = torch.where(pos, dnb, upb) / aw
+            room_p = torch.where(aw > 0, room_p, math.inf).nan_to_num(math.inf, math.inf)
+            room_n = torch.where(aw > 0, room_n, math.inf).nan_to_num(math.inf, math.inf)
+            cap = 1e20 / (1 + aw.amax(2))
+            hi[sl] = torch.minimum(room_p.amin(2), cap)
+            lo[sl] = -torch.minimum(room_n.amin(2), cap)
+        shrink = 1 - 1e-6
+        return _Tail((hi * shrink).float().t().contiguous(), (lo * shrink).float().t().contiguous(),
+                     torch.zeros(J, B, device=self.device), self.clean[q].t().contiguous())
+
+    def _tail_table(self, q: int, tail: list[int]) -> _Tail:
+        u = 2.0 ** -24
+        last = len(self.nodes) - 1
+        z = self.clean[last].double()  # (B, K)
+        B, K = z.shape
+        p = self.clean_top1
+        J = self.nodes[q].size
+        if not tail:
+            W, fan = torch.eye(K, dtype=torch.float64, device=self.device), 1
+            absum = z.abs()
+        else:
+            aff = self.nodes[last].affine
+            W = aff.weight.double()  # (K, H)
+            h = self.clean[last - 1].double()
+            absum = h.abs() @ W.abs().t() + (0 if aff.bias is None else aff.bias.double().abs())
+            fan = W.shape[1] + 4
+        if len(tail) == 3:
+            W2 = self.nodes[tail[0]].affine.weight.double()  # (M, J)
+            z2 = self.clean[tail[0]].double()  # (B, M)
+            C = W.abs() @ W2.abs()  # (K, J)
+            fan += W2.shape[1] + 4
+            colmax = W2.abs().amax(0)  # (J,)
+        else:
+            C = W.abs()
+            colmax = torch.zeros(J, dtype=torch.float64, device=self.device)
+        eps = 4.0 * fan * u  # >= twice the float32 rounding bound of any evaluation order of the tail
+        hpos, hneg, mx = (torch.empty(B, J, dtype=torch.float64, device=self.device) for _ in range(3))
+        step = max(1, (1 << 20) // (J * max(K, W2.shape[0] if len(tail) == 3 else 1)))
+        for b0 in range(0, B, step):
+            sl = slice(b0, min(B, b0 + step))
+            zb, pb = z[sl], p[sl]
+            nb = zb.shape[0]
+            if len(tail) == 3:
+                act = (z2[sl] > 0).double()  # (nb, M)
+                V = torch.einsum("km,bm,mj->bjk", W, act, W2)  # (nb, J, K)
+                # ReLU crossings: z2_m + W2_mj * d changes sign at d = -z2_m / W2_mj
+                zz, ww = z2[sl][:, None, :], W2.t()[None]  # (nb, 1, M), (1, J, M)
+                t = (zz.abs() / ww.abs()).nan_to_num(math.inf, math.inf, math.inf)
+                up = ((ww > 0) & (zz <= 0)) | ((ww < 0) & (zz > 0))
+                dn = ((ww < 0) & (zz <= 0)) | ((ww > 0) & (zz > 0))
+                inf = torch.full_like(t, math.inf)
+                cross_p = torch.where(up, t, inf).amin(2) * (1 - 1e-4)
+                cross_n = torch.where(dn, t, inf).amin(2) * (1 - 1e-4)
+            else:
+                V = W.t()[None].expand(nb, J, K)
+                cross_p = cross_n = torch.full((nb, J), math.inf, dtype=torch.float64, device=self.device)
+            zp = zb.gather(1, pb[:, None])  # (nb, 1)
+            alpha = eps * (zp.abs() + zb.abs() + absum[sl].gather(1, pb[:, None]) + absum[sl])  # (nb, K)
+            G = (zp - zb - alpha)[:, None, :]  # (nb, 1, K)
+            a = V.gather(2, pb[:, None, None].expand(nb, J, 1)) - V  # (nb, J, K): slope of the gap
+            Ct = C.t()  # (J, K)
+            beta = eps * (Ct[:, pb].t()[:, :, None] + Ct[None])  # (nb, J, K)
+            inf = torch.full_like(a, math.inf)
+
+            def bound(slope: Tensor) -> Tensor:
+                h = torch.where(slope >= 0, inf, G / (-slope).clamp_min(1e-300))
+                h = torch.where(G > 0, h, torch.zeros_like(h))
+                h.scatter_(2, pb[:, None, None].expand(nb, J, 1), math.inf)  # k = p: no constraint
+                return h.amin(2)
+
+            m = V.abs().amax(2)  # (nb, J)
+            cap = 1e20 / (1 + m + colmax[None])
+            hpos[sl] = torch.minimum(torch.minimum(bound(a - beta), cross_p), cap)
+            hneg[sl] = torch.minimum(torch.minimum(bound(-a - beta), cross_n), cap)
+            mx[sl] = m
+        shrink = 1 - 1e-6  # float64 -> float32 rounds by < 6e-8: the float32 thresholds stay inside
+        return _Tail((hpos * shrink).float().t().contiguous(), (-hneg * shrink).float().t().contiguous(),
+                     mx.float().t().contiguous(), self.clean[q].t().contiguous())
+
+    def _tail_run(self, q: int, s: _Sparse, rows: _RowSet) -> "tuple[_RowSet, Tensor, tuple[Tensor, Tensor]]":
+        """Rows of a width-1 change at tail node ``q``: safe rows give ``(cfg, max|delta|)`` directly,
+        the others (beyond a threshold, NaN/Inf) are forwarded exactly, in pieces."""
+        T = self._tails[q]
+        flat = s.unit * self.batch + rows.smp
+        d = s.vals[:, 0] - T.clean.reshape(-1).index_select(0, flat)
+        safe = (d <= T.hi.reshape(-1).index_select(0, flat)) & (d >= T.lo.reshape(-1).index_select(0, flat))
+        contrib = torch.where(safe, d.abs() * T.mx.reshape(-1).index_select(0, flat), 0.0).double()
+        fast = (rows.cfg, contrib)
+        return self._tail_exact(q, s, rows, (~safe).nonzero().squeeze(1), fast)
+
+    def _grid_tail(self, start: int, unit: Tensor, v: Tensor) -> "tuple[_RowSet, Tensor, tuple[Tensor, Tensor]]":
+        """:meth:`_tail_run` for configuration ``f`` changing unit ``unit[f]`` of node ``start`` to
+        ``v[f]`` (all samples, ``(F, B)``): activations up to the tail, then the tables."""
+        q = min(t for t in self._tails if t >= start)
+        v = v.contiguous()
+        for n in range(start + 1, q + 1):
+            v = self.nodes[n].act(v)
+        T = self._tails[q]
+        d = v - T.clean.index_select(0, unit)
+        safe = (d <= T.hi.index_select(0, unit)) & (d >= T.lo.index_select(0, unit))
+        fm = torch.where(safe, d.abs() * T.mx.index_select(0, unit), 0.0).amax(1).double()
+        Fn, B = v.shape
+        bad = (~safe).view(-1).nonzero().squeeze(1)
+        cfg, smp = bad // B, bad % B
+        return self._tail_exact(q, _Sparse(unit[cfg], v.reshape(-1)[bad][:, None]), _RowSet(cfg, smp),
+                                torch.arange(bad.numel(), device=self.device),
+                                (torch.arange(Fn, device=self.device), fm))
+
+    def _tail_exact(self, q: int, s: _Sparse, rows: _RowSet, bad: Tensor, fast: tuple[Tensor, Tensor]
+                    ) -> "tuple[_RowSet, Tensor, tuple[Tensor, Tensor]]":
+        if bad.numel() == 0:
+            empty = torch.zeros(0, dtype=torch.int64, device=self.device)
+            return _RowSet(empty, empty), self.clean[-1][:0], fast
+        size = max(self.nodes[n].size for n in range(q, len(self.nodes)))
+        piece = max(1, _BUDGET // size)
+        got_rows, got_out = [], []
+        for i in range(0, bad.numel(), piece):
+            idx = bad[i: i + piece]
+            r, o, _ = self._propagate(q, _Sparse(s.unit[idx], s.vals[idx]), _RowSet(rows.cfg[idx], rows.smp[idx]))
+            got_rows.append(r)
+            got_out.append(o)
+        if len(got_rows) == 1:
+            return got_rows[0], got_out[0], fast
+        return (_RowSet(torch.cat([r.cfg for r in got_rows]), torch.cat([r.smp for r in got_rows])),
+                torch.cat(got_out), fast)
 
     # --- resolution --------------------------------------------------------------------------
 
@@ -290,6 +502,12 @@ class Injector:
 
     # --- entry (single faults, sparse) -------------------------------------------------------
 
+    def _clean_t(self, node: int) -> Tensor:
+        """Clean value of a flat node, transposed ``(size, B)`` and contiguous (cached)."""
+        if node not in self._t_cache:
+            self._t_cache[node] = self.clean[node].reshape(self.batch, -1).t().contiguous()
+        return self._t_cache[node]
+
     def _xpad(self, node: int) -> Tensor:
         if node not in self._pad_cache:
             aff = self.nodes[node].affine
@@ -325,16 +543,17 @@ class Injector:
         aff = nd.affine
         x = self.clean[nd.inputs[0]]
         if aff.kind == "linear":
+            xt = self._clean_t(nd.inputs[0])  # (n_in, B): a fault's samples are one contiguous row
             if r.site == "synapse":
                 j, i = r.b[sel], r.c[sel]
-                d = r.old[sel][:, None] * (r.new[sel][:, None] - x[:, i].t())
+                d = r.old[sel][:, None] * (r.new[sel][:, None] - xt.index_select(0, i))
             elif r.site == "bias":
                 j = a
                 d = (r.new[sel] - r.old[sel])[:, None].expand(Fn, B)
             else:
                 j, i = a // aff.weight.shape[1], a % aff.weight.shape[1]
-                d = (r.new[sel] - r.old[sel])[:, None] * x[:, i].t()
-            return _Sparse(j, (clean[:, j].t() + d)[:, :, None])
+                d = (r.new[sel] - r.old[sel])[:, None] * xt.index_select(0, i)
+            return _Sparse(j, (self._clean_t(r.node).index_select(0, j) + d)[:, :, None])
         cout, cin_g, kh, kw = aff.weight.shape
         if r.site == "bias":
             co = a
@@ -409,6 +628,9 @@ class Injector:
             r = self._sparse_step(n, first, rows)
             if r is not None:
                 return r
+        if (nd.op == "act" and nd.act.kind == "quant" and isinstance(first, Tensor)
+                and self._quant_bins(n) is not None):
+            return self._quant_dense(n, first, rows)
         xs = [self._materialize(j, states.get(j), rows) for j in nd.inputs]
         if nd.op == "add":
             out = xs[0]
@@ -416,6 +638,54 @@ class Injector:
                 out = out + x
             return out
         return nd.apply(xs)
+
+    def _quant_bins(self, n: int) -> "tuple[Tensor, Tensor] | None":
+        """Per clean element of quantized activation node ``n``, the float32 interval ``[lo, hi]`` of
+        inputs that the quantizer maps to the clean output (it is monotone: an interval), found by
+        bisection over the float32 values themselves; ``None`` if the quantizer is not elementwise."""
+        if n in self._qbins:
+            return self._qbins[n]
+        act, z0 = self.nodes[n].act, self.clean[self.nodes[n].inputs[0]]
+        y0 = self.clean[n]
+        res = None
+        if (bool(torch.isfinite(z0).all()) and torch.equal(act(z0.reshape(-1)), y0.reshape(-1))
+                and torch.equal(act(z0), y0)):
+            def key(z: Tensor) -> Tensor:  # float32 -> int64 key, monotone in the value (-0 = +0)
+                i = z.view(torch.int32).long()
+                return torch.where(i >= 0, i, -(i & 0x7FFFFFFF))
+
+            def val(k: Tensor) -> Tensor:  # inverse of key
+                return torch.where(k >= 0, k, -k - (1 << 31)).to(torch.int32).view(torch.float32)
+
+            k0 = key(z0)
+            top = key(torch.tensor(torch.finfo(torch.float32).max))
+            ends = []
+            for sgn in (1, -1):
+                good, bad = k0.clone(), torch.full_like(k0, sgn * (int(top) + 1))
+                far = val(bad - sgn)
+                whole = act(far) == y0
+                good = torch.where(whole, bad - sgn, good)
+                for _ in range(34):
+                    if bool(((bad - good).abs() <= 1).all()):
+                        break
+                    mid = good + (bad - good) // 2
+                    ok = act(val(mid)) == y0
+                    good, bad = torch.where(ok, mid, good), torch.where(ok, bad, mid)
+                ends.append(val(good))
+            res = (ends[1], ends[0])
+        self._qbins[n] = res
+        return res
+
+    def _quant_dense(self, n: int, z: Tensor, rows: _RowSet) -> Tensor:
+        """Quantized activation of a dense faulty input ``z``: entries inside their clean bin keep the
+        clean output (exact: the bins are the quantizer's own), only the others are quantized."""
+        lo, hi = self._qbins[n]
+        out = self.clean[n].index_select(0, rows.smp)
+        ch = ~((z >= lo.index_select(0, rows.smp)) & (z <= hi.index_select(0, rows.smp)))
+        idx = ch.nonzero(as_tuple=True)
+        if idx[0].numel():
+            out[idx] = self.nodes[n].act(z[idx])
+        return out
 
     def _changed(self, n: int, v: "_Sparse | Tensor", rows: _RowSet) -> Tensor:
         """Rows whose value at node ``n`` differs from the clean one (NaN counts as different)."""
@@ -427,18 +697,24 @@ class Injector:
         return (v.reshape(R, -1) != self.clean[n].index_select(0, rows.smp).reshape(R, -1)).any(1)
 
     def _propagate(self, start: int, state: "_Sparse | Tensor | None", rows: _RowSet,
-                   corrections: dict[int, Callable[[Tensor, Callable[[int], Tensor]], None]] | None = None
-                   ) -> tuple[_RowSet, Tensor]:
+                   corrections: dict[int, Callable[[Tensor, Callable[[int], Tensor]], None]] | None = None,
+                   tail: bool = False) -> "tuple[_RowSet, Tensor, tuple[Tensor, Tensor] | None]":
         """Faulty output rows ``(R, n_out)`` for ``rows``; rows left out equal the clean output.
 
         After the last correction, whenever a single faulty value is live, rows equal to the clean
-        run are dropped (their output is the clean output: exact, not an approximation)."""
+        run are dropped (their output is the clean output: exact, not an approximation). With
+        ``tail``, a single-unit change reaching a tail node (see :class:`_Tail`) returns, besides
+        the rows forwarded exactly, ``(cfg, max|delta|)`` of the rows read off the tables (whose
+        top-1 class is the clean one and whose outputs are finite)."""
         corrections = corrections or {}
         fixed_until = max(corrections, default=-1)
         states: dict[int, Any] = {} if state is None else {start: state}
         first = start if state is None else start + 1
         if state is not None and start > fixed_until:
-            states, rows = self._prune(start, states, rows)
+            if tail and self._at_tail(start, states) and rows.smp.numel():
+                return self._tail_run(start, states[start], rows)
+            if not (tail and start in self._to_tail):
+                states, rows = self._prune(start, states, rows)
         for n in range(first, len(self.nodes)):
             if rows.smp.numel() == 0:
                 break
@@ -456,12 +732,20 @@ class Injector:
                 if self._last_use[j] <= n:
                     states.pop(j, None)
             if n > fixed_until and len(states) == 1 and isinstance(v, _Sparse):
-                states, rows = self._prune(n, states, rows)
+                if tail and self._at_tail(n, states) and rows.smp.numel():
+                    return self._tail_run(n, states[n], rows)
+                if not (tail and n in self._to_tail):  # unchanged rows cost less than a prune there
+                    states, rows = self._prune(n, states, rows)
         last = len(self.nodes) - 1
         if rows.smp.numel() == 0 or last not in states:
             empty = torch.zeros(0, dtype=torch.int64, device=self.device)
-            return _RowSet(empty, empty), self.clean[last][:0]
-        return rows, self._materialize(last, states[last], rows)
+            return _RowSet(empty, empty), self.clean[last][:0], None
+        return rows, self._materialize(last, states[last], rows), None
+
+    def _at_tail(self, n: int, states: dict[int, Any]) -> bool:
+        v = states.get(n)
+        return (n in self._tails and len(states) == 1 and isinstance(v, _Sparse)
+                and v.vals.dim() == 2 and v.vals.shape[1] == 1)
 
     def _prune(self, n: int, states: dict[int, Any], rows: _RowSet) -> tuple[dict[int, Any], _RowSet]:
         v = states[n]
@@ -522,16 +806,22 @@ class Injector:
         ar = torch.arange(n, device=self.device)
         return _RowSet(ar.repeat_interleave(self.batch), torch.arange(self.batch, device=self.device).repeat(n))
 
-    def _chunk(self, start: int, chunk: int | None) -> int:
+    def _chunk(self, start: int, chunk: int | None, tail: bool = False) -> int:
         if chunk is not None:
             if int(chunk) < 1:
                 raise HwrelError(f"chunk must be a positive number of configurations, got {chunk!r}")
             return int(chunk)
+        q = min((t for t in self._tails if t >= start), default=None)
+        if tail and q is not None and all(len(self.nodes[n].shape) == 1 for n in range(start, q + 1)):
+            # single faults on a flat path stay one value per row up to the tail, and the rows
+            # forwarded past it are processed in pieces of the budget
+            return int(max(1, min(4096, _BUDGET // (16 * self.batch))))
         size = max(self.nodes[n].size for n in range(start, len(self.nodes)))
         return int(max(1, min(256, _BUDGET // (self.batch * size))))
 
-    def _batches(self, cfgs: list[tuple[Fault, ...]], chunk: int | None):
-        """Yield ``(positions, outputs (F, B, n_out), old (F,), new (F,))`` covering every config."""
+    def _batches(self, cfgs: list[tuple[Fault, ...]], chunk: int | None, tail: bool = False):
+        """Yield ``(positions, rows, outputs (R, n_out), old (F,), new (F,), fast)`` covering every
+        config (``fast``: see :meth:`_propagate`)."""
         singles: dict[tuple[int, str], list[int]] = defaultdict(list)
         multis: list[int] = []
         for p, c in enumerate(cfgs):
@@ -544,14 +834,18 @@ class Injector:
             fixed = torch.tensor([f.new_value_is_fixed for f in r.faults], device=self.device)
             old = r.old if site in ("weight", "bias") else torch.full_like(r.new, math.nan)
             new = torch.where(fixed, r.new, torch.full_like(r.new, math.nan))
-            step = self._chunk(node, chunk)
+            step = self._chunk(node, chunk, tail)
             for s in range(0, len(pos), step):
                 sel = torch.arange(s, min(s + step, len(pos)), device=self.device)
                 st = self._entry(r, sel)
+                if tail and node in self._to_tail and st.vals.dim() == 3 and st.vals.shape[2] == 1:
+                    rows, out, fast = self._grid_tail(node, st.unit, st.vals[:, :, 0])
+                    yield np.asarray(pos[s: s + step]), rows, out, old[sel], new[sel], fast
+                    continue
                 rows = self._all_rows(int(sel.numel()))
                 st = _Sparse(st.unit.repeat_interleave(self.batch), st.vals.reshape(-1, *st.vals.shape[2:]))
-                rows, out = self._propagate(node, st, rows)
-                yield np.asarray(pos[s: s + step]), rows, out, old[sel], new[sel]
+                rows, out, fast = self._propagate(node, st, rows, tail=tail)
+                yield np.asarray(pos[s: s + step]), rows, out, old[sel], new[sel], fast
         if multis:
             yield from self._multi_batches(cfgs, multis, chunk)
 
@@ -585,8 +879,8 @@ class Injector:
                         r, k = where[(p, q)]
                         per_node[r.node].append((f, r, k))
                 fixes = {n: self._correction(n, items) for n, items in per_node.items()}
-                rows, out = self._propagate(start, None, self._all_rows(len(part)), fixes)
-                yield np.asarray(part), rows, out, nan.expand(len(part)), nan.expand(len(part))
+                rows, out, _ = self._propagate(start, None, self._all_rows(len(part)), fixes)
+                yield np.asarray(part), rows, out, nan.expand(len(part)), nan.expand(len(part)), None
 
     # --- public API --------------------------------------------------------------------------
 
@@ -595,7 +889,7 @@ class Injector:
         """Exact faulty output ``(B, n_out)`` of one configuration (faults applied together)."""
         cfg = as_config(config)
         out = self.clean[-1].clone()
-        for _, rows, o, _, _ in self._batches([cfg], 1):
+        for _, rows, o, _, _, _ in self._batches([cfg], 1):
             out[rows.smp] = o
         return out
 
@@ -619,10 +913,13 @@ class Injector:
             clean_ok = (self.clean_top1 == self.labels)
             res["accuracy"] = np.full(n, float(clean_ok.double().mean()))
         clean = self.clean[-1]
-        for pos, rows, out, old, new in self._batches(cfgs, chunk):
+        for pos, rows, out, old, new, fast in self._batches(cfgs, chunk, tail=True):
             Fn = len(pos)
             res["old_value"][pos] = old.float().cpu().numpy()
             res["new_value"][pos] = new.float().cpu().numpy()
+            if fast is not None:  # rows read off the tail tables: finite, top-1 unchanged
+                fmx = torch.zeros(Fn, dtype=torch.float64, device=self.device).scatter_reduce_(0, *fast, "amax")
+                res["max_abs_delta"][pos] = fmx.cpu().numpy()
             if out.shape[0] == 0:
                 continue
             lo, hi = torch.aminmax(out - clean.index_select(0, rows.smp), dim=1)
@@ -633,7 +930,8 @@ class Injector:
                 o = out[sus]
                 bad[sus] = ~torch.isfinite(o).all(1)
                 d[sus] = torch.where(bad[sus], math.inf, (o.double() - clean[rows.smp[sus]].double()).abs().amax(1))
-            mx = torch.zeros(Fn, dtype=torch.float64, device=self.device).scatter_reduce_(0, rows.cfg, d, "amax")
+            mx = (torch.zeros(Fn, dtype=torch.float64, device=self.device) if fast is None else fmx
+                  ).scatter_reduce_(0, rows.cfg, d, "amax")
             top = out.argmax(1)
             changed = (top != self.clean_top1[rows.smp]) | bad
             res["max_abs_delta"][pos] = mx.cpu().numpy()
