@@ -60,6 +60,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--confidence", default="0.95", help="confidence of the intervals (default 0.95)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from hwrel.inject.executors import add_executor_args
+
+    add_executor_args(p)
     p.set_defaults(func=run)
 
 
@@ -133,7 +136,8 @@ def _quantize(module: torch.nn.Module, net: Network, ref: Any, fmt: IntFormat) -
 
 
 def run(args: argparse.Namespace) -> int:
-    from hwrel.inject.campaign import run_campaign, summarize
+    from hwrel.inject.campaign import summarize
+    from hwrel.inject.executors import run_with_executor
     from hwrel.inject.sampling import CampaignSpec, SiteSpace
     from hwrel.inject.stats import margin_of_error
 
@@ -148,9 +152,9 @@ def run(args: argparse.Namespace) -> int:
     check(0 < confidence < 1, f"--confidence must lie strictly between 0 and 1, got {args.confidence!r}")
     net, x, y, how = _model(args, fmt)
     space = SiteSpace(net, spec)  # validates layer and bit against the model before any work
-    df = run_campaign(net, spec, x, y, out=args.out, seed=seed, shard=args.shard,
-                      progress=not args.no_progress,
-                      range_limit=_num(args.range_limit, "--range-limit"))
+    # --executor local --workers 1 (the default) runs run_campaign in this process
+    df = run_with_executor(args, net, spec, x, y, seed=seed, progress=not args.no_progress,
+                           range_limit=_num(args.range_limit, "--range-limit"))
     summary = summarize(df, confidence=confidence)
     moe = None
     if not spec.exhaustive and spec.ber is None and len(df):
