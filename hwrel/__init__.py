@@ -5,7 +5,8 @@ The Python API is the real interface (the ``hwrel`` command is a thin layer over
 - :class:`Network` (``Network.from_module``): the analysable form of a PyTorch/Brevitas model.
 - :func:`fep`, :func:`tolerance`, :func:`certified_accuracy`: certified bounds under neuron and
   synapse failures (Forward Error Propagation and tighter sound bounds).
-- :func:`inject`: exact fault-injection campaigns.
+- :func:`inject`: exact fault injection (campaigns: :mod:`hwrel.inject`).
+- :func:`build_report`: the reliability report.
 - :func:`safe_bitwidth`: quantization as a bounded perturbation, predicted and verified.
 - :mod:`hwrel.seu`: accelerators, soft errors, FIT and mission reliability.
 - :func:`boosting`, :func:`expected_error`: the paper's other applications.
@@ -28,13 +29,13 @@ from hwrel.network import Network
 # otherwise replace the attribute `hwrel.boosting` by the module.
 from hwrel.boosting import boosting  # noqa: E402
 from hwrel.expected import expected_error  # noqa: E402
+from hwrel.inject import inject  # noqa: E402
 
 # Heavier parts load on first use: `hwrel.inject(...)` imports hwrel.inject only when called.
 _LAZY = {
-    "inject": ("hwrel.inject", "inject"),
     "safe_bitwidth": ("hwrel.quantize", "safe_bitwidth"),
     "seu_analysis": ("hwrel.seu.analysis", "seu_analysis"),
-    "report": ("hwrel.report", "build_report"),
+    "build_report": ("hwrel.report", "build_report"),
 }
 
 
@@ -42,13 +43,13 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         module, attr = _LAZY[name]
         return getattr(importlib.import_module(module), attr)
-    if name in ("models", "seu", "formats", "quantize"):
+    if name in ("models", "seu", "formats", "quantize", "report"):
         return importlib.import_module(f"hwrel.{name}")
     raise AttributeError(f"module 'hwrel' has no attribute {name!r}")
 
 
 __all__ = sorted([
     "BoundResult", "CertifiedResult", "FaultModel", "HwrelError", "Network", "ToleranceResult",
-    "UnsupportedLayerError", "__version__", "boosting", "certified_accuracy", "expected_error", "fep",
+    "UnsupportedLayerError", "__version__", "boosting", "build_report", "certified_accuracy", "expected_error", "fep",
     "fep_table", "inject", "safe_bitwidth", "tolerance",
 ])
