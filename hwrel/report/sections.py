@@ -314,6 +314,14 @@ def bitwidth_section(bw: Any, float_bits: int | None) -> Section:
     return Section("bitwidth", title, tuple(blocks))
 
 
+def _breaker(seu) -> str:
+    """Why no flip is certified: the single bit that alone can break the budget."""
+    b = getattr(seu, "single_flip_breaker", None)
+    if not b:
+        return ""
+    return f" (one flip of {b.get('tensor')} bit {b.get('bit')} can alone exceed the budget)"
+
+
 def critical_layers(seu: Any) -> pd.DataFrame:
     """Vulnerable bits (certified) per stored tensor, largest share first."""
     c = seu.critical_bits
@@ -350,7 +358,11 @@ def seu_section(seu: Any, heatmap: bytes | None, mission: bytes | None) -> Secti
         ("storage format", seu.format), ("budget", ", ".join(f"{k} = {v}" for k, v in seu.budget.items())),
         ("stored parameter bits", f"{seu.total_bits:,}"),
         ("certified tolerated flips (any bits)",
-         f"{seu.certified_flips}" + (" (capped)" if seu.certified_flips_capped else "")),
+         f"{seu.certified_flips}" + (" (capped)" if seu.certified_flips_capped else "") + _breaker(seu)),
+        ("certified tolerated flips, biases protected",
+         f"{seu.certified_flips_weights_only}" + (" (capped)" if seu.certified_flips_weights_only_capped else "")),
+        ("certified tolerated flips, protection plan applied",
+         f"{seu.certified_flips_with_plan}" + (" (capped)" if seu.certified_flips_with_plan_capped else "")),
         ("vulnerable fraction, certified (upper bound)", f"{seu.vulnerable_fraction_certified:.4%}"),
         ("vulnerable fraction, measured", f"{seu.vulnerable_fraction_measured:.4%} (95% CI {lo:.4%} .. {hi:.4%}, "
                                           f"{seu.campaign_size} random flips)"),
