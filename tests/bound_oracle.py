@@ -27,31 +27,8 @@ def faulty_forward(model: nn.Sequential, x: torch.Tensor, neuron_faults: Sequenc
                    synapse_faults: Sequence[dict[tuple[int, int], float | None]] = ()) -> torch.Tensor:
     """Output with hidden neuron ``i`` of layer ``l`` replaced by ``neuron_faults[l][i]`` and/or the
     synapse ``(j, i)`` into linear layer ``l`` transmitting ``v`` instead of ``y_i`` (``None``: crash = 0)."""
-    hooks = []
-    for mod, faults in zip(act_modules(model), neuron_faults):
-        if faults:
-            def hook(m, inp, out, faults=faults):
-                out = out.clone()
-                for i, v in faults.items():
-                    out[:, i] = v
-                return out
-            hooks.append(mod.register_forward_hook(hook))
-    for mod, faults in zip(linear_modules(model), synapse_faults):
-        if faults:
-            def hook(m, inp, out, faults=faults):
-                out = out.clone()
-                y = inp[0]
-                for (j, i), v in faults.items():
-                    sent = 0.0 if v is None else v
-                    out[:, j] = out[:, j] + m.weight[j, i] * (sent - y[:, i])
-                return out
-            hooks.append(mod.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            return model(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    with torch.no_grad():
+        return _faulty_with_grad(model, x, neuron_faults, synapse_faults)
 
 
 def probe_inputs(lo: float, hi: float, dim: int, n_random: int, seed: int) -> torch.Tensor:
@@ -73,11 +50,10 @@ def gradient_worst_input(model: nn.Sequential, lo: float, hi: float, dim: int, n
         for _ in range(steps):
             with torch.enable_grad():
                 clean = model(x)
-                hooks = []
                 faulty = _faulty_with_grad(model, x, neuron_faults, synapse_faults)
                 diff = (faulty - clean).abs().max()
                 (grad,) = torch.autograd.grad(diff, x)
-            best = max(best, float(diff))
+            best = max(best, float(diff.detach()))
             with torch.no_grad():
                 x += 0.05 * (hi - lo) * grad.sign()
                 x.clamp_(lo, hi)
