@@ -17,7 +17,7 @@ from hwrel.errors import HwrelError
 from hwrel.report import ReportConfig, build_report, render, sections
 
 REPO = Path(__file__).resolve().parents[1]
-EXAMPLE = REPO / "reports" / "digits-mlp-eyeriss-v1"
+EXAMPLE = REPO / "reports" / "example-digits-mlp-eyeriss-v1"
 SECTIONS = ("summary", "fep", "bitwidth", "seu", "validation", "reproduce")
 FIGURES = ("fep_bounds", "fep_tolerance", "bitwidth", "seu_critical_bits", "seu_mission", "validation")
 # Committed example vs regenerated: same machine reproduces exactly; across machines the trained
