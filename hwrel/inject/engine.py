@@ -47,6 +47,7 @@ from hwrel.inject.faults import Fault, FaultConfig, as_config
 from hwrel.network import Network
 
 _BUDGET = 1 << 23  # floats per stacked activation tensor (32 MiB) when choosing chunk sizes
+_PIECE = 1 << 20  # floats per piece of rows forwarded past a tail: cache-sized pieces are faster
 
 
 @dataclass
@@ -374,7 +375,7 @@ class Injector:
             empty = torch.zeros(0, dtype=torch.int64, device=self.device)
             return _RowSet(empty, empty), self.clean[-1][:0], fast
         size = max(self.nodes[n].size for n in range(q, len(self.nodes)))
-        piece = max(1, _BUDGET // size)
+        piece = max(1, _PIECE // size)
         got_rows, got_out = [], []
         for i in range(0, bad.numel(), piece):
             idx = bad[i: i + piece]
@@ -612,7 +613,7 @@ class Injector:
             blk = cin.reshape(cin.shape[0], -1, w_)[rows.smp, s.unit]  # (R, w)
             wt = aff.weight.t().reshape(-1, w_, aff.weight.shape[0])
             if w_ == 1:
-                return torch.addcmul(base, s.vals - blk, wt[s.unit, 0])
+                return torch.addcmul(base, s.vals - blk, wt[:, 0].index_select(0, s.unit))
             return torch.baddbmm(base.unsqueeze(1), (s.vals - blk).unsqueeze(1), wt[s.unit]).squeeze(1)
         if aff.kind == "conv2d" and aff.groups == 1 and s.vals.dim() == 3:
             delta = (s.vals - cin[rows.smp, s.unit]).unsqueeze(0)  # (1, R, H, W)
@@ -681,10 +682,12 @@ class Injector:
         clean output (exact: the bins are the quantizer's own), only the others are quantized."""
         lo, hi = self._qbins[n]
         out = self.clean[n].index_select(0, rows.smp)
-        ch = ~((z >= lo.index_select(0, rows.smp)) & (z <= hi.index_select(0, rows.smp)))
-        idx = ch.nonzero(as_tuple=True)
-        if idx[0].numel():
-            out[idx] = self.nodes[n].act(z[idx])
+        z = z.contiguous()
+        inside = torch.ge(z, lo.index_select(0, rows.smp))
+        inside &= torch.le(z, hi.index_select(0, rows.smp))  # NaN: outside
+        idx = inside.logical_not_().view(-1).nonzero().squeeze(1)  # flat indices: cheaper than 2-D
+        if idx.numel():
+            out.view(-1).index_copy_(0, idx, self.nodes[n].act(z.view(-1).index_select(0, idx)))
         return out
 
     def _changed(self, n: int, v: "_Sparse | Tensor", rows: _RowSet) -> Tensor:
