@@ -354,3 +354,45 @@ def test_bad_epsilon(eps):
     net = hwrel.Network.from_module(mlp([3, 4, 2], "relu", 0), (0.0, 1.0))
     with pytest.raises(hwrel.HwrelError, match="epsilon"):
         hwrel.tolerance(net, epsilon=eps)
+
+
+@pytest.mark.parametrize("fault", ["crash", "byzantine"])
+def test_brevitas_quantized_activations_are_sound_under_failures(fault):
+    """QuantReLU rounds: an input error can grow by one quantization step. Every method must cover
+    that slack; the oracle replaces QuantReLU outputs of the Brevitas model itself through hooks."""
+    import brevitas.nn as qnn
+
+    torch.manual_seed(5)
+    model = nn.Sequential(
+        qnn.QuantLinear(4, 6, bias=True, weight_bit_width=4), qnn.QuantReLU(bit_width=3),
+        qnn.QuantLinear(6, 5, bias=True, weight_bit_width=4), qnn.QuantReLU(bit_width=3),
+        qnn.QuantLinear(5, 2, bias=True, weight_bit_width=4)).eval()
+    net = hwrel.Network.from_module(model, (0.0, 1.0))
+    assert net.num_layers == 2 and all(net.nodes[i].act.quant_step > 0 for i in net.layers)
+    x = probe_inputs(0.0, 1.0, 4, 300, seed=4)
+    cap = 1.0
+    values = [0.0] if fault == "crash" else [-cap, cap]
+    acts = [model[1], model[3]]
+    with torch.no_grad():
+        clean = model(x)
+    for f in ([1, 0], [0, 1], [1, 1], [2, 2]):
+        res = hwrel.fep(net, f, fault, capacity=cap if fault == "byzantine" else None)
+        worst = 0.0
+        for sets in failure_sets([6, 5], f):
+            for vals in itertools.product(values, repeat=sum(f)):
+                it = iter(vals)
+                hooks = []
+                for mod, s in zip(acts, sets):
+                    faults = {i: next(it) for i in s}
+
+                    def hook(m, inp, out, faults=faults):
+                        out = out.clone()
+                        for i, v in faults.items():
+                            out[:, i] = v
+                        return out
+                    hooks.append(mod.register_forward_hook(hook))
+                with torch.no_grad():
+                    worst = max(worst, float((model(x) - clean).abs().max()))
+                for h in hooks:
+                    h.remove()
+        assert_sound(res, worst, f"brevitas {fault} f={f}")
