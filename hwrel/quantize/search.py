@@ -27,20 +27,26 @@ import torch.nn.functional as F
 from hwrel.network import Network
 
 
-def perturbed_forward(net: Network, x: Tensor, dw: Mapping[int, Tensor], da: Mapping[int, Tensor]) -> Tensor:
-    """Output with weights ``W + dw[i]`` and activation outputs moved by ``da[i]`` (vmappable)."""
+def _walk(net: Network, x: Tensor, dw: Mapping[int, Tensor], da: Mapping[int, Tensor], affine) -> Tensor:
+    """Forward with perturbed affine nodes computed by ``affine(node, input, dw)`` and activation
+    outputs moved by ``da[i]``."""
     vals: list[Tensor] = []
     for i, node in enumerate(net.nodes):
         if node.op == "input":
             v = x
         elif node.op == "affine" and i in dw:
-            v = node.affine(vals[node.inputs[0]], weight=node.affine.weight + dw[i])
+            v = affine(node, vals[node.inputs[0]], dw[i])
         else:
             v = node.apply([vals[j] for j in node.inputs])
         if i in da:
             v = v + da[i]
         vals.append(v)
     return vals[-1]
+
+
+def perturbed_forward(net: Network, x: Tensor, dw: Mapping[int, Tensor], da: Mapping[int, Tensor]) -> Tensor:
+    """Output with weights ``W + dw[i]`` and activation outputs moved by ``da[i]`` (vmappable)."""
+    return _walk(net, x, dw, da, lambda node, y, d: node.affine(y, weight=node.affine.weight + d))
 
 
 def _margin(logits: Tensor, c: Tensor) -> Tensor:
@@ -65,18 +71,8 @@ def _per_sample_affine(node, x: Tensor, dw: Tensor) -> Tensor:
 
 
 def _forward_per_sample(net: Network, x: Tensor, dw: Mapping[int, Tensor], da: Mapping[int, Tensor]) -> Tensor:
-    vals: list[Tensor] = []
-    for i, node in enumerate(net.nodes):
-        if node.op == "input":
-            v = x
-        elif node.op == "affine" and i in dw:
-            v = _per_sample_affine(node, vals[node.inputs[0]], dw[i])
-        else:
-            v = node.apply([vals[j] for j in node.inputs])
-        if i in da:
-            v = v + da[i]
-        vals.append(v)
-    return vals[-1]
+    """Like :func:`perturbed_forward` with a separate weight perturbation ``dw[i][b]`` per sample."""
+    return _walk(net, x, dw, da, _per_sample_affine)
 
 
 def _step_size(t: int, steps: int) -> float:
