@@ -59,6 +59,18 @@ def certified_from_bounds(logits: Tensor, bound: Tensor) -> tuple[Tensor, Tensor
     return pred, lower > upper.max(1).values
 
 
+def certified_from_margin_bounds(logits: Tensor, margin_bound: Tensor) -> Tensor:
+    """Certified flags from logits ``(B, C)`` and bounds ``(B, C)`` on each margin's change.
+
+    ``margin_bound[n, o]`` bounds ``|d(F_p - F_o)(x_n)|`` (``p`` predicted); the prediction is kept
+    if every margin ``F_p - F_o`` (``o != p``) exceeds its bound.
+    """
+    pred = logits.argmax(1)
+    margin = logits.gather(1, pred[:, None]) - logits
+    ok = (margin > margin_bound).scatter(1, pred[:, None], True)
+    return ok.all(1)
+
+
 def per_sample_bounds(an: Analyzer, fault: FaultModel, failures: Sequence[int], inputs: Tensor,
                       method: str = "best", chunk: int = 256) -> Tensor:
     """Sound per-sample, per-output error bounds ``(B, n_out)`` for inputs inside the domain."""

@@ -18,90 +18,27 @@ import math
 from typing import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from hwrel.errors import HwrelError
-
-from hwrel.network import Network
 
 Z_SIGMA = 3.0
 
 
-def _forward_values(net: Network, x: Tensor, taps: Mapping[int, Tensor]) -> list[Tensor]:
-    vals: list[Tensor] = []
-    for i, node in enumerate(net.nodes):
-        v = x if node.op == "input" else node.apply([vals[j] for j in node.inputs])
-        vals.append(v + taps[i] if i in taps else v)
-    return vals
-
-
-def _pair(v) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
-def _unfold(y: Tensor, kernel, dilation, padding, stride) -> Tensor:
-    """``F.unfold`` by strided slices (``(B, C*kh*kw, P)``, same order): CPU im2col is far slower."""
-    (kh, kw), (dh, dw), (ph, pw), (sh, sw) = map(_pair, (kernel, dilation, padding, stride))
-    yp = F.pad(y, (pw, pw, ph, ph))
-    ho = (yp.shape[2] - dh * (kh - 1) - 1) // sh + 1
-    wo = (yp.shape[3] - dw * (kw - 1) - 1) // sw + 1
-    cols = [yp[:, :, i * dh:i * dh + sh * (ho - 1) + 1:sh, j * dw:j * dw + sw * (wo - 1) + 1:sw]
-            for i in range(kh) for j in range(kw)]
-    return torch.stack(cols, 2).reshape(y.shape[0], -1, ho * wo)
-
-
-def _weight_grad_sq(node, y: Tensor, g: Tensor) -> Tensor:
-    """Per sample, class and output channel: ``sum over the channel's weights of (dF/dW)^2``.
-
-    ``g`` is ``dF/ds`` at the affine output ``(B, C, *out_shape)``, ``y`` its input. Dense:
-    ``dF/dW_ji = g_j y_i``. Convolution: the per-sample weight gradient is ``g`` times the unfolded
-    input, summed over output positions.
-    """
-    a = node.affine
-    if a.kind == "linear":
-        return g ** 2 * (y ** 2).sum(1)[:, None, None]
-    if a.groups != 1:
-        raise HwrelError(f"layer {node.name}: grouped convolutions are not supported by the estimate")
-    u = _unfold(y, a.weight.shape[2:], a.dilation, a.padding, a.stride)  # (B, in*k*k, P)
-    b, c, o = g.shape[:3]
-    gw = torch.bmm(g.reshape(b, c * o, -1), u.transpose(1, 2))  # (B, C*out, in*k*k)
-    return (gw ** 2).sum(-1).reshape(b, c, o)
-
-
 class JacobianSums:
-    """Squared Jacobian sums per (layer, output channel) and per activation node, per test input."""
+    """Squared Jacobian sums per (layer, output channel) and per activation node, per test input.
 
-    def __init__(self, net: Network, x: Tensor, pred: Tensor, layers: tuple[int, ...], acts: tuple[int, ...],
-                 chunk: int = 256):
+    ``out[i]`` / ``margin[i]``: for affine node ``i``, ``(N, C, out_channels)`` sums of
+    ``(dF_o/dW)^2`` / ``(d(F_c - F_o)/dW)^2`` over each output channel's weights; for activation
+    node ``i``, ``(N, C)`` sums of ``(dF_o/dy)^2`` (computed by :class:`hwrel.bounds.linearized.LinearizedBound`).
+    """
+
+    def __init__(self, out: Mapping[int, Tensor], margin: Mapping[int, Tensor], layers: tuple[int, ...],
+                 acts: tuple[int, ...]):
         self.layers, self.acts = layers, acts
-        sq: dict[tuple[str, int], list] = {}
-        for s in range(0, len(x), chunk):
-            xb, c = x[s:s + chunk], pred[s:s + chunk]
-            n = len(xb)
-            # zero offsets on each affine output / activation output: their gradients are dF/ds, dF/dy
-            taps = {i: torch.zeros(n, *net.nodes[i].shape, dtype=x.dtype, requires_grad=True)
-                    for i in tuple(layers) + tuple(acts)}
-            vals = _forward_values(net, xb, taps)
-            out = vals[-1]
-            params = list(taps.values())
-            grads = [torch.autograd.grad(out[:, o].sum(), params, retain_graph=True) for o in range(out.shape[1])]
-            for k, i in enumerate(taps):
-                g = torch.stack([gr[k] for gr in grads], 1)  # (B, C, *shape)
-                gm = g[torch.arange(n), c][:, None] - g  # margin F_c - F_o
-                if i in layers:
-                    y = vals[net.nodes[i].inputs[0]]
-                    pair = (_weight_grad_sq(net.nodes[i], y, g), _weight_grad_sq(net.nodes[i], y, gm))
-                else:
-                    pair = ((g ** 2).flatten(2).sum(-1), (gm ** 2).flatten(2).sum(-1))
-                sq.setdefault(("v", i), []).append(pair[0])
-                sq.setdefault(("m", i), []).append(pair[1])
-        cat = {k: torch.cat(v) for k, v in sq.items()}
-        # weights: (N, C, out_channels); activations: (N, C)
-        self.w = {i: cat[("v", i)] for i in layers}
-        self.mw = {i: cat[("m", i)] for i in layers}
-        self.a = {i: cat[("v", i)] for i in acts}
-        self.ma = {i: cat[("m", i)] for i in acts}
+        self.w = {i: out[i] for i in layers}
+        self.mw = {i: margin[i] for i in layers}
+        self.a = {i: out[i] for i in acts}
+        self.ma = {i: margin[i] for i in acts}
 
     def variances(self, steps: Mapping[int, Tensor], act_steps: Mapping[int, float]) -> tuple[Tensor, Tensor]:
         """``(Var dF, Var d margin)``, each ``(N, C)``; ``steps[i]`` per output channel ``(out,)``."""

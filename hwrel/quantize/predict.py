@@ -15,16 +15,18 @@ inputs, calibrated activation ranges) so a sweep over 2..16 bits costs one bound
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from hwrel.bounds.certify import certified_from_bounds, check_data
+from hwrel.bounds.certify import certified_from_margin_bounds, check_data
+from hwrel.bounds.linearized import LinearizedBound, linearize
 from hwrel.bounds.ibp import interval_bounds, sup_abs
 from hwrel.bounds.perturb import WeightPerturbation, paper_perturbation, perturbation_radii
 from hwrel.errors import HwrelError, check
 from hwrel.formats import IntFormat, IntStorage
+from hwrel.quantize.estimate import JacobianSums
 from hwrel.network import Network
 
 BITS = tuple(range(2, 17))
@@ -94,18 +96,35 @@ def act_radius(lo: Tensor, hi: Tensor, scale: float, clip_lo: float, clip_hi: fl
     return (scale / 2 + excess) * (1 + _PAD_REL)
 
 
+def _chunk_size(net: Network, budget_bytes: float = 2.0 ** 28) -> int:
+    """Inputs per chunk so that a chunk's linearization (gradients of every output at every node,
+    twice: outputs and margins) stays within ``budget_bytes``."""
+    n_out = net.nodes[-1].size
+    per_input = sum(n.size for n in net.nodes if n.op in ("affine", "act", "pool"))
+    per_input += sum(n.affine.weight.numel() for n in net.nodes if n.op == "affine" and n.affine.kind != "linear")
+    return int(max(8, min(_CHUNK, budget_bytes // (per_input * n_out * 2 * 8 * 2))))
+
+
 class Predictor:
     """Bounds, certificates and per-layer radii for one network, test set and quantization spec.
 
     ``act_quant(layer_bits)`` gives, for weight widths per synapse node, the calibrated activation
     quantizers ``(scale, clip_lo, clip_hi)`` of each hidden activation in order (read from the
     Brevitas model that :func:`hwrel.quantize.ptq` calibrates, so prediction and deployment share
-    their scales).
+    their scales). ``linearized``: also use the linearized per-input bound (tighter, mostly on
+    convolutions; off only to compare with the interval bound alone).
     """
 
     def __init__(self, net: Network, spec: QuantSpec, x: Tensor | None = None, y: Tensor | None = None,
-                 act_quant: Callable[[dict[int, int]], list[tuple[float, float, float]]] | None = None):
+                 act_quant: Callable[[dict[int, int]], list[tuple[float, float, float]]] | None = None,
+                 linearized: bool = True):
         self.net = net.to(torch.float64)
+        self.linearized = linearized
+        self.chunk = _chunk_size(self.net)
+        self._lin_cache: dict = {}
+        self._cache_lin = x is not None and len(x) <= 4 * self.chunk  # small enough to keep in memory
+        self._squares: dict = {}
+        self._jac: JacobianSums | None = None
         self.spec = spec
         self.layers = tuple(self.net.synapse_layers)
         self.acts = tuple(self.net.layers)
@@ -177,35 +196,129 @@ class Predictor:
 
     def sample_bounds(self, bits: int | Mapping[int, int], cap: float = float("inf"),
                       idx: Tensor | None = None) -> Tensor:
-        """Sound per-test-input, per-output bounds ``(N, n_out)`` (interval at the point, capped).
+        """Sound per-test-input, per-output bounds ``(N, n_out)`` on ``|F~_o(x) - F_o(x)|``.
 
-        ``idx``: only these test inputs (rows in that order); the bound of an input does not depend
-        on which others are evaluated with it.
+        The smaller of the interval bound at the point and the linearized bound
+        (:mod:`hwrel.bounds.linearized`), capped at ``cap`` (a domain-wide bound). ``idx``: only
+        these test inputs (rows in that order); an input's bound does not depend on the others.
+        """
+        return self.sample_certificates([bits], [cap], idx)[0][0]
+
+    def sample_certificates(self, widths: Sequence[int | Mapping[int, int]], caps: Sequence[float],
+                            idx: Tensor | None = None) -> list[tuple[Tensor, Tensor]]:
+        """Per width: sound per-input bounds on every output's change and every margin's change.
+
+        Returns, for each entry of ``widths``, ``(out, margin)``, both ``(N, n_out)``: ``out[n, o]``
+        bounds ``|dF_o(x_n)|`` and ``margin[n, o]`` bounds ``|d(F_p - F_o)(x_n)|`` (``p`` the
+        predicted class; 0 at ``o = p``). Each input is linearized once for all widths.
         """
         if self.x is None:
             raise HwrelError("per-input certificates need data")
-        if idx is None:
-            idx = torch.arange(len(self.x))
-        out = []
-        for s in range(0, len(idx), _CHUNK):
-            ib = idx[s:s + _CHUNK]
-            xb = self.x[ib]
-            vals = [v[ib] for v in self.all_values]
-            nominal = (vals, vals)
-            p = self.perturbation(bits, nominal)
-            e = perturbation_radii(self.net, p, xb, xb, "interval", nominal)[-1].flatten(1)
-            out.append(torch.clamp(e, max=cap))
-        if not out:
-            return torch.zeros(0, self.logits.shape[1], dtype=self.logits.dtype)
-        return torch.cat(out)
+        idx = torch.arange(len(self.x)) if idx is None else idx
+        parts: list[list[tuple[Tensor, Tensor]]] = [[] for _ in widths]
+        for s in range(0, len(idx), self.chunk):
+            ib = idx[s:s + self.chunk]
+            for k, (out, mb) in enumerate(self._chunk_certificates(ib, widths, caps)):
+                parts[k].append((out, mb))
+        n_out = self.logits.shape[1]
+        empty = torch.zeros(0, n_out, dtype=self.logits.dtype)
+        return [(torch.cat([a for a, _ in ps]) if ps else empty, torch.cat([b for _, b in ps]) if ps else empty)
+                for ps in parts]
 
-    def certify_subset(self, bound: Tensor, idx: Tensor) -> Tensor:
-        """Certified flags (prediction provably kept) of the inputs ``idx`` given their bounds."""
-        return certified_from_bounds(self.logits[idx], bound)[1]
+    def _linearization(self, ib: Tensor) -> LinearizedBound | None:
+        """The linearized bound of the inputs ``ib`` (kept for reuse when all inputs fit in memory).
 
-    def certify(self, bound: Tensor) -> tuple[float, Tensor]:
+        Also records the chunk's squared Jacobian sums for the estimate (:meth:`jacobian_sums`)."""
+        if not self.linearized or len(ib) == 0:
+            return None
+        key = (int(ib[0]), len(ib))
+        if key in self._lin_cache:
+            return self._lin_cache[key]
+        lin = LinearizedBound(linearize(self.net, self.x[ib]))
+        contiguous = bool((ib == torch.arange(int(ib[0]), int(ib[0]) + len(ib))).all())
+        if contiguous:
+            self._squares.setdefault(key, lin.squares)
+            if self._cache_lin:
+                self._lin_cache[key] = lin
+        return lin
+
+    def jacobian_sums(self) -> JacobianSums:
+        """Squared Jacobian sums of every test input (shared with the linearized certificates)."""
+        if self._jac is None:
+            keys = [(s, min(self.chunk, len(self.x) - s)) for s in range(0, len(self.x), self.chunk)]
+            for k in keys:
+                if k not in self._squares:
+                    if self.linearized:
+                        self._linearization(torch.arange(k[0], k[0] + k[1]))
+                    else:
+                        ib = torch.arange(k[0], k[0] + k[1])
+                        self._squares[k] = LinearizedBound(linearize(self.net, self.x[ib])).squares
+            parts = [self._squares[k] for k in keys]
+            cat = {kind: {i: torch.cat([p[kind][i] for p in parts]) for i in parts[0][kind]} for kind in parts[0]}
+            self._jac = JacobianSums(cat["out"], cat["margin"], self.layers, self.acts)
+            self._squares = {}
+        return self._jac
+
+    def _evaluate(self, ib: Tensor, lin: LinearizedBound | None, bits, cap: float) -> tuple[Tensor, Tensor]:
+        xb = self.x[ib]
+        vals = [v[ib] for v in self.all_values]
+        nominal = (vals, vals)
+        pred = self.pred[ib][:, None]
+        p = self.perturbation(bits, nominal)
+        radii = perturbation_radii(self.net, p, xb, xb, "interval", nominal)
+        out = radii[-1].flatten(1)
+        lb = {} if lin is None else lin.bounds(p, radii)
+        if "out" in lb:
+            out = torch.minimum(out, lb["out"])
+        out = torch.clamp(out, max=cap)
+        mb = out.gather(1, pred) + out  # a margin moves by at most the sum of its two outputs' moves
+        if "margin" in lb:
+            mb = torch.minimum(mb, lb["margin"])
+        return out, mb.scatter(1, pred, 0.0)
+
+    def _chunk_certificates(self, ib: Tensor, widths, caps) -> list[tuple[Tensor, Tensor]]:
+        lin = self._linearization(ib)
+        return [self._evaluate(ib, lin, bits, cap) for bits, cap in zip(widths, caps)]
+
+    def certified_flags(self, widths: Sequence[int], caps: Mapping[int, float]) -> dict[int, Tensor]:
+        """Per width, the certified flag of every test input, each input evaluated at ~log2(widths).
+
+        Valid because certification is monotone in the width (weights only): a larger width has an
+        elementwise smaller radius, every step of both per-input bounds (and the domain-wide cap)
+        is monotone in the radius, so an input certified at ``b`` is certified at every ``b' > b``
+        and one not certified at ``b`` is not certified at any ``b' < b``. Divide and conquer over
+        the sorted widths then evaluates each input only where its status is unknown; the flags
+        equal those of a full evaluation at every width.
+        """
+        ws = sorted(widths)
+        flags = {b: torch.zeros(len(self.x), dtype=torch.bool) for b in ws}
+        for s in range(0, len(self.x), self.chunk):
+            ib = torch.arange(s, min(s + self.chunk, len(self.x)))
+            whole = self._linearization(ib)
+
+            def solve(lo: int, hi: int, rows: Tensor) -> None:
+                if lo > hi or len(rows) == 0:
+                    return
+                mid = (lo + hi) // 2
+                b = ws[mid]
+                # certificates need the margins only; a small subset is cheaper to copy than to skip
+                lin = None if whole is None else whole.subset(rows, ("margin",))
+                ok = self.certify_subset(self._evaluate(ib[rows], lin, b, caps[b])[1], ib[rows])
+                for b2 in ws[mid:hi + 1]:
+                    flags[b2][ib[rows[ok]]] = True
+                solve(mid + 1, hi, rows[~ok])
+                solve(lo, mid - 1, rows[ok])
+
+            solve(0, len(ws) - 1, torch.arange(len(ib)))
+        return flags
+
+    def certify_subset(self, margin_bound: Tensor, idx: Tensor) -> Tensor:
+        """Certified flags (prediction provably kept) of the inputs ``idx`` given their margin bounds."""
+        return certified_from_margin_bounds(self.logits[idx], margin_bound)
+
+    def certify(self, margin_bound: Tensor) -> tuple[float, Tensor]:
         """Certified accuracy (correct and provably kept) and the certified flags."""
-        _, cert = certified_from_bounds(self.logits, bound)
+        cert = certified_from_margin_bounds(self.logits, margin_bound)
         return float((self.correct & cert).double().mean()), cert
 
     @property

@@ -25,7 +25,6 @@ weakened to close it.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import pandas as pd
@@ -35,7 +34,7 @@ from torch import Tensor, nn
 from hwrel.errors import HwrelError, check
 from hwrel.network import Network
 from hwrel.quantize import brevitas_ptq as bq
-from hwrel.quantize.estimate import JacobianSums, estimated_accuracy, estimated_deviation
+from hwrel.quantize.estimate import estimated_accuracy, estimated_deviation
 from hwrel.quantize.predict import BITS, Predictor, QuantSpec, weight_radius, weight_storage
 from hwrel.quantize.search import per_input_attack, shared_attack
 
@@ -77,7 +76,6 @@ class _Sweep:
         check(spec.act_bits is None or module is not None, "activation quantization needs an nn.Module")
         self.p = Predictor(net, spec, x, y, act_quant=act_quant)
         self.names = {i: self.p.net.nodes[i].name for i in self.p.layers}
-        self._jac: JacobianSums | None = None
 
     def qmodel(self, lb: Mapping[int, int]) -> nn.Module:
         key = tuple(sorted(lb.items()))
@@ -96,52 +94,26 @@ class _Sweep:
 
     # ------------------------------------------------------------------------------- kinds
 
-    def certified(self, bits, dom: dict[str, float] | None = None) -> dict[str, Any]:
+    def certified(self, bits, dom: dict[str, float] | None = None,
+                  certs: tuple[Tensor, Tensor] | None = None) -> dict[str, Any]:
+        """Domain-wide bounds by every method and per-input certificates at ``bits``.
+
+        ``certs``: the per-input ``(output, margin)`` bounds if already computed."""
         dom = self.p.domain_bounds(bits) if dom is None else dom
-        cap = min(dom.values())
-        sb = self.p.sample_bounds(bits, cap)
-        acc, cert = self.p.certify(sb)
+        out, mb = self.p.sample_certificates([bits], [min(dom.values())])[0] if certs is None else certs
+        acc, cert = self.p.certify(mb)
         return {"bound_paper": dom["paper"], "bound_weights": dom["weights"], "bound_interval": dom["interval"],
-                "certified_error": float(sb.max()), "certified_accuracy": acc, "_cert": cert, "_bound": sb}
-
-    def certified_flags(self, bits: Sequence[int], caps: Mapping[int, float]) -> dict[int, Tensor]:
-        """Per width, the certified flag of every test input, each input evaluated at ~log2(widths).
-
-        Valid because certification is monotone in the width (weights only): a larger width has an
-        elementwise smaller radius, every step of the interval bound (and the domain-wide cap) is
-        monotone in the radius, so an input certified at ``b`` is certified at every ``b' > b`` and
-        one not certified at ``b`` is not certified at any ``b' < b``. Divide and conquer over the
-        sorted widths then evaluates each input only at the widths where its status is unknown. The
-        flags equal those of a full evaluation at every width.
-        """
-        ws = sorted(bits)
-        flags = {b: torch.zeros(len(self.p.x), dtype=torch.bool) for b in ws}
-
-        def solve(lo: int, hi: int, idx: Tensor) -> None:
-            if lo > hi or len(idx) == 0:
-                return
-            mid = (lo + hi) // 2
-            b = ws[mid]
-            ok = self.p.certify_subset(self.p.sample_bounds(b, caps[b], idx), idx)
-            for b2 in ws[mid:hi + 1]:
-                flags[b2][idx[ok]] = True
-            solve(mid + 1, hi, idx[~ok])
-            solve(lo, mid - 1, idx[ok])
-
-        solve(0, len(ws) - 1, torch.arange(len(self.p.x)))
-        return flags
+                "certified_error": float(out.max()), "certified_accuracy": acc, "_cert": cert, "_bound": out}
 
     def estimated(self, bits) -> dict[str, float]:
         p = self.p
-        if self._jac is None:
-            self._jac = JacobianSums(p.net, p.x, p.pred, p.layers, tuple(p.act_scales(bits)) if p.spec.act_bits else ())
         steps = {}
         for i, b in p.layer_bits(bits).items():
             w = p.net.nodes[i].affine.weight
             st = weight_storage(w, b, self.spec)
             steps[i] = st.scale.to(torch.float64).expand(w.shape[0]) if st.scale.dim() == 0 else st.scale.double()
         acts = {i: s for i, (s, _, _) in p.act_scales(bits).items()}
-        var_out, var_m = self._jac.variances(steps, acts)
+        var_out, var_m = p.jacobian_sums().variances(steps, acts)
         return {"estimated_error": float(estimated_deviation(var_out).max()),
                 "estimated_accuracy": estimated_accuracy(p.logits, p.correct, var_m)}
 
@@ -198,7 +170,7 @@ def sweep(module, net: Network, x, y, calib, spec: QuantSpec, bits: Sequence[int
     """One row per bit width with every kind of answer; also the sweep state and timings (s).
 
     ``full_table=False`` (weights only): certified accuracy at every width from per-input
-    certificates evaluated only where undecided (:meth:`_Sweep.certified_flags`, identical flags);
+    certificates evaluated only where undecided (:meth:`Predictor.certified_flags`, identical flags);
     ``certified_error`` (the largest per-input bound, which needs every input at every width) is
     then NaN, and verification computes the full per-input bound it checks against on its own
     clock. ``predict_s`` covers building the predictor and every width's prediction.
@@ -210,14 +182,22 @@ def sweep(module, net: Network, x, y, calib, spec: QuantSpec, bits: Sequence[int
     broken = torch.zeros(len(x), dtype=torch.bool)
     monotone = spec.act_bits is None  # radii shrink with the width: broken at b+1 => broken at b
     doms = {b: sw.p.domain_bounds(b) for b in bits}
-    flags = None if full_table or not monotone else sw.certified_flags(bits, {b: min(d.values())
-                                                                              for b, d in doms.items()})
+    caps = {b: min(d.values()) for b, d in doms.items()}
+    flags = certs = None
+    if full_table or not monotone:
+        certs = dict(zip(bits, sw.p.sample_certificates(bits, [caps[b] for b in bits])))
+    else:
+        flags = sw.p.certified_flags(bits, caps)
     t["predict_s"] += time.perf_counter() - t0
+    if verify and certs is None:  # the per-input bounds verification checks, on its own clock
+        t0 = time.perf_counter()
+        certs = dict(zip(bits, sw.p.sample_certificates(bits, [caps[b] for b in bits])))
+        t["verify_s"] += time.perf_counter() - t0
     for b in sorted(bits, reverse=True):
         t0 = time.perf_counter()
         row: dict[str, Any] = {"bits": b, "stored_bits": sw.p.stored_bits(b), "clean_accuracy": sw.p.clean_accuracy}
         if flags is None:
-            row.update(sw.certified(b, doms[b]))
+            row.update(sw.certified(b, doms[b], certs[b]))
         else:
             d = doms[b]
             row.update({"bound_paper": d["paper"], "bound_weights": d["weights"], "bound_interval": d["interval"],
@@ -233,8 +213,7 @@ def sweep(module, net: Network, x, y, calib, spec: QuantSpec, bits: Sequence[int
             t["adversarial_s"] += time.perf_counter() - t0
         if verify:
             t0 = time.perf_counter()
-            bound = row["_bound"] if row["_bound"] is not None else sw.p.sample_bounds(b, min(doms[b].values()))
-            row.update(sw.measured(b, bound, qat_epochs, train))
+            row.update(sw.measured(b, certs[b][0], qat_epochs, train))
             t["verify_s"] += time.perf_counter() - t0
         row.pop("_cert"), row.pop("_bound")
         rows[b] = row
