@@ -259,3 +259,63 @@ def test_maxpool_arg_max_switch_is_covered():
         worst = torch.maximum(worst, d_o)
     assert float(worst.min()) > 100 * float(first.max())  # the switch, not the tangent, moves the output
     _assert_sound(b_out, worst)
+
+
+def _all_values(net, x, dw):
+    vals = []
+    for i, node in enumerate(net.nodes):
+        if node.op == "input":
+            vals.append(x)
+        elif node.op == "affine" and i in dw:
+            vals.append(node.affine(vals[node.inputs[0]], weight=node.affine.weight + dw[i]))
+        else:
+            vals.append(node.apply([vals[j] for j in node.inputs]))
+    return vals
+
+
+@pytest.mark.parametrize("kind", ["lenet", "residual"])
+def test_refined_radii_are_sound_and_tighter(kind):
+    """The refiner's per-neuron radii bound every node's realized change (attacks aimed at single
+    refined neurons, random corners), and beat the interval radii where they are used."""
+    from hwrel.bounds.linearized import NeuronRefiner
+
+    module, shape = (_Residual(), (1, 6, 6)) if kind == "residual" else (_lenet_like("relu"), (1, 8, 8))
+    net = _net(_seeded(module, 15, 0.7), shape, 0.0, 1.0)
+    g = torch.Generator().manual_seed(16)
+    x = torch.rand(3, *shape, generator=g, dtype=torch.float64)
+    wr = _radii(net, 0.03, 17)
+    p = WeightPerturbation(weight_radius=wr)
+    lin = linearize(net, x)
+    vals = lin.values
+    ref = NeuronRefiner(net)
+    assert ref.targets
+    plain = perturbation_radii(net, p, x, x, "interval", (vals, vals))
+    radii = perturbation_radii(net, p, x, x, "interval", (vals, vals),
+                               tighten=lambda i, e, r: ref.refine(x, vals, lin.pool_idx, p, i, e, r))
+    gained = [i for i in ref.targets if bool((radii[i] < plain[i] * 0.999).any())]
+    assert gained, "the refinement never tightened a radius"
+    seen = [torch.zeros_like(v) for v in vals]
+
+    def record(dw):
+        for k, v in enumerate(_all_values(net, x, dw)):
+            seen[k] = torch.maximum(seen[k], (v - vals[k]).abs())
+
+    for _ in range(60):
+        record({i: r * torch.sign(torch.rand(r.shape, generator=g, dtype=torch.float64) - 0.5) for i, r in wr.items()})
+    for i in gained:  # aim at the neurons whose radius the refinement shrank most
+        ratio = (radii[i] / plain[i].clamp(min=1e-300)).flatten()
+        for flat in ratio.argsort()[:6].tolist():
+            n, j = divmod(flat, radii[i][0].numel())
+            for sign in (1.0, -1.0):
+                dw = {k: torch.zeros_like(r, requires_grad=True) for k, r in wr.items()}
+                for t in range(10):
+                    obj = sign * _all_values(net, x[n:n + 1], dw)[i].flatten()[j]
+                    gs = torch.autograd.grad(obj, list(dw.values()), allow_unused=True)
+                    with torch.no_grad():
+                        for (k, v), gk in zip(dw.items(), gs):
+                            if gk is not None:
+                                v.copy_(torch.clamp(v + wr[k] * torch.sign(gk) * (1.0 if t == 0 else 0.5),
+                                                    -wr[k], wr[k]))
+                record({k: v.detach() for k, v in dw.items()})
+    for k in range(len(vals)):
+        _assert_sound(radii[k], seen[k])

@@ -74,8 +74,11 @@ def _shape_bias(node: Node, rb: Tensor, batch: int) -> Tensor:
 
 @torch.no_grad()
 def perturbation_radii(net: Network, p: WeightPerturbation, lo: Tensor, hi: Tensor, method: str = "interval",
-                       nominal=None) -> list[Tensor]:
-    """Sound per-node error radii ``(B, *shape)`` under the perturbation (``weights``/``interval``)."""
+                       nominal=None, tighten=None) -> list[Tensor]:
+    """Sound per-node error radii ``(B, *shape)`` under the perturbation (``weights``/``interval``).
+
+    ``tighten(i, e, radii)``: optional, returns a sound radius for node ``i`` given its interval
+    radius ``e`` and the radii of the nodes before it (the result is capped at ``e``)."""
     los, his = nominal if nominal is not None else interval_bounds(net, lo, hi)
     radii: list[Tensor] = []
     for i, node in enumerate(net.nodes):
@@ -118,6 +121,10 @@ def perturbation_radii(net: Network, p: WeightPerturbation, lo: Tensor, hi: Tens
             e = x.reshape(x.shape[0], *node.shape)
         else:
             e = sum(radii[j] for j in node.inputs)
+        if tighten is not None:
+            t = tighten(i, e, radii)
+            if t is not None:
+                e = torch.minimum(e, t)
         radii.append(e)
     return radii
 

@@ -170,10 +170,9 @@ def sweep(module, net: Network, x, y, calib, spec: QuantSpec, bits: Sequence[int
     """One row per bit width with every kind of answer; also the sweep state and timings (s).
 
     ``full_table=False`` (weights only): certified accuracy at every width from per-input
-    certificates evaluated only where undecided (:meth:`Predictor.certified_flags`, identical flags);
+    certificates evaluated only where undecided (:meth:`Predictor.certified_flags`);
     ``certified_error`` (the largest per-input bound, which needs every input at every width) is
-    then NaN, and verification computes the full per-input bound it checks against on its own
-    clock. ``predict_s`` covers building the predictor and every width's prediction.
+    then NaN unless ``verify``, whose per-input bounds (computed on its own clock) fill it in. ``predict_s`` covers building the predictor and every width's prediction.
     """
     t = {"predict_s": 0.0, "adversarial_s": 0.0, "verify_s": 0.0}
     t0 = time.perf_counter()
@@ -201,7 +200,7 @@ def sweep(module, net: Network, x, y, calib, spec: QuantSpec, bits: Sequence[int
         else:
             d = doms[b]
             row.update({"bound_paper": d["paper"], "bound_weights": d["weights"], "bound_interval": d["interval"],
-                        "certified_error": float("nan"),
+                        "certified_error": float(certs[b][0].max()) if certs is not None else float("nan"),
                         "certified_accuracy": float((sw.p.correct & flags[b]).double().mean()),
                         "_cert": flags[b], "_bound": None})
         row.update(sw.estimated(b))
