@@ -277,7 +277,7 @@ def _all_values(net, x, dw):
 def test_refined_radii_are_sound_and_tighter(kind):
     """The refiner's per-neuron radii bound every node's realized change (attacks aimed at single
     refined neurons, random corners), and beat the interval radii where they are used."""
-    from hwrel.bounds.linearized import NeuronRefiner
+    from hwrel.bounds.refine import NeuronRefiner
 
     module, shape = (_Residual(), (1, 6, 6)) if kind == "residual" else (_lenet_like("relu"), (1, 8, 8))
     net = _net(_seeded(module, 15, 0.7), shape, 0.0, 1.0)

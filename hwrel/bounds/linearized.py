@@ -23,7 +23,8 @@ are second order in ``R`` except near kinks (ReLU within ``e`` of 0, ties in a m
 
 Guarantee: sound (an upper bound for every rounding within the radii, in exact arithmetic; a
 relative slack of 2^-20 absorbs float64 rounding). Cost: one backward pass per output at each input
-(shared with the estimate), then cheap per radius.
+(shared with the estimate), then cheap per radius. :mod:`hwrel.bounds.refine` tightens the radii
+``e`` where they drive the remainder.
 """
 from __future__ import annotations
 
@@ -155,20 +156,6 @@ def conv_weight_grad(node: Node, y: Tensor, g: Tensor, u: Tensor | None = None) 
     return torch.bmm(g.reshape(b, c * o, -1), u.transpose(1, 2)).reshape(b, c, o, -1)
 
 
-def _grouped_weight_grad(g: Tensor, u: Tensor, rows: Tensor) -> Tensor:
-    """:func:`conv_weight_grad` for ``g`` ``(P, C, out, H, W)`` whose rows belong to inputs ``rows``
-    (sorted) with unfolded inputs ``u`` ``(S, in*k*k, positions)``: one matmul per input."""
-    p, c, o = g.shape[:3]
-    gf = g.reshape(p, c * o, -1)
-    out = torch.empty(p, c * o, u.shape[1], dtype=g.dtype)
-    vals, counts = torch.unique_consecutive(rows, return_counts=True)
-    start = 0
-    for r, n in zip(vals.tolist(), counts.tolist()):
-        out[start:start + n] = gf[start:start + n] @ u[r].transpose(0, 1)
-        start += n
-    return out.reshape(p, c, o, -1)
-
-
 @dataclass
 class Linearization:
     """Everything about a batch of inputs that does not depend on the radii.
@@ -189,11 +176,8 @@ class Linearization:
         return g[torch.arange(len(g)), self.pred][:, None] - g
 
 
-def linearize(net: Network, x: Tensor, select: Tensor | None = None) -> Linearization:
-    """Gradients of every output along the network linearized at each input (one backward per output).
-
-    ``select``: one output per input (``(B,)``), whose gradients alone are computed (``O = 1``), in
-    one backward pass for the whole batch."""
+def linearize(net: Network, x: Tensor) -> Linearization:
+    """Gradients of every output along the network linearized at each input (one backward per output)."""
     vals: list[Tensor] = []
     taps: dict[int, Tensor] = {}
     pool_idx: dict[int, Tensor] = {}
@@ -223,68 +207,14 @@ def linearize(net: Network, x: Tensor, select: Tensor | None = None) -> Lineariz
             vals.append(v)
         out = vals[-1]
         keys = list(taps)
-        heads = [out[:, o] for o in range(out.shape[1])] if select is None else [out.gather(1, select[:, None])]
-        per_out = [torch.autograd.grad(h.sum(), [taps[k] for k in keys], retain_graph=True, allow_unused=True)
-                   for h in heads]
+        per_out = [torch.autograd.grad(out[:, o].sum(), [taps[k] for k in keys], retain_graph=True,
+                                       allow_unused=True) for o in range(out.shape[1])]
     grads = {}
     for n, k in enumerate(keys):
         gs = [torch.zeros(b, *net.nodes[k].shape, dtype=x.dtype) if g[n] is None else g[n] for g in per_out]
         grads[k] = torch.stack(gs, 1)
     values = [v.detach() for v in vals]
     return Linearization(net, values, grads, pool_idx, values[-1].argmax(1))
-
-
-def neuron_gradients(net: Network, values: list[Tensor], pool_idx: dict[int, Tensor], i: int, rows: Tensor,
-                     cols: Tensor, slopes: dict[int, Tensor] | None = None) -> dict[int, Tensor]:
-    """Gradients of single neurons (``cols``, flat index into node ``i``) of inputs ``rows`` along
-    the linearized network, at every affine, activation and max-pool output before ``i``.
-
-    The same tangents as :func:`linearize` (activation slopes :func:`act_slope`, max-pools through
-    their nominal arg-max), from the nominal ``values`` without a new forward pass: one backward
-    pass for all ``(row, col)`` pairs at once. ``slopes``: the activation slopes of every input
-    (activation node -> ``(B, *shape)``), if already known. Returns ``node -> (P, 1, *shape)``.
-    """
-    p = len(rows)
-    dtype = values[0].dtype
-    seed = torch.zeros(p, net.nodes[i].size, dtype=dtype)
-    seed[torch.arange(p), cols] = 1.0
-    adj: dict[int, Tensor] = {i: seed.reshape(p, *net.nodes[i].shape)}
-    grads: dict[int, Tensor] = {}
-
-    def send(j: int, g: Tensor) -> None:
-        adj[j] = adj[j] + g if j in adj else g
-
-    for k in range(i, 0, -1):
-        a = adj.pop(k, None)
-        if a is None:
-            continue
-        node = net.nodes[k]
-        if node.op in ("affine", "act", "pool"):
-            grads[k] = a[:, None]
-        src = node.inputs[0]
-        if node.op == "affine":
-            aff = node.affine
-            if aff.kind == "linear":
-                send(src, a @ aff.weight)
-            else:
-                send(src, torch.nn.grad.conv2d_input((p, *net.nodes[src].shape), aff.weight, a, aff.stride,
-                                                     aff.padding, aff.dilation, aff.groups))
-        elif node.op == "act":
-            d = slopes[k] if slopes is not None and k in slopes else act_slope(node.act, values[src])
-            send(src, a * d[rows])
-        elif node.op == "pool" and node.pool.kind == "max":
-            idx = pool_idx[k][rows]
-            flat = torch.zeros(p, a.shape[1], net.nodes[src].size // a.shape[1], dtype=dtype)
-            send(src, flat.scatter_add(2, idx.flatten(2), a.flatten(2)).reshape(p, *net.nodes[src].shape))
-        elif node.op == "add":
-            for j in node.inputs:
-                send(j, a)
-        else:  # reshape, average pool: linear, differentiate at zero
-            with torch.enable_grad():
-                z = torch.zeros(p, *net.nodes[src].shape, dtype=dtype, requires_grad=True)
-                g, = torch.autograd.grad(node.apply([z]), z, a)
-            send(src, g)
-    return grads
 
 
 def _dot(g: Tensor, v: Tensor) -> Tensor:
@@ -301,19 +231,16 @@ class LinearizedBound:
     Also keeps the squared Jacobian sums the statistical estimate uses (:attr:`squares`).
     """
 
-    def __init__(self, lin: Linearization, kinds: tuple[str, ...] = ("out", "margin"), squares: bool = True,
-                 unfolded: tuple[dict[int, Tensor], Tensor] | None = None):
+    def __init__(self, lin: Linearization, kinds: tuple[str, ...] = ("out", "margin")):
         self.lin, self.kinds = lin, kinds
         net = lin.net
-        signed = {"out": dict(lin.grads)}
-        if squares or "margin" in kinds:
-            signed["margin"] = {i: lin.margin(g) for i, g in lin.grads.items()}
+        signed = {"out": dict(lin.grads), "margin": {i: lin.margin(g) for i, g in lin.grads.items()}}
         self.abs_y: dict[int, Tensor] = {}  # dense: |nominal input|
         # squares[kind][i]: per input, output and output channel, sum of (dF/dW)^2 (affine) or of (dF/dy)^2 (act)
         self.squares: dict[str, dict[int, Tensor]] = {"out": {}, "margin": {}}
         weight_grads: dict[str, dict[int, Tensor]] = {"out": {}, "margin": {}}
         for i, node in enumerate(net.nodes):
-            if node.op == "act" and squares:
+            if node.op == "act":
                 for k in signed:
                     self.squares[k][i] = (signed[k][i] ** 2).flatten(2).sum(-1)
             if node.op != "affine":
@@ -321,18 +248,13 @@ class LinearizedBound:
             y = lin.values[node.inputs[0]]
             if node.affine.kind == "linear":
                 self.abs_y[i] = y.abs()
-                if squares:
-                    for k in signed:
-                        self.squares[k][i] = signed[k][i] ** 2 * (y ** 2).sum(1)[:, None, None]
+                for k in signed:
+                    self.squares[k][i] = signed[k][i] ** 2 * (y ** 2).sum(1)[:, None, None]
             else:
-                if unfolded is None:
-                    gw = conv_weight_grad(node, y, lin.grads[i])
-                else:
-                    gw = _grouped_weight_grad(lin.grads[i], unfolded[0][i], unfolded[1])
+                gw = conv_weight_grad(node, y, lin.grads[i])
                 for k in signed:
                     v = gw if k == "out" else lin.margin(gw)
-                    if squares:
-                        self.squares[k][i] = (v ** 2).sum(-1)
+                    self.squares[k][i] = (v ** 2).sum(-1)
                     if k in kinds:
                         weight_grads[k][i] = v.abs()
         self.abs_g = {k: {i: g.abs() for i, g in signed[k].items()} for k in kinds}
@@ -422,125 +344,3 @@ def injections(net: Network, p: WeightPerturbation, values: list[Tensor], pool_i
             v = maxpool_residual(node, values[src], radii[src], pool_idx[i])
         out[i] = v if v is not None and bool(v.any()) else None
     return out
-
-
-class NeuronRefiner:
-    """Tighter sound radii for the pre-activations that decide the remainder.
-
-    The remainder of :class:`LinearizedBound` is driven by neurons within their error radius of a
-    kink (an unstable ReLU): there the interval radius, which lets every position of a convolution
-    take its own worst rounding and loses every sign cancellation between layers, turns into
-    residual. Each such neuron gets its own linearized bound instead (the same theorem with the
-    neuron as the output): exact first order over every weight before it, plus the remainder of the
-    layers before it, computed in topological order so that each refinement feeds the next. Used as
-    the ``tighten`` hook of :func:`hwrel.bounds.perturb.perturbation_radii`; sound, and capped there
-    at the interval radius. Cost: one forward and backward pass of the network up to the neuron, per
-    unstable neuron and input.
-    """
-
-    def __init__(self, net: Network, chunk: int = 512):
-        self.net, self.chunk = net, chunk
-        self.targets: dict[int, int] = {}  # node -> the activation node it feeds
-        for i, node in enumerate(net.nodes):
-            if node.op != "act" or node.act.kind not in _KINKS or node.act.kind == "identity":
-                continue
-            src = node.inputs[0]
-            s_node = net.nodes[src]
-            if s_node.op == "affine" and net.nodes[s_node.inputs[0]].op == "input":
-                continue  # the first layer's interval radius is already exact
-            if s_node.op in ("affine", "add"):
-                self.targets[src] = i
-        self._pass: list | None = None
-        self._inject: dict[int, Tensor | None] = {}
-        self._first: dict[int, Tensor] = {}
-        self._slopes: dict[int, Tensor] = {}
-
-    def _prepare(self, values, pool_idx, p: WeightPerturbation, radii, i: int) -> None:
-        """Per input, what every pair shares up to node ``i``: injections, activation slopes, and
-        per affine node the first-order data (conv: unfolded input; dense: ``R |y|``)."""
-        todo = [k for k in range(i) if k not in self._inject]
-        self._inject.update(injections(self.net, p, values, pool_idx, radii, todo))
-        for k in range(1, i + 1):
-            nd = self.net.nodes[k]
-            if k in self._first or k in self._slopes or nd.op not in ("affine", "act"):
-                continue
-            if nd.op == "act":
-                self._slopes[k] = act_slope(nd.act, values[nd.inputs[0]])
-            elif k in p.weight_radius:
-                y = values[nd.inputs[0]]
-                self._first[k] = (F.linear(y.abs(), p.weight_radius[k]) if nd.affine.kind == "linear"
-                                  else unfold_input(nd, y))
-
-    def _pair_bound(self, grads: dict[int, Tensor], rows: Tensor, p: WeightPerturbation) -> Tensor:
-        """:meth:`LinearizedBound.bounds` for single neurons (``grads`` of :func:`neuron_gradients`),
-        the per-input data shared through :meth:`_prepare`."""
-        total = torch.zeros(len(rows), dtype=next(iter(grads.values())).dtype)
-        vals, counts = torch.unique_consecutive(rows, return_counts=True)
-        bounds = [0]
-        for n in counts.tolist():
-            bounds.append(bounds[-1] + n)
-        for k, g in grads.items():
-            g = g[:, 0].flatten(1).abs() if k not in self._first or self.net.nodes[k].affine.kind == "linear" else g[:, 0]
-            terms = []
-            inj = self._inject.get(k)
-            first = self._first.get(k)
-            for r, a, b in zip(vals.tolist(), bounds[:-1], bounds[1:]):
-                t = 0.0
-                if inj is not None:
-                    t = g[a:b] @ inj[r].flatten() if g.dim() == 2 else g[a:b].flatten(1).abs() @ inj[r].flatten()
-                if first is not None:
-                    if g.dim() == 2:  # dense: |g| . (R |y|)
-                        t = t + g[a:b] @ first[r]
-                    else:  # conv: <|G|, R> with G = g x windows, summed over positions
-                        gw = (g[a:b].flatten(2) @ first[r].transpose(0, 1)).abs()
-                        t = t + (gw.flatten(1) @ p.weight_radius[k].flatten())
-                terms.append(t if isinstance(t, Tensor) else torch.zeros(b - a, dtype=total.dtype))
-            total = total + torch.cat(terms)
-        return total
-
-    def unstable(self, i: int, s: Tensor, e: Tensor) -> Tensor:
-        """Neurons of node ``i`` whose interval ``s +- e`` reaches a kink of the activation it feeds."""
-        act = self.net.nodes[self.targets[i]].act
-        out = torch.zeros_like(s, dtype=torch.bool)
-        for at, _ in _KINKS[act.kind](act):
-            out |= (s - at).abs() < e
-        return out
-
-    def refine(self, x: Tensor, values: list[Tensor], pool_idx: dict[int, Tensor], p: WeightPerturbation, i: int,
-               e: Tensor, radii: list[Tensor], weight=None, share: float = 0.0) -> Tensor | None:
-        """Sound radii for node ``i`` at inputs ``x`` (nominal ``values`` and max-pool arg-maxes of
-        :func:`linearize`), given the radii of the nodes before it.
-
-        ``weight(a)``: optional per-input importance ``(B, *shape)`` of activation node ``a``'s
-        residual (e.g. the largest ``|d margin / dy|``); then only the unstable neurons carrying all
-        but ``share`` of each input's weighted residual are refined, and none whose residual cannot
-        move an output (the others keep their interval radius: sound either way, cheaper; on
-        mnist-resnet ``share=0.05`` cost 0.4 % of certified accuracy at 12 bits).
-        """
-        if i not in self.targets:
-            return None
-        a = self.targets[i]
-        mask = self.unstable(i, values[i], e).flatten(1)
-        if weight is not None and bool(mask.any()):
-            mass = (weight(a) * act_residual(self.net.nodes[a].act, values[i], e, e)).flatten(1) * mask
-            order = mass.argsort(1, descending=True)
-            sorted_mass = mass.gather(1, order)
-            before = sorted_mass.cumsum(1) - sorted_mass
-            keep = (before < (1 - share) * mass.sum(1, keepdim=True)) & (sorted_mass > 0)
-            mask = torch.zeros_like(mask).scatter(1, order, keep)
-        pairs = torch.nonzero(mask)
-        if len(pairs) == 0:
-            return None
-        pp = WeightPerturbation(
-            weight_radius={k: v for k, v in p.weight_radius.items() if k <= i},
-            bias_radius={k: v for k, v in p.bias_radius.items() if k <= i},
-            act_radius={k: v for k, v in p.act_radius.items() if k <= i})
-        if self._pass is not radii:  # a new radii pass: what is cached per input is stale
-            self._pass, self._inject, self._first, self._slopes = radii, {}, {}, {}
-        self._prepare(values, pool_idx, p, radii, i)
-        out = e.flatten(1).clone()
-        for s in range(0, len(pairs), self.chunk):
-            rows, cols = pairs[s:s + self.chunk, 0], pairs[s:s + self.chunk, 1]
-            grads = neuron_gradients(self.net, values, pool_idx, i, rows, cols, self._slopes)
-            out[rows, cols] = self._pair_bound(grads, rows, pp) * (1 + _PAD_REL)
-        return out.reshape(e.shape)

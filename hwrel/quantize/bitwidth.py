@@ -68,7 +68,7 @@ class BitwidthResult:
         for col, label, style in (("bound_paper", "certified bound, paper (any input)", "--"),
                                   ("bound_weights", "certified bound, weight-aware (any input)", "--"),
                                   ("bound_interval", "certified bound, interval (any input)", "--"),
-                                  ("certified_error", "certified, interval per test input (max)", "-"),
+                                  ("certified_error", "certified, per test input (max; linearized)", "-"),
                                   ("adversarial_error", "adversarial (search, max)", ":"),
                                   ("estimated_error", "estimated (3 sigma, max)", "-."),
                                   ("measured_error", "measured (Brevitas PTQ, max)", "-")):

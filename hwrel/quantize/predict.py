@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from hwrel.bounds.certify import certified_from_margin_bounds, check_data
-from hwrel.bounds.linearized import LinearizedBound, NeuronRefiner, linearize
+from hwrel.bounds.linearized import LinearizedBound, linearize
+from hwrel.bounds.refine import NeuronRefiner
 from hwrel.bounds.ibp import interval_bounds, sup_abs
 from hwrel.bounds.perturb import WeightPerturbation, paper_perturbation, perturbation_radii
 from hwrel.errors import HwrelError, check
@@ -272,7 +273,7 @@ class Predictor:
         """Per-output and per-margin bounds of the inputs ``ib`` at ``bits`` (see
         :meth:`sample_certificates`). Inputs that the bounds leave undecided although the exact
         first-order change alone would keep their class are bounded again with refined radii
-        (:class:`hwrel.bounds.linearized.NeuronRefiner`)."""
+        (:class:`hwrel.bounds.refine.NeuronRefiner`)."""
         xb = self.x[ib]
         vals = [v[ib] for v in self.all_values]
         p = self.perturbation(bits, (vals, vals))
