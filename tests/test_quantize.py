@@ -186,8 +186,8 @@ def test_fast_certified_flags_and_domain_bounds_match_full_evaluation(sig):
     fast, _, _ = sweep(module, net, x, y, calib, QuantSpec(), bits, adversarial=False, verify=True, full_table=False)
     assert list(full["certified_accuracy"]) == list(fast["certified_accuracy"])
     assert full["certified_accuracy"].nunique() > 3  # the widths straddle the certification threshold
-    # verification's per-input bounds fill in the largest bound: the same as the full table's
-    assert list(fast["certified_error"]) == list(full["certified_error"]) and (fast["bound_violations"] == 0).all()
+    # verification's per-input bounds (without refined radii) fill in the largest bound
+    assert (fast["certified_error"] >= full["certified_error"]).all() and (fast["bound_violations"] == 0).all()
     for b in (4, 11):
         dom = sw.p.domain_bounds(b)
         pert = sw.p.perturbation(b, sw.p.domain)

@@ -17,10 +17,21 @@ from hwrel.bounds.perturb import WeightPerturbation
 from hwrel.network import Network
 
 
+def _spans(rows: Tensor) -> list[tuple[int, int, int]]:
+    """``(input, start, stop)`` of each run of equal entries in the sorted ``rows``."""
+    vals, counts = torch.unique_consecutive(rows, return_counts=True)
+    spans, start = [], 0
+    for r, n in zip(vals.tolist(), counts.tolist()):
+        spans.append((r, start, start + n))
+        start += n
+    return spans
+
+
 def neuron_gradients(net: Network, values: list[Tensor], pool_idx: dict[int, Tensor], i: int, rows: Tensor,
                      cols: Tensor, slopes: dict[int, Tensor] | None = None) -> dict[int, Tensor]:
     """Gradients of single neurons (``cols``, flat index into node ``i``) of inputs ``rows`` along
-    the linearized network, at every affine, activation and max-pool output before ``i``.
+    the linearized network, at every affine, activation and max-pool output before ``i``. ``rows``
+    must be sorted (as :func:`torch.nonzero` returns them).
 
     The same tangents as :func:`linearize` (activation slopes :func:`act_slope`, max-pools through
     their nominal arg-max), from the nominal ``values`` without a new forward pass: one backward
@@ -29,13 +40,15 @@ def neuron_gradients(net: Network, values: list[Tensor], pool_idx: dict[int, Ten
     """
     p = len(rows)
     dtype = values[0].dtype
+    spans = _spans(rows)
     seed = torch.zeros(p, net.nodes[i].size, dtype=dtype)
     seed[torch.arange(p), cols] = 1.0
     adj: dict[int, Tensor] = {i: seed.reshape(p, *net.nodes[i].shape)}
     grads: dict[int, Tensor] = {}
 
     def send(j: int, g: Tensor) -> None:
-        adj[j] = adj[j] + g if j in adj else g
+        if net.nodes[j].op != "input":
+            adj[j] = adj[j] + g if j in adj else g
 
     for k in range(i, 0, -1):
         a = adj.pop(k, None)
@@ -45,6 +58,8 @@ def neuron_gradients(net: Network, values: list[Tensor], pool_idx: dict[int, Ten
         if node.op in ("affine", "act", "pool"):
             grads[k] = a[:, None]
         src = node.inputs[0]
+        if node.op != "add" and net.nodes[src].op == "input":
+            continue  # nothing before the input needs a gradient
         if node.op == "affine":
             aff = node.affine
             if aff.kind == "linear":
@@ -54,7 +69,10 @@ def neuron_gradients(net: Network, values: list[Tensor], pool_idx: dict[int, Ten
                                                      aff.padding, aff.dilation, aff.groups))
         elif node.op == "act":
             d = slopes[k] if slopes is not None and k in slopes else act_slope(node.act, values[src])
-            send(src, a * d[rows])
+            out = torch.empty_like(a)
+            for r, lo, hi in spans:  # each input's slopes in place, no per-pair copy
+                torch.mul(a[lo:hi], d[r], out=out[lo:hi])
+            send(src, out)
         elif node.op == "pool" and node.pool.kind == "max":
             idx = pool_idx[k][rows]
             flat = torch.zeros(p, a.shape[1], net.nodes[src].size // a.shape[1], dtype=dtype)
@@ -119,29 +137,29 @@ class NeuronRefiner:
 
     def _pair_bound(self, grads: dict[int, Tensor], rows: Tensor, p: WeightPerturbation) -> Tensor:
         """:meth:`LinearizedBound.bounds` for single neurons (``grads`` of :func:`neuron_gradients`),
-        the per-input data shared through :meth:`_prepare`."""
-        total = torch.zeros(len(rows), dtype=next(iter(grads.values())).dtype)
-        vals, counts = torch.unique_consecutive(rows, return_counts=True)
-        bounds = [0]
-        for n in counts.tolist():
-            bounds.append(bounds[-1] + n)
+        the per-input data shared through :meth:`_prepare`. ``rows`` is sorted: the pairs of one
+        input are contiguous and use that input's data in place (no per-pair copies)."""
+        dtype = next(iter(grads.values())).dtype
+        spans = _spans(rows)
+        total = torch.zeros(len(rows), dtype=dtype)
         for k, g in grads.items():
-            g = g[:, 0].flatten(1).abs() if k not in self._first or self.net.nodes[k].affine.kind == "linear" else g[:, 0]
-            terms = []
-            inj = self._inject.get(k)
-            first = self._first.get(k)
-            for r, a, b in zip(vals.tolist(), bounds[:-1], bounds[1:]):
-                t = 0.0
-                if inj is not None:
-                    t = g[a:b] @ inj[r].flatten() if g.dim() == 2 else g[a:b].flatten(1).abs() @ inj[r].flatten()
-                if first is not None:
-                    if g.dim() == 2:  # dense: |g| . (R |y|)
-                        t = t + g[a:b] @ first[r]
-                    else:  # conv: <|G|, R> with G = g x windows, summed over positions
-                        gw = (g[a:b].flatten(2) @ first[r].transpose(0, 1)).abs()
-                        t = t + (gw.flatten(1) @ p.weight_radius[k].flatten())
-                terms.append(t if isinstance(t, Tensor) else torch.zeros(b - a, dtype=total.dtype))
-            total = total + torch.cat(terms)
+            g = g[:, 0]
+            inj, first = self._inject.get(k), self._first.get(k)
+            conv_first = first is not None and self.net.nodes[k].affine.kind != "linear"
+            flat = g.abs().flatten(1) if inj is not None or (first is not None and not conv_first) else None
+            if inj is not None:
+                for r, a, b in spans:  # |g| . injection
+                    total[a:b] += flat[a:b] @ inj[r].flatten()
+            if first is None:
+                continue
+            if not conv_first:  # dense: |g| . (R |y|)
+                for r, a, b in spans:
+                    total[a:b] += flat[a:b] @ first[r]
+                continue
+            rw = p.weight_radius[k].flatten()
+            g3 = g.flatten(2)
+            for r, a, b in spans:  # conv: <|G|, R>, G = g x windows summed over positions, then |.|
+                total[a:b] += (g3[a:b] @ first[r].transpose(0, 1)).abs().flatten(1) @ rw
         return total
 
     def unstable(self, i: int, s: Tensor, e: Tensor) -> Tensor:

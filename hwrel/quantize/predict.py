@@ -14,6 +14,7 @@ inputs, calibrated activation ranges) so a sweep over 2..16 bits costs one bound
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -96,6 +97,14 @@ def act_radius(lo: Tensor, hi: Tensor, scale: float, clip_lo: float, clip_hi: fl
     """
     excess = torch.clamp(hi - clip_hi, min=0) + torch.clamp(clip_lo - lo, min=0)
     return (scale / 2 + excess) * (1 + _PAD_REL)
+
+
+def _progress(chunks: range, desc: str):
+    """A progress bar on a terminal's stderr for work of several chunks (CNNs take minutes)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(chunks, desc=desc, unit="chunk", file=sys.stderr, leave=False, dynamic_ncols=True,
+                disable=len(chunks) < 4 or not sys.stderr.isatty())
 
 
 def _chunk_size(net: Network, budget_bytes: float = 2.0 ** 28) -> int:
@@ -208,7 +217,7 @@ class Predictor:
         return self.sample_certificates([bits], [cap], idx)[0][0]
 
     def sample_certificates(self, widths: Sequence[int | Mapping[int, int]], caps: Sequence[float],
-                            idx: Tensor | None = None) -> list[tuple[Tensor, Tensor]]:
+                            idx: Tensor | None = None, refine: bool = True) -> list[tuple[Tensor, Tensor]]:
         """Per width: sound per-input bounds on every output's change and every margin's change.
 
         Returns, for each entry of ``widths``, ``(out, margin)``, both ``(N, n_out)``: ``out[n, o]``
@@ -219,9 +228,9 @@ class Predictor:
             raise HwrelError("per-input certificates need data")
         idx = torch.arange(len(self.x)) if idx is None else idx
         parts: list[list[tuple[Tensor, Tensor]]] = [[] for _ in widths]
-        for s in range(0, len(idx), self.chunk):
+        for s in _progress(range(0, len(idx), self.chunk), "bounding inputs"):
             ib = idx[s:s + self.chunk]
-            for k, (out, mb) in enumerate(self._chunk_certificates(ib, widths, caps)):
+            for k, (out, mb) in enumerate(self._chunk_certificates(ib, widths, caps, refine)):
                 parts[k].append((out, mb))
         n_out = self.logits.shape[1]
         empty = torch.zeros(0, n_out, dtype=self.logits.dtype)
@@ -269,7 +278,8 @@ class Predictor:
             self._squares = {}
         return self._jac
 
-    def _evaluate(self, ib: Tensor, lin: LinearizedBound | None, bits, cap: float) -> tuple[Tensor, Tensor]:
+    def _evaluate(self, ib: Tensor, lin: LinearizedBound | None, bits, cap: float,
+                  refine: bool = True) -> tuple[Tensor, Tensor]:
         """Per-output and per-margin bounds of the inputs ``ib`` at ``bits`` (see
         :meth:`sample_certificates`). Inputs that the bounds leave undecided although the exact
         first-order change alone would keep their class are bounded again with refined radii
@@ -278,7 +288,7 @@ class Predictor:
         vals = [v[ib] for v in self.all_values]
         p = self.perturbation(bits, (vals, vals))
         out, mb = self._bounds(xb, vals, lin, p, cap)
-        if lin is None or self.refiner is None:
+        if lin is None or self.refiner is None or not refine:
             return out, mb
         margin = self.logits[ib].gather(1, self.pred[ib][:, None]) - self.logits[ib]
         undecided = ~certified_from_margin_bounds(self.logits[ib], mb)
@@ -318,9 +328,9 @@ class Predictor:
             mb = torch.minimum(mb, lb["margin"])
         return out, mb.scatter(1, pred, 0.0)
 
-    def _chunk_certificates(self, ib: Tensor, widths, caps) -> list[tuple[Tensor, Tensor]]:
+    def _chunk_certificates(self, ib: Tensor, widths, caps, refine: bool = True) -> list[tuple[Tensor, Tensor]]:
         lin = self._linearization(ib)
-        return [self._evaluate(ib, lin, bits, cap) for bits, cap in zip(widths, caps)]
+        return [self._evaluate(ib, lin, bits, cap, refine) for bits, cap in zip(widths, caps)]
 
     def certified_flags(self, widths: Sequence[int], caps: Mapping[int, float]) -> dict[int, Tensor]:
         """Per width, the certified flag of every test input, each input evaluated at ~log2(widths).
@@ -334,7 +344,7 @@ class Predictor:
         """
         ws = sorted(widths)
         flags = {b: torch.zeros(len(self.x), dtype=torch.bool) for b in ws}
-        for s in range(0, len(self.x), self.chunk):
+        for s in _progress(range(0, len(self.x), self.chunk), "certifying inputs"):
             ib = torch.arange(s, min(s + self.chunk, len(self.x)))
             whole = self._linearization(ib)
 
