@@ -280,10 +280,11 @@ def test_refined_radii_are_sound_and_tighter(kind):
     from hwrel.bounds.refine import NeuronRefiner
 
     module, shape = (_Residual(), (1, 6, 6)) if kind == "residual" else (_lenet_like("relu"), (1, 8, 8))
-    net = _net(_seeded(module, 15, 0.7), shape, 0.0, 1.0)
+    seed, scale = (15, 0.03) if kind == "residual" else (21, 0.05)  # nets with unstable neurons to refine
+    net = _net(_seeded(module, seed, 0.7), shape, 0.0, 1.0)
     g = torch.Generator().manual_seed(16)
     x = torch.rand(3, *shape, generator=g, dtype=torch.float64)
-    wr = _radii(net, 0.03, 17)
+    wr = _radii(net, scale, 17)
     p = WeightPerturbation(weight_radius=wr)
     lin = linearize(net, x)
     vals = lin.values
@@ -317,5 +318,33 @@ def test_refined_radii_are_sound_and_tighter(kind):
                                 v.copy_(torch.clamp(v + wr[k] * torch.sign(gk) * (1.0 if t == 0 else 0.5),
                                                     -wr[k], wr[k]))
                 record({k: v.detach() for k, v in dw.items()})
+    for k in range(len(vals)):
+        _assert_sound(radii[k], seen[k])
+
+
+def test_refined_radii_every_corner_with_large_radii():
+    """3-layer ReLU net, radii large enough that the second-order and residual terms of the refined
+    neuron itself matter: every corner of the box (2^10) stays inside the refined radii."""
+    from hwrel.bounds.refine import NeuronRefiner
+
+    net = _net(_seeded(nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2)), 18),
+               (2,))
+    wr = _radii(net, 0.5, 19, net.synapse_layers[:2])
+    x = torch.tensor([[0.4, -0.3], [0.9, 0.8], [-0.6, 0.1]], dtype=torch.float64)
+    p = WeightPerturbation(weight_radius=wr)
+    lin = linearize(net, x)
+    vals = lin.values
+    ref = NeuronRefiner(net)
+    radii = perturbation_radii(net, p, x, x, "interval", (vals, vals),
+                               tighten=lambda i, e, r: ref.refine(x, vals, lin.pool_idx, p, i, e, r))
+    sites = [(i, j) for i in wr for j in itertools.product(*map(range, wr[i].shape))]
+    assert len(sites) == 10
+    seen = [torch.zeros_like(v) for v in vals]
+    for s in itertools.product((-1.0, 1.0), repeat=len(sites)):
+        dw = {i: torch.zeros_like(r) for i, r in wr.items()}
+        for (i, j), v in zip(sites, s):
+            dw[i][j] = v * wr[i][j]
+        for k, v in enumerate(_all_values(net, x, dw)):
+            seen[k] = torch.maximum(seen[k], (v - vals[k]).abs())
     for k in range(len(vals)):
         _assert_sound(radii[k], seen[k])

@@ -120,9 +120,10 @@ class NeuronRefiner:
         self._slopes: dict[int, Tensor] = {}
 
     def _prepare(self, values, pool_idx, p: WeightPerturbation, radii, i: int) -> None:
-        """Per input, what every pair shares up to node ``i``: injections, activation slopes, and
+        """Per input, what every pair shares up to node ``i`` (included): injections, slopes, and
         per affine node the first-order data (conv: unfolded input; dense: ``R |y|``)."""
-        todo = [k for k in range(i) if k not in self._inject]
+        # node i's own second-order and bias terms included: they enter its pre-activation too
+        todo = [k for k in range(i + 1) if k not in self._inject]
         self._inject.update(injections(self.net, p, values, pool_idx, radii, todo))
         for k in range(1, i + 1):
             nd = self.net.nodes[k]
