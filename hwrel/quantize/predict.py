@@ -5,12 +5,15 @@ channel, symmetric or with an integer zero point) changes it by at most ``s / 2`
 activation with scale ``s`` and clip range ``[s*qmin, s*qmax]`` changes it by at most
 ``s / 2 + (distance of the nominal value beyond the clip range)``. Every such change is a
 Byzantine perturbation of a synapse (or neuron output) of bounded size, so the weight-perturbation
-bounds of :mod:`hwrel.bounds.perturb` bound the output change. The scales are computed exactly as
+bounds of :mod:`hwrel.bounds.perturb` bound the output change over the domain, and per test input
+the smaller of the interval bound and the linearized bound (:mod:`hwrel.bounds.linearized`, radii
+refined by :mod:`hwrel.bounds.refine`) bounds it and every logit margin's change. The scales are computed exactly as
 Brevitas computes them (:class:`hwrel.formats.IntStorage` reproduces Brevitas' weight quantizers
 to one float32 ulp; activation scales are max-calibrated, see :mod:`hwrel.quantize.brevitas_ptq`).
 
 :class:`Predictor` caches what every bit width shares (float64 network, nominal values of the test
-inputs, calibrated activation ranges) so a sweep over 2..16 bits costs one bound pass per width.
+inputs and their linearization, calibrated activation ranges) so a sweep over 2..16 bits costs
+little more than one bound pass per width and input.
 """
 from __future__ import annotations
 
@@ -123,7 +126,8 @@ class Predictor:
     quantizers ``(scale, clip_lo, clip_hi)`` of each hidden activation in order (read from the
     Brevitas model that :func:`hwrel.quantize.ptq` calibrates, so prediction and deployment share
     their scales). ``linearized``: also use the linearized per-input bound (tighter, mostly on
-    convolutions; off only to compare with the interval bound alone).
+    convolutions; off only to compare with the interval bound alone). ``refine``: refine its
+    radii at unstable neurons for inputs it leaves undecided (tighter, slower on CNNs).
     """
 
     def __init__(self, net: Network, spec: QuantSpec, x: Tensor | None = None, y: Tensor | None = None,
