@@ -245,3 +245,17 @@ def test_certificate_within_one_bit_of_the_search_on_lenet():
     assert r.certified_bits is not None and r.adversarial_bits is not None
     assert r.adversarial_bits <= r.certified_bits <= r.adversarial_bits + 1
     assert (r.table["certified_accuracy"] <= r.table["adversarial_accuracy"] + 1e-12).all()
+
+
+def test_bounds_of_chosen_inputs_are_those_inputs_bounds(mlp):
+    """``idx`` in any order (here a permutation starting at 0, the same start and length as a cached
+    range) gives those inputs' rows of the full evaluation (up to float64 rounding: batched matrix
+    products round differently in other batches, far inside the bounds' 2^-20 slack)."""
+    from hwrel.quantize.safe import _inputs
+
+    _, net, x, y, _ = _inputs(mlp.module, mlp, None, None)
+    p = Predictor(net, QuantSpec(), x, y)
+    full = p.sample_bounds(8)
+    perm = torch.cat([torch.tensor([0]), torch.randperm(len(x) - 1, generator=torch.Generator().manual_seed(0)) + 1])
+    assert torch.allclose(p.sample_bounds(8, idx=perm), full[perm], rtol=1e-10, atol=0)
+    assert torch.allclose(p.sample_bounds(8, idx=perm[:17]), full[perm[:17]], rtol=1e-10, atol=0)

@@ -216,7 +216,8 @@ class Predictor:
 
         The smaller of the interval bound at the point and the linearized bound
         (:mod:`hwrel.bounds.linearized`), capped at ``cap`` (a domain-wide bound). ``idx``: only
-        these test inputs (rows in that order); an input's bound does not depend on the others.
+        these test inputs (rows in that order); an input's bound does not depend on the others (up to
+        float64 rounding of batched products, which the bounds' relative slack absorbs).
         """
         return self.sample_certificates([bits], [cap], idx)[0][0]
 
@@ -254,11 +255,12 @@ class Predictor:
         Also records the chunk's squared Jacobian sums for the estimate (:meth:`jacobian_sums`)."""
         if not self.linearized or len(ib) == 0:
             return None
+        # cached per contiguous range only: (start, length) names the inputs only for a range
+        contiguous = bool((ib == torch.arange(int(ib[0]), int(ib[0]) + len(ib))).all())
         key = (int(ib[0]), len(ib))
-        if key in self._lin_cache:
+        if contiguous and key in self._lin_cache:
             return self._lin_cache[key]
         lin = LinearizedBound(linearize(self.net, self.x[ib]))
-        contiguous = bool((ib == torch.arange(int(ib[0]), int(ib[0]) + len(ib))).all())
         if contiguous:
             self._squares.setdefault(key, lin.squares)
             if self._cache_lin:
