@@ -35,6 +35,10 @@ def _widths(t, drop: float = 0.01) -> dict:
     return out
 
 
+def _ratio(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3g}"
+
+
 def _interval_only_bits(net, x, y, drop: float = 0.01) -> int | None:
     """Certified width with the interval bound alone (the certificate before the linearized bound)."""
     from hwrel.quantize import BITS, QuantSpec
@@ -92,8 +96,7 @@ def main(names: list[str]) -> None:
                     f"{r['certified_bits']} / {r['adversarial_bits']} / {r['estimated_bits']} / "
                     f"{r['measured_bits']} | {r['interval_only_certified_bits']} | "
                     f"{r['certified_minus_measured_bits']} | "
-                    + (f"{r['paper_over_certified_at_certified_bits']:.3g}" if r['paper_over_certified_at_certified_bits']
-                       else "-") + " |\n" for r in rows))
+                    + _ratio(r['paper_over_certified_at_certified_bits']) + " |\n" for r in rows))
     for suffix, text in (("json", json.dumps(rows, indent=2)), ("md", md)):
         fd, tmp = tempfile.mkstemp(dir=out, suffix="." + suffix)
         with os.fdopen(fd, "w") as f:

@@ -163,7 +163,8 @@ def _lenet_like(act: str) -> nn.Module:
 class _Residual(nn.Module):
     def __init__(self):
         super().__init__()
-        self.c1, self.r1, self.c2, self.r2 = nn.Conv2d(2, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 2, 3, padding=1), nn.ReLU()
+        self.c1, self.r1 = nn.Conv2d(2, 2, 3, padding=1), nn.ReLU()
+        self.c2, self.r2 = nn.Conv2d(2, 2, 3, padding=1), nn.ReLU()
         self.stem, self.pool, self.fc = nn.Conv2d(1, 2, 3, padding=1), nn.MaxPool2d(2), nn.Linear(2 * 3 * 3, 3)
 
     def forward(self, x):

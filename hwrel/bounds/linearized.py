@@ -40,11 +40,11 @@ from hwrel.bounds.perturb import WeightPerturbation
 from hwrel.errors import HwrelError
 from hwrel.network import Network, Node
 
-_PAD_REL = 2.0 ** -20
+PAD_REL = 2.0 ** -20
 # sup |phi''| of the smooth activations (sigmoid: 1/(6 sqrt 3); tanh: 4/(3 sqrt 3))
 _CURVATURE = {"sigmoid": 1 / (6 * math.sqrt(3)), "tanh": 4 / (3 * math.sqrt(3))}
 # kinks (position, slope jump) of the piecewise-linear activations
-_KINKS = {
+KINKS = {
     "relu": lambda a: ((0.0, 1.0),),
     "leaky_relu": lambda a: ((0.0, abs(1.0 - a.params[0])),),
     "relu6": lambda a: ((0.0, 1.0), (6.0, 1.0)),
@@ -87,9 +87,9 @@ def act_residual(act: Activation, s: Tensor, e: Tensor, e_out: Tensor) -> Tensor
     Quantized activations have no tangent: the residual is the whole output error ``e_out``.
     """
     k = act.kind
-    if k in _KINKS:
+    if k in KINKS:
         rho = torch.zeros_like(s)
-        for at, jump in _KINKS[k](act):
+        for at, jump in KINKS[k](act):
             rho = rho + jump * torch.clamp(e - (s - at).abs(), min=0)
         return rho
     if k in _CURVATURE:
@@ -145,13 +145,13 @@ def unfold_input(node: Node, y: Tensor) -> Tensor:
     return unfold(y, a.weight.shape[2:], a.dilation, a.padding, a.stride)
 
 
-def conv_weight_grad(node: Node, y: Tensor, g: Tensor, u: Tensor | None = None) -> Tensor:
+def conv_weight_grad(node: Node, y: Tensor, g: Tensor) -> Tensor:
     """Per-sample, per-output gradient of a convolution's weights: ``(B, C, out, in*kh*kw)``.
 
     ``g`` is ``dF/ds`` at the convolution's output ``(B, C, out, H, W)``; the gradient sums
-    ``g x window(y)`` over output positions. ``u``: :func:`unfold_input` of ``y`` if known.
+    ``g x window(y)`` over output positions.
     """
-    u = unfold_input(node, y) if u is None else u
+    u = unfold_input(node, y)
     b, c, o = g.shape[:3]
     return torch.bmm(g.reshape(b, c * o, -1), u.transpose(1, 2)).reshape(b, c, o, -1)
 
@@ -308,7 +308,7 @@ class LinearizedBound:
             v = v.expand(lin.values[i].shape)
             for k in self.kinds:
                 t[k] = t[k] + _dot(self.abs_g[k][i], v)
-        return {k: x * (1 + _PAD_REL) for k, x in t.items()}
+        return {k: x * (1 + PAD_REL) for k, x in t.items()}
 
 
 def injections(net: Network, p: WeightPerturbation, values: list[Tensor], pool_idx: dict[int, Tensor],

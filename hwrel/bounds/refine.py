@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hwrel.bounds.linearized import _KINKS, _PAD_REL, act_residual, act_slope, injections, unfold_input
+from hwrel.bounds.linearized import KINKS, PAD_REL, act_residual, act_slope, injections, unfold_input
 from hwrel.bounds.perturb import WeightPerturbation
 from hwrel.network import Network
 
@@ -98,15 +98,15 @@ class NeuronRefiner:
     neuron as the output): exact first order over every weight before it, plus the remainder of the
     layers before it, computed in topological order so that each refinement feeds the next. Used as
     the ``tighten`` hook of :func:`hwrel.bounds.perturb.perturbation_radii`; sound, and capped there
-    at the interval radius. Cost: one forward and backward pass of the network up to the neuron, per
-    unstable neuron and input.
+    at the interval radius. Cost: one backward pass of the network up to the neuron (from the
+    nominal state, batched), per unstable neuron and input.
     """
 
     def __init__(self, net: Network, chunk: int = 512):
         self.net, self.chunk = net, chunk
         self.targets: dict[int, int] = {}  # node -> the activation node it feeds
         for i, node in enumerate(net.nodes):
-            if node.op != "act" or node.act.kind not in _KINKS or node.act.kind == "identity":
+            if node.op != "act" or node.act.kind not in KINKS or node.act.kind == "identity":
                 continue
             src = node.inputs[0]
             s_node = net.nodes[src]
@@ -167,7 +167,7 @@ class NeuronRefiner:
         """Neurons of node ``i`` whose interval ``s +- e`` reaches a kink of the activation it feeds."""
         act = self.net.nodes[self.targets[i]].act
         out = torch.zeros_like(s, dtype=torch.bool)
-        for at, _ in _KINKS[act.kind](act):
+        for at, _ in KINKS[act.kind](act):
             out |= (s - at).abs() < e
         return out
 
@@ -207,5 +207,5 @@ class NeuronRefiner:
         for s in range(0, len(pairs), self.chunk):
             rows, cols = pairs[s:s + self.chunk, 0], pairs[s:s + self.chunk, 1]
             grads = neuron_gradients(self.net, values, pool_idx, i, rows, cols, self._slopes)
-            out[rows, cols] = self._pair_bound(grads, rows, pp) * (1 + _PAD_REL)
+            out[rows, cols] = self._pair_bound(grads, rows, pp) * (1 + PAD_REL)
         return out.reshape(e.shape)

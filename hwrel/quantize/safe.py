@@ -168,7 +168,8 @@ def sweep(module, net: Network, x, y, calib, spec: QuantSpec, bits: Sequence[int
     ``full_table=False`` (weights only): certified accuracy at every width from per-input
     certificates evaluated only where undecided (:meth:`Predictor.certified_flags`);
     ``certified_error`` (the largest per-input bound, which needs every input at every width) is
-    then NaN unless ``verify``, whose per-input bounds (computed on its own clock) fill it in. ``predict_s`` covers building the predictor and every width's prediction.
+    then NaN unless ``verify``, whose per-input bounds (computed on its own clock) fill it in.
+    ``predict_s`` covers building the predictor and every width's prediction.
     """
     t = {"predict_s": 0.0, "adversarial_s": 0.0, "verify_s": 0.0}
     t0 = time.perf_counter()
