@@ -140,6 +140,7 @@ class Predictor:
         self._lin_cache: dict = {}
         self._cache_lin = x is not None and len(x) <= 4 * self.chunk  # small enough to keep in memory
         self._squares: dict = {}
+        self._wr: dict[tuple[int, int], Tensor] = {}
         self._jac: JacobianSums | None = None
         self.spec = spec
         self.layers = tuple(self.net.synapse_layers)
@@ -188,7 +189,10 @@ class Predictor:
                      ) -> WeightPerturbation:
         """The rounding perturbation at ``bits`` (an int, or per synapse-layer node index)."""
         lb = self.layer_bits(bits)
-        wr = {i: weight_radius(self.net.nodes[i].affine.weight, b, self.spec) for i, b in lb.items()}
+        for i, b in lb.items():  # the same radii for every chunk of inputs
+            if (i, b) not in self._wr:
+                self._wr[i, b] = weight_radius(self.net.nodes[i].affine.weight, b, self.spec)
+        wr = {i: self._wr[i, b] for i, b in lb.items()}
         ar = {i: act_radius(nominal[0][i], nominal[1][i], s, c_lo, c_hi)
               for i, (s, c_lo, c_hi) in self.act_scales(bits).items()}
         return WeightPerturbation(weight_radius=wr, act_radius=ar)
@@ -339,36 +343,66 @@ class Predictor:
         return [self._evaluate(ib, lin, bits, cap, refine) for bits, cap in zip(widths, caps)]
 
     def certified_flags(self, widths: Sequence[int], caps: Mapping[int, float]) -> dict[int, Tensor]:
-        """Per width, the certified flag of every test input, each input evaluated at ~log2(widths).
+        """Per width, the certified flag of every test input, each input evaluated at few widths.
 
         Sound because the rounding boxes nest (weights only): a wider width has an elementwise
-        smaller radius, so a certificate at ``b`` covers every ``b' > b``. An input not certified at
-        ``b`` is taken as not certified at any ``b' < b`` (the bounds only grow with the radius,
-        except where the refinement of :meth:`_evaluate` picks other neurons; then this can only
-        certify less, never wrongly). Divide and conquer over the sorted widths then evaluates each
-        input only where its status is unknown.
+        smaller radius, so a certificate at ``b`` covers every ``b' > b``; a width left unevaluated
+        counts as not certified. Two passes per chunk of inputs:
+
+        1. without refined radii, divide and conquer over the sorted widths (an input not certified
+           at ``b`` is taken as not certified below ``b``: the bounds only grow with the radius), so
+           each input is evaluated at ~log2(len(widths)) widths;
+        2. with refined radii (:meth:`_evaluate`), which cost a backward pass per unstable neuron,
+           walking down from the narrowest width the first pass certified, one width at a time, and
+           only while the refined margin bound at the current width, doubled, still certifies:
+           the radii at least double one bit down, and on the reference CNNs the remainder grows
+           faster still, so a refinement this rules out would fail (measured on ``mnist-resnet``:
+           the refinement one bit below where the first pass stops certified 177 of 199 inputs at
+           11 bits and 4 of 200 at 10).
         """
         ws = sorted(widths)
         flags = {b: torch.zeros(len(self.x), dtype=torch.bool) for b in ws}
         for s in _progress(range(0, len(self.x), self.chunk), "certifying inputs"):
             ib = torch.arange(s, min(s + self.chunk, len(self.x)))
             whole = self._linearization(ib)
+            lowest = torch.full((len(ib),), len(ws), dtype=torch.long)  # index of the narrowest certified width
+
+            def mark(rows: Tensor, k: int) -> None:
+                lowest[rows] = torch.minimum(lowest[rows], torch.tensor(k))
 
             def solve(lo: int, hi: int, rows: Tensor) -> None:
                 if lo > hi or len(rows) == 0:
                     return
                 mid = (lo + hi) // 2
-                b = ws[mid]
-                # certificates need the margins only; a small subset is cheaper to copy than to skip
-                lin = None if whole is None else whole.subset(rows, ("margin",))
-                ok = self.certify_subset(self._evaluate(ib[rows], lin, b, caps[b])[1], ib[rows])
-                for b2 in ws[mid:hi + 1]:
-                    flags[b2][ib[rows[ok]]] = True
+                ok = self._certified_at(ib, whole, rows, ws[mid], caps[ws[mid]], refine=False)[0]
+                mark(rows[ok], mid)
                 solve(mid + 1, hi, rows[~ok])
                 solve(lo, mid - 1, rows[ok])
 
             solve(0, len(ws) - 1, torch.arange(len(ib)))
+            if self.refiner is not None and whole is not None:
+                rows = torch.nonzero(lowest > 0)[:, 0]
+                while len(rows):
+                    k = lowest[rows] - 1  # one width below the narrowest certified one
+                    nxt = []
+                    for kk in torch.unique(k).tolist():
+                        sel = rows[k == kk]
+                        ok, mb = self._certified_at(ib, whole, sel, ws[kk], caps[ws[kk]], refine=True)
+                        mark(sel[ok], kk)
+                        again = ok & self.certify_subset(2 * mb, ib[sel]) if kk > 0 else torch.zeros_like(ok)
+                        nxt.append(sel[again])
+                    rows = torch.cat(nxt)
+            for k, b in enumerate(ws):
+                flags[b][ib[lowest <= k]] = True
         return flags
+
+    def _certified_at(self, ib: Tensor, whole: LinearizedBound | None, rows: Tensor, bits: int, cap: float,
+                      refine: bool) -> tuple[Tensor, Tensor]:
+        """Certified flags and margin bounds of the inputs ``ib[rows]`` at ``bits``."""
+        # certificates need the margins only; a small subset is cheaper to copy than to skip
+        lin = None if whole is None else whole.subset(rows, ("margin",))
+        mb = self._evaluate(ib[rows], lin, bits, cap, refine)[1]
+        return self.certify_subset(mb, ib[rows]), mb
 
     def certify_subset(self, margin_bound: Tensor, idx: Tensor) -> Tensor:
         """Certified flags (prediction provably kept) of the inputs ``idx`` given their margin bounds."""
