@@ -125,8 +125,14 @@ def _check_bit_int(fmt: Format, k: int) -> None:
           f"bit {k!r} out of range for {fmt.name}: valid bit positions are 0..{fmt.bits - 1}")
 
 
+def _as_tensor(x) -> torch.Tensor:
+    """``x`` as a tensor, a tensor left where it is (``torch.as_tensor`` would move it to a default
+    device set with ``torch.set_default_device``)."""
+    return x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
+
+
 def _int_tensor(x: int | torch.Tensor, what: str, fmt: Format) -> torch.Tensor:
-    t = torch.as_tensor(x)
+    t = _as_tensor(x)
     check(not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool,
           f"{what} for {fmt.name} must be integers, got dtype {t.dtype}")
     return t.to(torch.int64)
@@ -173,7 +179,7 @@ def to_bits(fmt: Format, values: torch.Tensor | float | int) -> torch.Tensor:
         _check_range(codes, fmt.qmin, fmt.qmax, "code", fmt,
                      f"codes lie in [{fmt.qmin}, {fmt.qmax}]")
         return codes & mask
-    t = torch.as_tensor(values)
+    t = _as_tensor(values)
     stored = t.to(fmt.torch_dtype).contiguous()
     return stored.view(_INT_VIEW[fmt.bits]).to(torch.int64) & mask
 
@@ -406,7 +412,7 @@ class IntStorage:
     def __post_init__(self) -> None:
         check(isinstance(self.fmt, IntFormat), f"IntStorage needs an IntFormat, got {self.fmt!r}")
         codes = from_bits(self.fmt, to_bits(self.fmt, self.codes))  # validates dtype and range
-        scale = torch.as_tensor(self.scale)
+        scale = _as_tensor(self.scale)
         check(scale.is_floating_point(),
               f"IntStorage scale must be floating point, got {scale.dtype}")
         zp = _int_tensor(self.zero_point, "zero points", self.fmt)
@@ -459,7 +465,7 @@ class IntStorage:
         scale 1.
         """
         check(isinstance(fmt, IntFormat), f"from_float needs an IntFormat, got {fmt!r}")
-        w64 = torch.as_tensor(w).detach().to(torch.float64)
+        w64 = _as_tensor(w).detach().to(torch.float64)
         check(w64.numel() > 0 and bool(torch.isfinite(w64).all()),
               "cannot quantize an empty tensor or one with NaN/Inf")
         check(not per_channel or w64.dim() >= 1,

@@ -140,3 +140,86 @@ def test_campaign_on_gpu_equals_cpu(model, workers, tmp_path):
     exact = [c for c in cpu.columns if c not in ("max_abs_delta",)]
     pd.testing.assert_frame_equal(gpu[exact], cpu[exact])
     np.testing.assert_allclose(gpu["max_abs_delta"], cpu["max_abs_delta"], rtol=INJECT_RTOL, atol=1e-5)
+
+
+# ------------------------------------------------------------------- the bit-width predictor
+
+def _predictor_run(net, x, y, device):
+    """Every per-input computation of the bit-width sweep on ``device``."""
+    from hwrel.quantize import BITS, Predictor, QuantSpec
+    from hwrel.quantize.safe import _Sweep
+
+    p = Predictor(net, QuantSpec(), x, y, device=device)
+    caps = {b: min(p.domain_bounds(b).values()) for b in BITS}
+    flags = p.certified_flags(BITS, caps)
+    out, mb = p.sample_certificates([10], [caps[10]])[0]
+    sw = object.__new__(_Sweep)
+    sw.p, sw.spec = p, QuantSpec()
+    est = sw.estimated(11)
+    adv = sw.adversarial(10, flags[10], torch.zeros(len(x), dtype=torch.bool, device=p.device), steps=3)
+    return p, caps, flags, out, mb, est, adv
+
+
+def test_bitwidth_predictor_creates_nothing_on_the_default_device(model):
+    """The device audit that runs without a GPU: with torch's default device set to ``meta``, a
+    tensor created without an explicit device (which on a GPU would land on the CPU and fail or
+    silently move data) is a meta tensor, and any arithmetic mixing it with the predictor's CPU
+    tensors raises. The whole prediction (certified flags with refinement, certificates, estimate,
+    adversarial search) must run, and give the numbers it gives without the audit."""
+    net, x, y = model
+    want = _predictor_run(net, x, y, "cpu")
+    torch.set_default_device("meta")
+    try:
+        got = _predictor_run(net, x, y, "cpu")
+    finally:
+        torch.set_default_device("cpu")
+    for b in want[2]:
+        assert torch.equal(got[2][b], want[2][b]) and got[2][b].device.type == "cpu"
+    assert torch.equal(got[3], want[3]) and torch.equal(got[4], want[4])
+    assert got[5] == want[5]
+    assert {k: v for k, v in got[6].items() if k[0] != "_"} == {k: v for k, v in want[6].items() if k[0] != "_"}
+    assert any(bool(f.any()) and not bool(f.all()) for f in want[2].values())  # some width is undecided
+
+
+@no_gpu
+def test_bitwidth_cli_device_cuda_without_gpu(capsys):
+    from hwrel.cli import main
+
+    assert main(["bitwidth", "digits-mlp", "--device", "cuda", "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "CUDA requested but no GPU is available" in err
+
+
+@cuda
+@needs_gpu
+def test_bitwidth_predictor_on_gpu_equals_cpu(model):
+    """Bounds in float64 on the GPU agree with the CPU to ``BOUNDS_RTOL``; certified flags, the
+    estimate and the search's verdicts agree exactly (no margin of these inputs sits within that
+    rounding of its bound)."""
+    net, x, y = model
+    cpu = _predictor_run(net, x, y, "cpu")
+    gpu = _predictor_run(net, x, y, "cuda")
+    assert gpu[0].device.type == "cuda" and gpu[3].device.type == "cuda"
+    assert gpu[1] == pytest.approx(cpu[1], rel=BOUNDS_RTOL)
+    for b in cpu[2]:
+        assert torch.equal(gpu[2][b].cpu(), cpu[2][b]), b
+    torch.testing.assert_close(gpu[3].cpu(), cpu[3], rtol=BOUNDS_RTOL, atol=0)
+    torch.testing.assert_close(gpu[4].cpu(), cpu[4], rtol=BOUNDS_RTOL, atol=0)
+    assert gpu[5]["estimated_accuracy"] == cpu[5]["estimated_accuracy"]
+    assert gpu[5]["estimated_error"] == pytest.approx(cpu[5]["estimated_error"], rel=BOUNDS_RTOL)
+    assert gpu[6]["certified_but_broken"] == 0 == cpu[6]["certified_but_broken"]
+
+
+@cuda
+@needs_gpu
+def test_bitwidth_sweep_on_gpu_matches_cpu():
+    from hwrel.quantize import safe_bitwidth
+
+    ref = models.load("digits-mlp")
+    data = (ref.x_test[:128], ref.y_test[:128], ref.x_train[:128])
+    cpu = safe_bitwidth(ref.module, data, 0.01, bits=range(6, 17), adversarial=False)
+    gpu = safe_bitwidth(ref.module, data, 0.01, bits=range(6, 17), adversarial=False, device="cuda")
+    assert (gpu.certified_bits, gpu.estimated_bits, gpu.measured_bits) == (
+        cpu.certified_bits, cpu.estimated_bits, cpu.measured_bits)
+    assert list(gpu.table["certified_accuracy"]) == list(cpu.table["certified_accuracy"])
+    assert (gpu.table["bound_violations"] == 0).all()

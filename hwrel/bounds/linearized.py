@@ -173,7 +173,7 @@ class Linearization:
 
     def margin(self, g: Tensor) -> Tensor:
         """``d(F_p - F_o)`` from ``dF_o`` (rows of the predicted class become 0)."""
-        return g[torch.arange(len(g)), self.pred][:, None] - g
+        return g[torch.arange(len(g), device=g.device), self.pred][:, None] - g
 
 
 def linearize(net: Network, x: Tensor) -> Linearization:
@@ -202,7 +202,7 @@ def linearize(net: Network, x: Tensor) -> Linearization:
             else:
                 v = node.apply(ins)
             if node.op in ("affine", "act", "pool"):
-                taps[i] = torch.zeros(b, *node.shape, dtype=x.dtype, requires_grad=True)
+                taps[i] = torch.zeros(b, *node.shape, dtype=x.dtype, device=x.device, requires_grad=True)
                 v = v + taps[i]
             vals.append(v)
         out = vals[-1]
@@ -211,7 +211,7 @@ def linearize(net: Network, x: Tensor) -> Linearization:
                                        allow_unused=True) for o in range(out.shape[1])]
     grads = {}
     for n, k in enumerate(keys):
-        gs = [torch.zeros(b, *net.nodes[k].shape, dtype=x.dtype) if g[n] is None else g[n] for g in per_out]
+        gs = [torch.zeros(b, *net.nodes[k].shape, dtype=x.dtype, device=x.device) if g[n] is None else g[n] for g in per_out]
         grads[k] = torch.stack(gs, 1)
     values = [v.detach() for v in vals]
     return Linearization(net, values, grads, pool_idx, values[-1].argmax(1))
@@ -279,7 +279,7 @@ class LinearizedBound:
         :meth:`bounds` (the exact worst case of the first-order change)."""
         b = self.lin.values[-1].shape[0]
         n_out = next(iter(self.abs_g[self.kinds[0]].values())).shape[1]
-        t = {k: torch.zeros(b, n_out, dtype=self.lin.values[-1].dtype) for k in self.kinds}
+        t = {k: self.lin.values[-1].new_zeros(b, n_out) for k in self.kinds}
         for i, r in p.weight_radius.items():
             ry = F.linear(self.abs_y[i], r) if i in self.abs_y else None  # dense: (B, out)
             for k in self.kinds:

@@ -151,7 +151,8 @@ def paper_perturbation(net: Network, p: WeightPerturbation, sups: list[Tensor]) 
             src = node.inputs[0]
             k = node.act.lipschitz
             step = node.act.quant_step if U[src] > 0 else 0.0
-            extra = float(torch.as_tensor(p.act_radius.get(i, 0.0)).max())
+            r = p.act_radius.get(i, 0.0)
+            extra = float(r.max()) if isinstance(r, Tensor) else float(r)
             u = k * U[src] + step + extra
             e_sum = k * E[src] + node.size * (step + extra)
         elif node.op == "pool":

@@ -41,8 +41,9 @@ def neuron_gradients(net: Network, values: list[Tensor], pool_idx: dict[int, Ten
     p = len(rows)
     dtype = values[0].dtype
     spans = _spans(rows)
-    seed = torch.zeros(p, net.nodes[i].size, dtype=dtype)
-    seed[torch.arange(p), cols] = 1.0
+    device = values[0].device
+    seed = torch.zeros(p, net.nodes[i].size, dtype=dtype, device=device)
+    seed[torch.arange(p, device=device), cols] = 1.0
     adj: dict[int, Tensor] = {i: seed.reshape(p, *net.nodes[i].shape)}
     grads: dict[int, Tensor] = {}
 
@@ -75,14 +76,14 @@ def neuron_gradients(net: Network, values: list[Tensor], pool_idx: dict[int, Ten
             send(src, out)
         elif node.op == "pool" and node.pool.kind == "max":
             idx = pool_idx[k][rows]
-            flat = torch.zeros(p, a.shape[1], net.nodes[src].size // a.shape[1], dtype=dtype)
+            flat = a.new_zeros(p, a.shape[1], net.nodes[src].size // a.shape[1])
             send(src, flat.scatter_add(2, idx.flatten(2), a.flatten(2)).reshape(p, *net.nodes[src].shape))
         elif node.op == "add":
             for j in node.inputs:
                 send(j, a)
         else:  # reshape, average pool: linear, differentiate at zero
             with torch.enable_grad():
-                z = torch.zeros(p, *net.nodes[src].shape, dtype=dtype, requires_grad=True)
+                z = torch.zeros(p, *net.nodes[src].shape, dtype=dtype, device=device, requires_grad=True)
                 g, = torch.autograd.grad(node.apply([z]), z, a)
             send(src, g)
     return grads
@@ -142,7 +143,7 @@ class NeuronRefiner:
         input are contiguous and use that input's data in place (no per-pair copies)."""
         dtype = next(iter(grads.values())).dtype
         spans = _spans(rows)
-        total = torch.zeros(len(rows), dtype=dtype)
+        total = torch.zeros(len(rows), dtype=dtype, device=rows.device)
         for k, g in grads.items():
             g = g[:, 0]
             inj, first = self._inject.get(k), self._first.get(k)

@@ -7,6 +7,7 @@ import os
 import sys
 import tempfile
 
+from hwrel.device import resolve_device
 from hwrel.errors import HwrelError
 
 
@@ -49,6 +50,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-verify", action="store_true", help="skip Brevitas measurement")
     p.add_argument("--no-adversarial", action="store_true", help="skip the adversarial search")
     p.add_argument("--qat-epochs", type=int, default=0, help="quantization-aware fine-tuning epochs (verification)")
+    p.add_argument("--device", default="cpu", help="where the bounds and the search compute: cpu, cuda or cuda:N "
+                   "(default cpu; Brevitas verification runs on the CPU)")
     p.add_argument("--plot", default=None, help="write the figure to this file (.png/.pdf)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
@@ -70,11 +73,12 @@ def run(args: argparse.Namespace) -> int:
         raise HwrelError(f"--epsilon must be positive, got {args.epsilon}")
     if args.qat_epochs < 0:
         raise HwrelError(f"--qat-epochs must be >= 0, got {args.qat_epochs}")
+    device = resolve_device(args.device)  # a bad name or a missing GPU fails before any work
     ref = models.load(args.model)
     res = safe_bitwidth(ref.module, ref, args.max_accuracy_drop, args.epsilon, per_layer=args.per_layer,
                         verify=not args.no_verify, bits=args.bits, per_channel=args.per_channel,
                         symmetric=not args.asymmetric, act_bits=act, adversarial=not args.no_adversarial,
-                        qat_epochs=args.qat_epochs)
+                        qat_epochs=args.qat_epochs, device=device)
     if args.plot:
         fig = res.plot()
         d = os.path.dirname(os.path.abspath(args.plot))

@@ -116,14 +116,20 @@ def _greedy(sw, start: int, meets) -> dict[int, int]:
 def safe_bitwidth(model: Any, data: Any, max_accuracy_drop: float | None = 0.01, epsilon: float | None = None, *,
                   per_layer: bool = False, verify: bool = True, bits: Sequence[int] = BITS, per_channel: bool = False,
                   symmetric: bool = True, act_bits: int | str | None = None, adversarial: bool = True,
-                  qat_epochs: int = 0, input_domain=None, input_shape=None) -> BitwidthResult:
+                  qat_epochs: int = 0, input_domain=None, input_shape=None, device=None) -> BitwidthResult:
     """Smallest weight width (2..16) whose *certified* accuracy loss (or output error) meets the budget.
 
     ``data``: ``(x, y)``, ``(x, y, calibration_x)`` or a reference model (its test split; its
     training split calibrates). ``max_accuracy_drop``: allowed loss against the float model
     (fraction); ``epsilon``: allowed change of any logit on the test inputs instead. The per-bit
     table holds every kind of answer; ``verify`` runs Brevitas PTQ at every width (and
-    ``qat_epochs`` of quantization-aware fine-tuning, reported as ``qat_accuracy``).
+    ``qat_epochs`` of quantization-aware fine-tuning, reported as ``qat_accuracy``). ``device``:
+    where the bounds and the search compute (``"cuda"`` for a GPU; Brevitas runs on the CPU).
+
+    Weights only, certified accuracy comes from :meth:`Predictor.certified_flags` (each input
+    bounded at the few widths that decide it) and ``certified_error`` from verification's
+    per-input bounds (NaN without ``verify``); with quantized activations every input is bounded
+    at every width.
     """
     if epsilon is not None:
         check(isinstance(epsilon, (int, float)) and epsilon > 0 and math.isfinite(epsilon),
@@ -146,7 +152,7 @@ def safe_bitwidth(model: Any, data: Any, max_accuracy_drop: float | None = 0.01,
     ref = data if isinstance(data, ReferenceModel) else model if isinstance(model, ReferenceModel) else None
     train = (ref.x_train, ref.y_train) if ref is not None else (x, y)
     table, sw, timings = sweep(module, net, x, y, calib, spec, bits, adversarial=adversarial, verify=verify,
-                               qat_epochs=qat_epochs, train=train)
+                               qat_epochs=qat_epochs, train=train, full_table=False, device=device)
     found = {k: smallest_meeting(list(table["bits"]), _ok(table, k, drop, epsilon)) if _COLUMNS[k][0] in table
              else None for k in KINDS}
     cb = found["certified"]

@@ -29,6 +29,7 @@ from hwrel.bounds.linearized import LinearizedBound, linearize
 from hwrel.bounds.refine import NeuronRefiner
 from hwrel.bounds.ibp import interval_bounds, sup_abs
 from hwrel.bounds.perturb import WeightPerturbation, paper_perturbation, perturbation_radii
+from hwrel.device import resolve_device
 from hwrel.errors import HwrelError, check
 from hwrel.formats import IntFormat, IntStorage
 from hwrel.quantize.estimate import JacobianSums
@@ -136,8 +137,10 @@ class Predictor:
 
     def __init__(self, net: Network, spec: QuantSpec, x: Tensor | None = None, y: Tensor | None = None,
                  act_quant: Callable[[dict[int, int]], list[tuple[float, float, float]]] | None = None,
-                 linearized: bool = True, refine: bool = True):
-        self.net = net.to(torch.float64)
+                 linearized: bool = True, refine: bool = True, device: "torch.device | str | None" = None):
+        # everything is computed, and every tensor it returns lies, on ``device`` (default: the network's)
+        self.device = resolve_device(device) if device is not None else net.input_lo.device
+        self.net = net.to(torch.float64, self.device)
         self.linearized = linearized
         self.refiner = NeuronRefiner(self.net) if linearized and refine else None
         self.chunk = _chunk_size(self.net)
@@ -152,7 +155,8 @@ class Predictor:
         self.x = self.y = None
         if x is not None:
             check_data(net, x, y)
-            x64 = x.to(torch.float64)
+            x64 = x.to(torch.float64).to(self.device)
+            y = None if y is None else y.to(self.device)
             if bool(((x64 < self.net.input_lo - 1e-12) | (x64 > self.net.input_hi + 1e-12)).any()):
                 raise HwrelError("some inputs lie outside the model's input_domain; widen input_domain")
             self.x, self.y = x64, y
@@ -239,14 +243,14 @@ class Predictor:
         """
         if self.x is None:
             raise HwrelError("per-input certificates need data")
-        idx = torch.arange(len(self.x)) if idx is None else idx
+        idx = torch.arange(len(self.x), device=self.device) if idx is None else idx.to(self.device)
         parts: list[list[tuple[Tensor, Tensor]]] = [[] for _ in widths]
         for s in _progress(range(0, len(idx), self.chunk), "bounding inputs"):
             ib = idx[s:s + self.chunk]
             for k, (out, mb) in enumerate(self._chunk_certificates(ib, widths, caps, refine)):
                 parts[k].append((out, mb))
         n_out = self.logits.shape[1]
-        empty = torch.zeros(0, n_out, dtype=self.logits.dtype)
+        empty = torch.zeros(0, n_out, dtype=self.logits.dtype, device=self.device)
         res = [(torch.cat([a for a, _ in ps]) if ps else empty, torch.cat([b for _, b in ps]) if ps else empty)
                for ps in parts]
         if self.spec.act_bits is None:
@@ -264,7 +268,7 @@ class Predictor:
         if not self.linearized or len(ib) == 0:
             return None
         # cached per contiguous range only: (start, length) names the inputs only for a range
-        contiguous = bool((ib == torch.arange(int(ib[0]), int(ib[0]) + len(ib))).all())
+        contiguous = bool((ib == torch.arange(int(ib[0]), int(ib[0]) + len(ib), device=ib.device)).all())
         key = (int(ib[0]), len(ib))
         if contiguous and key in self._lin_cache:
             return self._lin_cache[key]
@@ -282,9 +286,9 @@ class Predictor:
             for k in keys:
                 if k not in self._squares:
                     if self.linearized:
-                        self._linearization(torch.arange(k[0], k[0] + k[1]))
+                        self._linearization(torch.arange(k[0], k[0] + k[1], device=self.device))
                     else:
-                        ib = torch.arange(k[0], k[0] + k[1])
+                        ib = torch.arange(k[0], k[0] + k[1], device=self.device)
                         self._squares[k] = LinearizedBound(linearize(self.net, self.x[ib])).squares
             parts = [self._squares[k] for k in keys]
             cat = {kind: {i: torch.cat([p[kind][i] for p in parts]) for i in parts[0][kind]} for kind in parts[0]}
@@ -370,12 +374,12 @@ class Predictor:
         10 bits, and walking down to 10 bits from every input certified at 11 tried 686.
         """
         ws = sorted(widths)
-        flags = {b: torch.zeros(len(self.x), dtype=torch.bool) for b in ws}
+        flags = {b: torch.zeros(len(self.x), dtype=torch.bool, device=self.device) for b in ws}
         for s in _progress(range(0, len(self.x), self.chunk), "certifying inputs"):
-            ib = torch.arange(s, min(s + self.chunk, len(self.x)))
+            ib = torch.arange(s, min(s + self.chunk, len(self.x)), device=self.device)
             whole = self._linearization(ib)
-            lowest = torch.full((len(ib),), len(ws), dtype=torch.long)  # index of the narrowest certified width
-            load = torch.ones(len(ib), dtype=torch.float64)  # the load there
+            lowest = torch.full((len(ib),), len(ws), dtype=torch.long, device=self.device)  # index of the narrowest certified width
+            load = torch.ones(len(ib), dtype=torch.float64, device=self.device)  # the load there
 
             def mark(rows: Tensor, k: int, mb: Tensor) -> None:
                 lower = k < lowest[rows]
@@ -391,7 +395,7 @@ class Predictor:
                 solve(mid + 1, hi, rows[~ok])
                 solve(lo, mid - 1, rows[ok])
 
-            solve(0, len(ws) - 1, torch.arange(len(ib)))
+            solve(0, len(ws) - 1, torch.arange(len(ib), device=self.device))
             if self.refiner is not None and whole is not None:
                 rows = torch.nonzero(lowest > 0)[:, 0]
                 while len(rows):

@@ -65,12 +65,12 @@ def _inputs(model: Any, data: Any, input_domain, input_shape):
 class _Sweep:
     """Everything per bit width, sharing one Predictor, Jacobian and Brevitas model cache."""
 
-    def __init__(self, module, net: Network, x, y, calib, spec: QuantSpec):
+    def __init__(self, module, net: Network, x, y, calib, spec: QuantSpec, device=None):
         self.module, self.spec, self.calib = module, spec, calib
         self._ptq: dict[tuple, nn.Module] = {}
         act_quant = self._act_quant if spec.act_bits is not None else None
         check(spec.act_bits is None or module is not None, "activation quantization needs an nn.Module")
-        self.p = Predictor(net, spec, x, y, act_quant=act_quant)
+        self.p = Predictor(net, spec, x, y, act_quant=act_quant, device=device)
         self.names = {i: self.p.net.nodes[i].name for i in self.p.layers}
 
     def qmodel(self, lb: Mapping[int, int]) -> nn.Module:
@@ -84,7 +84,7 @@ class _Sweep:
         return self._ptq[key]
 
     def _act_quant(self, lb: dict[int, int]) -> list[tuple[float, float, float]]:
-        qnet = Network.from_module(self.qmodel(lb), (self.p.net.input_lo.float(), self.p.net.input_hi.float()),
+        qnet = Network.from_module(self.qmodel(lb), (self.p.net.input_lo.float().cpu(), self.p.net.input_hi.float().cpu()),
                                    self.p.net.input_shape)
         return [(n.act.quant_step, n.act.lo, n.act.hi) for n in qnet.nodes if n.op == "act" and n.act.kind == "quant"]
 
@@ -118,7 +118,7 @@ class _Sweep:
         wr = {i: weight_radius(p.net.nodes[i].affine.weight, b, self.spec) for i, b in p.layer_bits(bits).items()}
         allv = p.all_values
         pert = p.perturbation(bits, (allv, allv))
-        ar = {i: torch.as_tensor(r, dtype=torch.float64).expand(len(p.x), *p.net.nodes[i].shape)
+        ar = {i: torch.as_tensor(r, dtype=torch.float64, device=p.device).expand(len(p.x), *p.net.nodes[i].shape)
               for i, r in pert.act_radius.items()}
         m_sh, _ = shared_attack(p.net, p.x[p.correct], p.pred[p.correct], wr, steps=2 * steps)
         broken = known_broken.clone()
@@ -137,16 +137,16 @@ class _Sweep:
     def measured(self, bits, bound: Tensor, qat_epochs: int = 0, train=None) -> dict[str, Any]:
         p = self.p
         q = self.qmodel(p.layer_bits(bits))
-        x = p.x.float()
+        x = p.x.float().cpu()  # Brevitas runs on the CPU
         f = bq.forward(self.module, x).double()
         fq = bq.forward(q, x).double()
         dev = (fq - f).abs()
         out = {"measured_error": float(dev.max()),
-               "measured_accuracy": float((fq.argmax(1) == p.y).double().mean()),
-               "bound_violations": int((dev > bound).sum())}
+               "measured_accuracy": float((fq.argmax(1) == p.y.cpu()).double().mean()),
+               "bound_violations": int((dev > bound.cpu()).sum())}
         if qat_epochs:
             qq = bq.qat(q, train[0], train[1], epochs=qat_epochs)
-            out["qat_accuracy"] = float((bq.forward(qq, x).argmax(1) == p.y).double().mean())
+            out["qat_accuracy"] = float((bq.forward(qq, x).argmax(1) == p.y.cpu()).double().mean())
         return out
 
 
@@ -162,20 +162,21 @@ def smallest_meeting(bits: Sequence[int], ok: Sequence[bool]) -> int | None:
 
 def sweep(module, net: Network, x, y, calib, spec: QuantSpec, bits: Sequence[int], *, adversarial: bool = True,
           verify: bool = True, qat_epochs: int = 0, train=None, steps: int = 20,
-          full_table: bool = True) -> tuple[pd.DataFrame, _Sweep, dict]:
+          full_table: bool = True, device=None) -> tuple[pd.DataFrame, _Sweep, dict]:
     """One row per bit width with every kind of answer; also the sweep state and timings (s).
 
     ``full_table=False`` (weights only): certified accuracy at every width from per-input
     certificates evaluated only where undecided (:meth:`Predictor.certified_flags`);
     ``certified_error`` (the largest per-input bound, which needs every input at every width) is
     then NaN unless ``verify``, whose per-input bounds (computed on its own clock) fill it in.
-    ``predict_s`` covers building the predictor and every width's prediction.
+    ``predict_s`` covers building the predictor and every width's prediction. ``device``: where
+    the predictor computes (``"cuda"`` for a GPU); Brevitas verification runs on the CPU.
     """
     t = {"predict_s": 0.0, "adversarial_s": 0.0, "verify_s": 0.0}
     t0 = time.perf_counter()
-    sw = _Sweep(module, net, x, y, calib, spec)
+    sw = _Sweep(module, net, x, y, calib, spec, device)
     rows: dict[int, dict] = {}
-    broken = torch.zeros(len(x), dtype=torch.bool)
+    broken = torch.zeros(len(x), dtype=torch.bool, device=sw.p.device)
     monotone = spec.act_bits is None  # radii shrink with the width: broken at b+1 => broken at b
     doms = {b: sw.p.domain_bounds(b) for b in bits}
     caps = {b: min(d.values()) for b, d in doms.items()}
@@ -223,7 +224,7 @@ def sweep(module, net: Network, x, y, calib, spec: QuantSpec, bits: Sequence[int
 def predict_quantization_error(model_or_net: Any, bits: int | Sequence[int] = BITS, data: Any = None, *,
                                per_channel: bool = False, symmetric: bool = True, act_bits: int | str | None = None,
                                input_domain=None, input_shape=None, adversarial: bool = False,
-                               verify: bool = False) -> pd.DataFrame:
+                               verify: bool = False, device=None) -> pd.DataFrame:
     """Predicted worst-case output error of quantizing the weights (and activations), per bit width.
 
     Columns ``bound_paper``/``bound_weights``/``bound_interval``: sound bounds on the largest change
@@ -231,16 +232,16 @@ def predict_quantization_error(model_or_net: Any, bits: int | Sequence[int] = BI
     labels): ``certified_error`` (largest sound per-input bound on the test inputs),
     ``certified_accuracy`` (sound lower bound on the quantized accuracy), ``estimated_*`` (statistical
     estimate, no guarantee), and when asked ``adversarial_*`` (found by search) and ``measured_*``
-    (Brevitas PTQ).
+    (Brevitas PTQ). ``device``: where the bounds are computed (``"cuda"`` for a GPU).
     """
     bits = [bits] if isinstance(bits, int) else list(bits)
     spec = QuantSpec(per_channel, symmetric, act_bits)
     module, net, x, y, calib = _inputs(model_or_net, data, input_domain, input_shape)
     if x is None:
         check(act_bits is None, "activation quantization needs data for calibration")
-        p = Predictor(net, spec)
+        p = Predictor(net, spec, device=device)
         rows = [{"bits": b, "spec": spec.label, **{f"bound_{k}": v for k, v in p.domain_bounds(b).items()},
                  "stored_bits": p.stored_bits(b)} for b in bits]
         return pd.DataFrame(rows)
     check(not verify or module is not None, "verification needs an nn.Module (Brevitas quantizes modules)")
-    return sweep(module, net, x, y, calib, spec, bits, adversarial=adversarial, verify=verify)[0]
+    return sweep(module, net, x, y, calib, spec, bits, adversarial=adversarial, verify=verify, device=device)[0]

@@ -82,10 +82,10 @@ def _step_size(t: int, steps: int) -> float:
 
 def _start(r: Tensor, restart: int, gen: torch.Generator) -> Tensor:
     """Restart 0 starts at zero (its first full step lands on the gradient-sign corner); others at
-    a random corner-biased point of the box."""
+    a random corner-biased point of the box (drawn on the CPU: the same start on every device)."""
     if restart == 0:
         return torch.zeros_like(r)
-    u = torch.rand(r.shape, generator=gen, dtype=r.dtype) * 2 - 1
+    u = torch.rand(r.shape, generator=gen, dtype=r.dtype, device="cpu").to(r.device) * 2 - 1
     return r * torch.sign(u) * u.abs().sqrt()
 
 
@@ -111,7 +111,7 @@ def per_input_attack(net: Network, x: Tensor, c: Tensor, wr: Mapping[int, Tensor
         ra = {k: v[s:s + chunk].to(torch.float32) for k, v in ar.items()}
         radii = list(rw.values()) + list(ra.values())
         keep = [torch.zeros_like(r) for r in radii]  # each input's best perturbation so far
-        m_keep = torch.full((n,), float("inf"))
+        m_keep = torch.full((n,), float("inf"), device=x.device)
         x32 = xb.to(torch.float32)
         for restart in range(restarts):
             params = [_start(r, restart, gen).requires_grad_(True) for r in radii]
