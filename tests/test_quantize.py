@@ -268,6 +268,44 @@ def test_fast_certified_flags_lose_nothing_on_lenet():
     assert len(set(counts)) >= 4  # the widths straddle the threshold: the schedule had work to do
 
 
+def test_certified_among_is_the_full_certificate_restricted_and_stops_early(mlp):
+    """The per-layer search's budget check: over all inputs it certifies exactly what the full
+    evaluation does; restricted to a mask it certifies only inside it; past ``max_misses``
+    correctly classified misses it gives up (``None``), and not before."""
+    from hwrel.quantize.safe import _inputs
+
+    _, net, x, y, _ = _inputs(mlp.module, mlp, None, None)
+    p = Predictor(net, QuantSpec(), x, y)
+    lb = {i: b for i, b in zip(p.layers, (10, 9, 11))}
+    cap = min(p.domain_bounds(lb).values())
+    full = p.certify_subset(p.sample_certificates([lb], [cap])[0][1], torch.arange(len(x)))
+    every = torch.ones(len(x), dtype=torch.bool)
+    assert torch.equal(p.certified_among(lb, cap, every), full)
+    misses = int((p.correct & ~full).sum())
+    assert 0 < misses < int(p.correct.sum())  # the width is undecided for some inputs
+    assert torch.equal(p.certified_among(lb, cap, every, max_misses=misses), full)
+    assert p.certified_among(lb, cap, every, max_misses=misses - 1) is None
+    half = torch.arange(len(x)) % 2 == 0
+    assert torch.equal(p.certified_among(lb, cap, half), full & half)
+
+
+@pytest.mark.slow
+def test_per_layer_assignment_on_lenet_saves_bits_and_is_verified():
+    """On a CNN (1,000 inputs, refined certificates): the mixed-precision assignment stores fewer
+    bits than the certified uniform width, its own full certificate meets the budget, and Brevitas
+    at that assignment measures no deviation above its bounds and an accuracy at least the
+    certified one."""
+    ref = models.load("mnist-lenet")
+    r = safe_bitwidth(ref.module, ref, max_accuracy_drop=0.01, per_layer=True, adversarial=False,
+                      bits=range(10, 17))
+    assert r.per_layer is not None and r.per_layer_stored_bits < r.uniform_stored_bits
+    assert min(r.per_layer.values()) < r.certified_bits
+    c = r.per_layer_check
+    clean = float(r.table["clean_accuracy"].iloc[0])
+    assert clean - c["certified_accuracy"] <= 0.01 + 1e-12
+    assert c["bound_violations"] == 0 and c["measured_accuracy"] >= c["certified_accuracy"]
+
+
 def test_bounds_of_chosen_inputs_are_those_inputs_bounds(mlp):
     """``idx`` in any order (here a permutation starting at 0, the same start and length as a cached
     range) gives those inputs' rows of the full evaluation (up to float64 rounding: batched matrix

@@ -99,6 +99,35 @@ def _ok(table: pd.DataFrame, kind: str, drop: float | None, eps: float | None) -
     return list(table["clean_accuracy"] - table[acc] <= drop + 1e-12)
 
 
+def _accuracy_budget(sw, start: int, drop: float):
+    """``meets(trial)`` for the greedy under an accuracy budget, weights only: a trial lowers one
+    layer's width of the last accepted assignment, so its rounding box contains that one's, and
+    only the inputs certified there are tried, each trial stopping at the first miss too many
+    (:meth:`Predictor.certified_among`). Sound: an input not tried counts as not certified."""
+    p = sw.p
+    n, n_correct = len(p.x), int(p.correct.sum())
+    need = n_correct - (drop + 1e-12) * n  # certified correct inputs a budget-meeting assignment keeps
+
+    def cap(lb) -> float:
+        return min(p.domain_bounds(lb).values())
+
+    lb0 = p.layer_bits(start)
+    state = {"certified": p.certified_among(lb0, cap(lb0), p.correct) & p.correct}
+
+    def meets(lb) -> bool:
+        current = state["certified"]
+        allowed = int(current.sum()) - math.ceil(need - 1e-9)
+        if allowed < 0:
+            return False
+        flags = p.certified_among(lb, cap(lb), current, max_misses=allowed)
+        if flags is None or p.clean_accuracy - float((flags & p.correct).sum()) / n > drop + 1e-12:
+            return False
+        state["certified"] = flags & p.correct
+        return True
+
+    return meets
+
+
 def _greedy(sw, start: int, meets) -> dict[int, int]:
     """Lower one layer at a time (the one saving most bits) while the certified budget holds."""
     lb = {i: start for i in sw.p.layers}
@@ -169,11 +198,14 @@ def safe_bitwidth(model: Any, data: Any, max_accuracy_drop: float | None = 0.01,
         saved, pct = sw.p.float_bits - stored, 100.0 * (sw.p.float_bits - stored) / sw.p.float_bits
     pl = pl_bits = uni_bits = pl_check = None
     if per_layer and cb is not None:
-        def meets(lb):
-            c = sw.certified(lb)
-            if epsilon is not None:
-                return c["certified_error"] <= epsilon
-            return sw.p.clean_accuracy - c["certified_accuracy"] <= drop + 1e-12
+        if epsilon is None and act_bits is None:
+            meets = _accuracy_budget(sw, cb, drop)
+        else:
+            def meets(lb):
+                c = sw.certified(lb)
+                if epsilon is not None:
+                    return c["certified_error"] <= epsilon
+                return sw.p.clean_accuracy - c["certified_accuracy"] <= drop + 1e-12
 
         lb = _greedy(sw, cb, meets)
         pl = {sw.names[i]: b for i, b in lb.items()}

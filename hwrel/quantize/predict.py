@@ -414,6 +414,27 @@ class Predictor:
                 flags[b][ib[lowest <= k]] = True
         return flags
 
+    def certified_among(self, bits: int | Mapping[int, int], cap: float, candidates: Tensor,
+                        max_misses: int | None = None) -> Tensor | None:
+        """Certified flags at ``bits`` of the inputs in the mask ``candidates`` (the others: False),
+        or ``None`` as soon as more than ``max_misses`` correctly classified candidates are not
+        certified (the rest is then not evaluated). Sound; for searches that only ask whether a
+        budget holds, e.g. the per-layer assignment, where an input not certified in a smaller
+        rounding box need not be tried in a larger one."""
+        flags = torch.zeros(len(self.x), dtype=torch.bool, device=self.device)
+        misses = 0
+        for s in range(0, len(self.x), self.chunk):
+            ib = torch.arange(s, min(s + self.chunk, len(self.x)), device=self.device)
+            rows = torch.nonzero(candidates[ib])[:, 0]
+            if len(rows) == 0:
+                continue
+            ok = self._certified_at(ib, self._linearization(ib), rows, bits, cap, refine=True)[0]
+            flags[ib[rows[ok]]] = True
+            misses += int((self.correct[ib[rows]] & ~ok).sum())
+            if max_misses is not None and misses > max_misses:
+                return None
+        return flags
+
     def _certified_at(self, ib: Tensor, whole: LinearizedBound | None, rows: Tensor, bits: int, cap: float,
                       refine: bool) -> tuple[Tensor, Tensor]:
         """Certified flags and margin bounds of the inputs ``ib[rows]`` at ``bits``."""
