@@ -142,8 +142,9 @@ class Predictor:
         self.device = resolve_device(device) if device is not None else net.input_lo.device
         self.net = net.to(torch.float64, self.device)
         self.linearized = linearized
-        self.refiner = NeuronRefiner(self.net) if linearized and refine else None
-        self.chunk = _chunk_size(self.net)
+        gpu = self.device.type == "cuda"  # bigger batches: a GPU is fed by width, not by cache locality
+        self.refiner = NeuronRefiner(self.net, chunk=8192 if gpu else 512) if linearized and refine else None
+        self.chunk = _chunk_size(self.net, 2.0 ** 31 if gpu else 2.0 ** 28)
         self._lin_cache: dict = {}
         self._cache_lin = x is not None and len(x) <= 4 * self.chunk  # small enough to keep in memory
         self._squares: dict = {}
