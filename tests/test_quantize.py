@@ -92,7 +92,7 @@ def test_bound_holds_for_exact_rounding_and_sign_attacks(seed, bits, per_channel
     bound = pr.sample_bounds(bits)
     dom = pr.domain_bounds(bits)
     wr = {i: weight_radius(net.nodes[i].affine.weight, bits, spec) for i in net.synapse_layers}
-    from hwrel.quantize.predict import weight_storage
+    from hwrel.quantize.rounding import weight_storage
     exact = {i: weight_storage(net.nodes[i].affine.weight, bits, spec).dequantize().double()
              - net.nodes[i].affine.weight for i in net.synapse_layers}
     trials = [exact] + [{i: r * torch.sign(torch.randn(r.shape, generator=g, dtype=r.dtype)) for i, r in wr.items()}

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from hwrel.quantize.bitwidth import BitwidthResult, safe_bitwidth
 from hwrel.quantize.brevitas_ptq import ptq, qat
-from hwrel.quantize.predict import BITS, Predictor, QuantSpec, weight_radius, weight_storage
+from hwrel.quantize.predict import Predictor
+from hwrel.quantize.rounding import BITS, QuantSpec, weight_radius, weight_storage
 from hwrel.quantize.safe import predict_quantization_error
 
 __all__ = ["BITS", "BitwidthResult", "Predictor", "QuantSpec", "predict_quantization_error", "ptq", "qat",

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from hwrel.errors import check
-from hwrel.quantize.predict import BITS, QuantSpec
+from hwrel.quantize.rounding import BITS, QuantSpec
 from hwrel.quantize.safe import KINDS, _inputs, smallest_meeting, sweep
 
 _COLUMNS = {  # kind -> (accuracy column, output-error column)

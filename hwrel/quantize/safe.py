@@ -31,7 +31,8 @@ from hwrel.errors import HwrelError, check
 from hwrel.network import Network
 from hwrel.quantize import brevitas_ptq as bq
 from hwrel.quantize.estimate import estimated_accuracy, estimated_deviation
-from hwrel.quantize.predict import BITS, Predictor, QuantSpec, weight_radius, weight_storage
+from hwrel.quantize.predict import Predictor
+from hwrel.quantize.rounding import BITS, QuantSpec, weight_radius, weight_storage
 from hwrel.quantize.search import per_input_attack, shared_attack
 
 KINDS = ("certified", "adversarial", "estimated", "measured")
