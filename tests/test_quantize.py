@@ -12,7 +12,8 @@ from torch import nn
 import hwrel
 from hwrel import models
 from hwrel.errors import HwrelError, UnsupportedLayerError
-from hwrel.quantize import BITS, Predictor, QuantSpec, predict_quantization_error, ptq, qat, safe_bitwidth, weight_radius
+from hwrel.quantize import (BITS, Predictor, QuantSpec, predict_quantization_error, ptq, qat, safe_bitwidth,
+                            weight_radius)
 from hwrel.quantize.brevitas_ptq import forward
 from hwrel.quantize.search import perturbed_forward
 

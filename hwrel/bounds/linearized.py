@@ -211,7 +211,8 @@ def linearize(net: Network, x: Tensor) -> Linearization:
                                        allow_unused=True) for o in range(out.shape[1])]
     grads = {}
     for n, k in enumerate(keys):
-        gs = [torch.zeros(b, *net.nodes[k].shape, dtype=x.dtype, device=x.device) if g[n] is None else g[n] for g in per_out]
+        gs = [torch.zeros(b, *net.nodes[k].shape, dtype=x.dtype, device=x.device) if g[n] is None else g[n]
+              for g in per_out]
         grads[k] = torch.stack(gs, 1)
     values = [v.detach() for v in vals]
     return Linearization(net, values, grads, pool_idx, values[-1].argmax(1))

@@ -85,8 +85,8 @@ class _Sweep:
         return self._ptq[key]
 
     def _act_quant(self, lb: dict[int, int]) -> list[tuple[float, float, float]]:
-        qnet = Network.from_module(self.qmodel(lb), (self.p.net.input_lo.float().cpu(), self.p.net.input_hi.float().cpu()),
-                                   self.p.net.input_shape)
+        box = (self.p.net.input_lo.float().cpu(), self.p.net.input_hi.float().cpu())  # Brevitas: CPU
+        qnet = Network.from_module(self.qmodel(lb), box, self.p.net.input_shape)
         return [(n.act.quant_step, n.act.lo, n.act.hi) for n in qnet.nodes if n.op == "act" and n.act.kind == "quant"]
 
     # ------------------------------------------------------------------------------- kinds
