@@ -249,24 +249,25 @@ def test_certificate_within_one_bit_of_the_search_on_lenet():
 
 
 @pytest.mark.slow
-def test_fast_certified_flags_lose_nothing_on_lenet():
+@pytest.mark.parametrize("name, n, levels", [("mnist-lenet", 64, 4), ("mnist-resnet", 48, 3)])
+def test_fast_certified_flags_lose_nothing_on_cnns(name, n, levels):
     """The sweep's schedule (divide and conquer without refinement, then refinement walking down
-    one width at a time while the doubled bound certifies) certifies exactly the inputs that the
-    full evaluation (refined bounds at every width) certifies, on 64 mnist-lenet inputs whose
-    certified widths spread over 9..16 bits."""
+    one width at a time while the predicted load stays below 1) certifies exactly the inputs that
+    the full evaluation (refined bounds at every width) certifies, on the first test inputs of each
+    reference CNN, whose certified widths spread over several widths."""
     from hwrel.quantize.safe import _inputs
 
-    ref = models.load("mnist-lenet")
+    ref = models.load(name)
     _, net, x, y, _ = _inputs(ref.module, ref, None, None)
-    p = Predictor(net, QuantSpec(), x[:64], y[:64])
+    p = Predictor(net, QuantSpec(), x[:n], y[:n])
     caps = {b: min(p.domain_bounds(b).values()) for b in BITS}
     flags = p.certified_flags(BITS, caps)
     full = p.sample_certificates(BITS, [caps[b] for b in BITS])
     counts = []
     for b, (_, mb) in zip(BITS, full):
-        assert torch.equal(flags[b], p.certify_subset(mb, torch.arange(64))), b
+        assert torch.equal(flags[b], p.certify_subset(mb, torch.arange(n))), b
         counts.append(int(flags[b].sum()))
-    assert len(set(counts)) >= 4  # the widths straddle the threshold: the schedule had work to do
+    assert len(set(counts)) >= levels  # the widths straddle the threshold: the schedule had work to do
 
 
 def test_certified_among_is_the_full_certificate_restricted_and_stops_early(mlp):
