@@ -106,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
                             "certified_accuracy", "adversarial_accuracy", "estimated_accuracy", "measured_error",
                             "measured_accuracy") if c in res.table]
         print(res.table[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        t = res.timings or {}
+        print("  time: " + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in t.items() if k.endswith("_s")))
     if res.message:
         print(f"hwrel: {res.message}", file=sys.stderr)
         return 1

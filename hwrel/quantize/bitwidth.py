@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -198,6 +199,7 @@ def safe_bitwidth(model: Any, data: Any, max_accuracy_drop: float | None = 0.01,
         saved, pct = sw.p.float_bits - stored, 100.0 * (sw.p.float_bits - stored) / sw.p.float_bits
     pl = pl_bits = uni_bits = pl_check = None
     if per_layer and cb is not None:
+        t0 = time.perf_counter()
         if epsilon is None and act_bits is None:
             meets = _accuracy_budget(sw, cb, drop)
         else:
@@ -212,8 +214,11 @@ def safe_bitwidth(model: Any, data: Any, max_accuracy_drop: float | None = 0.01,
         pl_bits, uni_bits = sw.p.stored_bits(lb), sw.p.stored_bits(cb)
         c = sw.certified(lb)
         pl_check = {"certified_accuracy": c["certified_accuracy"], "certified_error": c["certified_error"]}
+        timings["per_layer_s"] = time.perf_counter() - t0
         if verify:
+            t0 = time.perf_counter()
             pl_check.update(sw.measured(lb, c["_bound"]))
+            timings["verify_s"] += time.perf_counter() - t0
         saved, pct = sw.p.float_bits - pl_bits, 100.0 * (sw.p.float_bits - pl_bits) / sw.p.float_bits
     return BitwidthResult(budget, spec.label, cb, found["adversarial"], found["estimated"], found["measured"],
                           saved, pct, table, pl, pl_bits, uni_bits, pl_check, timings, message)
