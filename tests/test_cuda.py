@@ -146,15 +146,14 @@ def test_campaign_on_gpu_equals_cpu(model, workers, tmp_path):
 
 def _predictor_run(net, x, y, device):
     """Every per-input computation of the bit-width sweep on ``device``."""
-    from hwrel.quantize import BITS, Predictor, QuantSpec
+    from hwrel.quantize import BITS, QuantSpec
     from hwrel.quantize.safe import _Sweep
 
-    p = Predictor(net, QuantSpec(), x, y, device=device)
+    sw = _Sweep(None, net, x, y, None, QuantSpec(), device)
+    p = sw.p
     caps = {b: min(p.domain_bounds(b).values()) for b in BITS}
     flags = p.certified_flags(BITS, caps)
     out, mb = p.sample_certificates([10], [caps[10]])[0]
-    sw = object.__new__(_Sweep)
-    sw.p, sw.spec = p, QuantSpec()
     est = sw.estimated(11)
     adv = sw.adversarial(10, flags[10], torch.zeros(len(x), dtype=torch.bool, device=p.device), steps=3)
     return p, caps, flags, out, mb, est, adv

@@ -112,8 +112,12 @@ def _accuracy_budget(sw, start: int, drop: float):
     def cap(lb) -> float:
         return min(p.domain_bounds(lb).values())
 
-    lb0 = p.layer_bits(start)
-    state = {"certified": p.certified_among(lb0, cap(lb0), p.correct) & p.correct}
+    if start in sw.flags:  # the sweep certified every input at the uniform width already
+        first = sw.flags[start]
+    else:
+        lb0 = p.layer_bits(start)
+        first = p.certified_among(lb0, cap(lb0), p.correct)
+    state = {"certified": first & p.correct}
 
     def meets(lb) -> bool:
         current = state["certified"]

@@ -64,13 +64,14 @@ class Predictor:
     Brevitas model that :func:`hwrel.quantize.ptq` calibrates, so prediction and deployment share
     their scales). ``linearized``: also use the linearized per-input bound (tighter, mostly on
     convolutions; off only to compare with the interval bound alone). ``refine``: refine its
-    radii at unstable neurons for inputs it leaves undecided (tighter, slower on CNNs).
+    radii at unstable neurons for inputs it leaves undecided (tighter, slower on CNNs). ``device``:
+    where it computes (``"cuda"`` for a GPU; default: where ``net`` lies); every tensor it holds or
+    returns lies there.
     """
 
     def __init__(self, net: Network, spec: QuantSpec, x: Tensor | None = None, y: Tensor | None = None,
                  act_quant: Callable[[dict[int, int]], list[tuple[float, float, float]]] | None = None,
                  linearized: bool = True, refine: bool = True, device: "torch.device | str | None" = None):
-        # everything is computed, and every tensor it returns lies, on ``device`` (default: the network's)
         self.device = resolve_device(device) if device is not None else net.input_lo.device
         self.net = net.to(torch.float64, self.device)
         self.linearized = linearized

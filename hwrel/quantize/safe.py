@@ -73,6 +73,7 @@ class _Sweep:
         check(spec.act_bits is None or module is not None, "activation quantization needs an nn.Module")
         self.p = Predictor(net, spec, x, y, act_quant=act_quant, device=device)
         self.names = {i: self.p.net.nodes[i].name for i in self.p.layers}
+        self.flags: dict[int, Tensor] = {}  # per width, the sweep's certified flags (when it computed them)
 
     def qmodel(self, lb: Mapping[int, int]) -> nn.Module:
         key = tuple(sorted(lb.items()))
@@ -185,7 +186,7 @@ def sweep(module, net: Network, x, y, calib, spec: QuantSpec, bits: Sequence[int
     if full_table or not monotone:
         certs = dict(zip(bits, sw.p.sample_certificates(bits, [caps[b] for b in bits])))
     else:
-        flags = sw.p.certified_flags(bits, caps)
+        flags = sw.flags = sw.p.certified_flags(bits, caps)
     t["predict_s"] += time.perf_counter() - t0
     if verify and certs is None:  # the per-input bounds verification checks, on its own clock
         t0 = time.perf_counter()
