@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from hwrel.bounds.api import Analyzer, check_epsilon
+from hwrel.bounds.fp32 import local_rounding, scalar_rounding
 from hwrel.bounds.interval import linear_topsum
 from hwrel.errors import HwrelError, UnsupportedLayerError
 from hwrel.network import Network, Node
@@ -63,6 +64,9 @@ def dense_chain(net: Network) -> list[_Stage]:
         if node.op != "affine" or node.affine.kind != "linear":
             raise UnsupportedLayerError(f"boosting supports dense (MLP) networks only: node {node.name!r} "
                                         f"is {node.affine.kind if node.affine else node.op}")
+        if len(nodes[node.inputs[0]].shape) != 1:
+            raise UnsupportedLayerError(f"boosting supports dense (MLP) networks only: linear layer {node.name!r} "
+                                        f"acts on the rows of a {tuple(nodes[node.inputs[0]].shape)} input")
         nxt = nodes[i + 1] if i + 1 < len(nodes) else None
         if nxt is not None and nxt.op != "act":
             raise UnsupportedLayerError(f"boosting supports dense (MLP) networks only: node {nxt.name!r} "
@@ -147,24 +151,37 @@ class _Boost:
             e_s = e @ w.T
             if f[k]:
                 e_s = e_s + linear_topsum(w, torch.relu(self.d[k] - e)[None], f[k])[0]
+            # float32: both forwards round where they differ (the nominal ranges cover the rounding)
+            mag = torch.maximum(self.ranges[k][0].abs(), self.ranges[k][1].abs()) + e
+            e_s = e_s + 2 * local_rounding(st.affine, [mag[None]])[0] * (e_s > 0)
             if st.act is None:
                 return float(e_s.max()) * (1 + 1e-12)
             act = st.act.act
             lo, hi = self.pre[k][0] - e_s, self.pre[k][1] + e_s
             img_lo, img_hi = act.image(lo, hi)
             e = torch.minimum(act.slope_sup(lo, hi) * e_s + act.quant_step * (e_s > 0), img_hi - img_lo)
+            r = local_rounding(st.act, [(torch.maximum(lo.abs(), hi.abs()))[None]],
+                               torch.maximum(img_lo.abs(), img_hi.abs())[None])
+            if isinstance(r, torch.Tensor):
+                e = e + 2 * r[0] * (e > 0)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def paper(self, f: Sequence[int]) -> float:
-        # E = bound on the summed |error| over a layer; the closed form of theory 3.2 unrolled
+        # E = bound on the summed |error| over a layer; the closed form of theory 3.2 unrolled,
+        # plus float32 rounding of both forwards (as in interval)
         E = 0.0
         for k, st in enumerate(self.stages):
             wm = st.affine.affine.max_abs_weight
             u = wm * (E + f[k] * float(self.d[k].max()))  # any one receiver's pre-activation error
+            mag = float(torch.maximum(self.ranges[k][0].abs(), self.ranges[k][1].abs()).max()) + E
+            pre = float(torch.maximum(self.pre[k][0].abs(), self.pre[k][1].abs()).max()) + u
+            u += 2 * scalar_rounding(st.affine, [mag], pre) if u > 0 else 0.0
             if st.act is None:
                 return u * (1 + 1e-12)
             act = st.act.act
-            E = st.act.size * (act.lipschitz * u + (act.quant_step if u > 0 else 0.0))
+            v = act.lipschitz * u + (act.quant_step if u > 0 else 0.0)
+            v += 2 * scalar_rounding(st.act, [pre], act.max_abs if act.bounded else pre) if v > 0 else 0.0
+            E = st.act.size * v
         raise AssertionError("unreachable")  # pragma: no cover
 
     def bound(self, f: Sequence[int], method: str) -> float:

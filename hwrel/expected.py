@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hwrel.bounds.fp32 import local_rounding, scalar_rounding
 from hwrel.bounds.ibp import interval_bounds, node_interval, sup_abs
 from hwrel.errors import HwrelError
 from hwrel.inject.stats import z_value
@@ -62,11 +63,15 @@ def paper_bound(net: Network, probs: dict[int, float]) -> float:
             ok = a.lipschitz * v_in + (a.quant_step if v_in > 0 else 0.0)
             v = p * c + (1 - p) * ok if p > 0 else ok
         elif node.op == "pool":  # E max|d| over a window <= its sum
-            v = u[node.inputs[0]] * (node.pool.kernel[0] * node.pool.kernel[1] if node.pool.kind == "max" else 1)
+            v = u[node.inputs[0]] * (node.pool.kernel[0] * node.pool.kernel[1] if node.pool.kind == "max"
+                                     else node.pool.gain)
         elif node.op == "reshape":
             v = u[node.inputs[0]]
         else:
             v = sum(u[j] for j in node.inputs)
+        if v > 0:  # float32 rounding of both forwards where they differ
+            mags = [float(sup_abs(los[j], his[j]).max()) + u[j] for j in node.inputs]
+            v += 2 * scalar_rounding(node, mags, float(sup_abs(los[i], his[i]).max()) + v)
         u.append(v)
     return u[-1] * (1 + 1e-12)
 
@@ -106,6 +111,12 @@ def interval_bound(net: Network, probs: dict[int, float], lo: Tensor, hi: Tensor
                 v = e[src].reshape(e[src].shape[0], *node.shape)
             else:
                 v = sum(e[j] for j in node.inputs)
+            # float32: the ranges cover the rounded values, and both forwards round where they differ
+            mags = [sup_abs(flo[j], fhi[j]) + e[j] for j in node.inputs]
+            r = local_rounding(node, mags, sup_abs(a, b) + v)
+            if isinstance(r, Tensor):
+                a, b = a - r, b + r
+                v = v + 2 * r * (v > 0)
         flo.append(a)
         fhi.append(b)
         e.append(v)

@@ -9,6 +9,7 @@ semantics, running statistics). The user's model is deep-copied and put in eval 
 from __future__ import annotations
 
 import copy
+import math
 import operator
 from typing import Any, Sequence
 
@@ -99,9 +100,12 @@ def _fold_bn(name: str, aff: Affine, bn: nn.Module) -> Affine:
     shape = (-1,) + (1,) * (aff.weight.dim() - 1)
     weight = aff.weight * inv.reshape(shape)
     bias = aff.bias if aff.bias is not None else torch.zeros_like(inv)
+    # the model computes batch norm after the layer: its rounding is at the scale of these values
+    magnitude = bias.abs() * inv.abs() + bn.running_mean.float().abs() * inv.abs() + beta.abs()
     bias = (bias - bn.running_mean.float()) * inv + beta
     _check_finite(name, weight, "folded weight")
-    return Affine(aff.kind, weight, bias, aff.stride, aff.padding, aff.dilation, aff.groups, folded_bn=name)
+    return Affine(aff.kind, weight, bias, aff.stride, aff.padding, aff.dilation, aff.groups, folded_bn=name,
+                  fold_magnitude=magnitude)
 
 
 def _activation_from(name: str, m: nn.Module) -> A.Activation | None:
@@ -167,6 +171,9 @@ class _Builder:
         if op == "input":
             val = self.probe
         else:
+            if op == "add" and len({tuple(self.values[j].shape) for j in inputs}) != 1:
+                shapes = " + ".join(str(tuple(self.values[j].shape[1:])) for j in inputs)
+                raise UnsupportedLayerError(f"operation {name}: broadcasting addition {shapes} is not supported")
             val = node.apply([self.values[j] for j in inputs])
         return self._push(node, val)
 
@@ -269,20 +276,31 @@ def _module_node(b: _Builder, n: fx.Node, m: nn.Module, index: dict[fx.Node, int
         if prev.op != "affine" or len(users) != 1 or prev.affine.folded_bn:
             raise UnsupportedLayerError(f"layer {name} ({type(m).__name__}): batch norm must directly follow "
                                         "a Linear/Conv2d layer used nowhere else, to be folded")
+        if prev.affine.kind == "linear" and len(prev.shape) != 1:
+            raise UnsupportedLayerError(f"layer {name} ({type(m).__name__}): batch norm normalizes dimension 1 of "
+                                        f"a {tuple(prev.shape)} input, not the features of the Linear before it")
+        if isinstance(m, nn.BatchNorm2d) != (prev.affine.kind == "conv2d"):
+            raise UnsupportedLayerError(f"layer {name} ({type(m).__name__}) does not match the "
+                                        f"{prev.affine.kind} layer before it")
         b.replace_affine(src, _fold_bn(name, prev.affine, m))
         return src
     act = _activation_from(name, m)
     if act is not None:
         return b.add(name, "act", (src,), act=act)
     if isinstance(m, nn.Flatten):
-        val = b.values[src]
-        return b.reshape(name, src, tuple(torch.flatten(val, m.start_dim, m.end_dim).shape[1:]))
+        return b.reshape(name, src, _flat_shape(name, b.values[src], m.start_dim, m.end_dim))
     if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
         kind = "max" if isinstance(m, nn.MaxPool2d) else "avg"
         if kind == "max" and _pair(m.dilation) != (1, 1):
             raise UnsupportedLayerError(f"layer {name} (MaxPool2d): dilation not supported")
+        if kind == "max" and getattr(m, "return_indices", False):
+            raise UnsupportedLayerError(f"layer {name} (MaxPool2d): return_indices=True gives two outputs")
+        divisor = getattr(m, "divisor_override", None)
+        if divisor is not None and (not isinstance(divisor, int) or divisor <= 0):
+            raise UnsupportedLayerError(f"layer {name} (AvgPool2d): divisor_override {divisor!r} must be a "
+                                        "positive integer")
         pool = Pool(kind, _pair(m.kernel_size), _pair(m.stride or m.kernel_size), _pair(m.padding),
-                    bool(m.ceil_mode), bool(getattr(m, "count_include_pad", True)))
+                    bool(m.ceil_mode), bool(getattr(m, "count_include_pad", True)), divisor)
         return b.add(name, "pool", (src,), pool=pool)
     if isinstance(m, nn.AdaptiveAvgPool2d):
         h, w = b.values[src].shape[-2:]
@@ -296,6 +314,55 @@ def _module_node(b: _Builder, n: fx.Node, m: nn.Module, index: dict[fx.Node, int
     raise UnsupportedLayerError(f"layer {name} ({type(m).__module__}.{type(m).__name__}) is not supported")
 
 
+def _flat_shape(name: str, val: Tensor, start: Any, end: Any = -1) -> tuple[int, ...]:
+    """Per-sample shape after ``flatten(start, end)``; flattening into the batch is refused."""
+    if not isinstance(start, int) or not isinstance(end, int):
+        raise UnsupportedLayerError(f"operation {name} (flatten): dimensions must be integers")
+    if start % val.dim() == 0:
+        raise UnsupportedLayerError(f"operation {name} (flatten from dimension {start}) merges the batch "
+                                    "dimension; flatten from dimension 1")
+    return tuple(torch.flatten(val, start, end).shape[1:])
+
+
+def _view_shape(name: str, val: Tensor, dims: Sequence[Any]) -> tuple[int, ...]:
+    """Per-sample shape of ``x.view(*dims)``: the first dimension must keep the batch (``x.size(0)``,
+    ``x.shape[0]`` or ``-1`` with the rest covering one sample exactly); anything else is refused."""
+    if not dims:
+        raise UnsupportedLayerError(f"operation {name} (view/reshape) without a shape")
+    first, rest = dims[0], list(dims[1:])
+    if any(isinstance(d, fx.Node) or not isinstance(d, int) for d in rest):
+        raise UnsupportedLayerError(f"operation {name} (view/reshape): only the batch dimension may be "
+                                    "computed at run time")
+    per_sample = val[0].numel()
+    if isinstance(first, fx.Node):
+        if not _is_batch_size(first):
+            raise UnsupportedLayerError(f"operation {name} (view/reshape): first dimension {first.name} is not "
+                                        "the batch size x.size(0)")
+    elif first != -1 or (-1 not in rest and math.prod(rest) != per_sample):
+        raise UnsupportedLayerError(f"operation {name} (view/reshape to {tuple(dims)}) does not keep the batch "
+                                    "as its first dimension")
+    if rest.count(-1) > 1 or (first == -1 and -1 in rest):
+        raise UnsupportedLayerError(f"operation {name} (view/reshape to {tuple(dims)}): ambiguous -1")
+    try:
+        return tuple(val.reshape(1, *rest).shape[1:])
+    except RuntimeError:
+        raise UnsupportedLayerError(f"operation {name}: cannot view a {tuple(val.shape[1:])} sample as "
+                                    f"{tuple(rest)}") from None
+
+
+def _is_batch_size(n: fx.Node) -> bool:
+    """``x.size(0)`` or ``x.shape[0]`` (or ``x.size()[0]``) of some tensor."""
+    if n.op == "call_method" and n.target == "size":
+        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+        return dim == 0
+    if n.op == "call_function" and n.target is operator.getitem and n.args[1] == 0:
+        src = n.args[0]
+        return isinstance(src, fx.Node) and (
+            (src.op == "call_function" and src.target is getattr and src.args[1] == "shape")
+            or (src.op == "call_method" and src.target == "size" and len(src.args) == 1))
+    return False
+
+
 def _function_node(b: _Builder, n: fx.Node, index: dict[fx.Node, int]) -> int:
     target = n.target
     label = getattr(target, "__name__", str(target))
@@ -307,19 +374,14 @@ def _function_node(b: _Builder, n: fx.Node, index: dict[fx.Node, int]) -> int:
             val = b.values[src]
             if target == "flatten":
                 start = n.args[1] if len(n.args) > 1 else n.kwargs.get("start_dim", 0)
-                new = torch.flatten(val, start)
-            else:
-                dims = n.args[1:] if not isinstance(n.args[1], (tuple, list)) else n.args[1]
-                if any(isinstance(d, fx.Node) for d in dims):
-                    # x.view(x.size(0), -1): the only dynamic form we accept
-                    new = val.reshape(val.shape[0], -1)
-                else:
-                    new = val.reshape(*dims)
-            return b.reshape(name, src, tuple(new.shape[1:]))
+                end = n.args[2] if len(n.args) > 2 else n.kwargs.get("end_dim", -1)
+                return b.reshape(name, src, _flat_shape(name, val, start, end))
+            dims = n.args[1:] if not isinstance(n.args[1], (tuple, list)) else n.args[1]
+            return b.reshape(name, src, _view_shape(name, val, list(dims)))
         if target in ("relu", "sigmoid", "tanh") and len(tensor_args) == 1:
             return b.add(name, "act", (src,), act=getattr(A, target)())
-        if target == "size":
-            return src  # only used to build view shapes (handled above)
+        if target == "size" and _is_batch_size(n):
+            return src  # only used as the batch dimension of a view (checked there)
         raise UnsupportedLayerError(f"operation {name} (tensor method .{target}) is not supported")
     rule = _function_rule(target)
     tensor_args = [a for a in n.args if isinstance(a, fx.Node)]
@@ -333,10 +395,13 @@ def _function_node(b: _Builder, n: fx.Node, index: dict[fx.Node, int]) -> int:
     if rule == "flatten":
         src = index[tensor_args[0]]
         start = n.args[1] if len(n.args) > 1 else n.kwargs.get("start_dim", 0)
-        return b.reshape(name, src, tuple(torch.flatten(b.values[src], start).shape[1:]))
+        end = n.args[2] if len(n.args) > 2 else n.kwargs.get("end_dim", -1)
+        return b.reshape(name, src, _flat_shape(name, b.values[src], start, end))
     if rule in ("relu", "sigmoid", "tanh") and len(tensor_args) == 1:
         return b.add(name, "act", (index[tensor_args[0]],), act=getattr(A, rule)())
-    if target is getattr and n.args[1] == "shape":
+    if target is getattr and n.args[1] == "shape" and all(_is_batch_size(u) for u in n.users):
+        return index[tensor_args[0]]  # x.shape[0] as a view's batch dimension (checked there)
+    if target is operator.getitem and _is_batch_size(n):
         return index[tensor_args[0]]
     raise UnsupportedLayerError(f"operation {name} ({label}) is not supported")
 

@@ -6,6 +6,7 @@ turned into the equivalent ``nn`` module and handled by the same rules as a trac
 """
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any
 
@@ -71,6 +72,9 @@ def _aten_module(gm: fx.GraphModule, n: fx.Node) -> tuple[nn.Module | None, fx.N
                 m.bias.copy_(b)
             return m, src
         if t in (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default):
+            if t is aten.batch_norm.default and attr(5, False):
+                raise UnsupportedLayerError(f"operation {n.name} (batch norm) was exported in training mode; "
+                                            "export the model after model.eval()")
             if t is aten.batch_norm.default:
                 w, b, mean, var, eps = attr(1), attr(2), attr(3), attr(4), attr(7, 1e-5)
             else:
@@ -83,6 +87,9 @@ def _aten_module(gm: fx.GraphModule, n: fx.Node) -> tuple[nn.Module | None, fx.N
                 m.weight.copy_(w)
                 m.bias.copy_(b)
             return m, src
+    if t is aten.dropout.default and attr(2, False) and attr(1, 0.0):
+        raise UnsupportedLayerError(f"operation {n.name} (dropout) was exported in training mode; "
+                                    "export the model after model.eval()")
     simple = {aten.relu.default: nn.ReLU, aten.sigmoid.default: nn.Sigmoid, aten.tanh.default: nn.Tanh,
               aten.hardsigmoid.default: nn.Hardsigmoid, aten.dropout.default: nn.Identity,
               aten.clone.default: nn.Identity, aten.alias.default: nn.Identity}
@@ -98,12 +105,30 @@ def _aten_module(gm: fx.GraphModule, n: fx.Node) -> tuple[nn.Module | None, fx.N
         return nn.MaxPool2d(k, attr(2, None) or k, attr(3, 0), attr(4, 1), ceil_mode=bool(attr(5, False))), src
     if t is aten.avg_pool2d.default:
         k = attr(1)
-        return nn.AvgPool2d(k, attr(2, None) or k, attr(3, 0), bool(attr(4, False)), bool(attr(5, True))), src
+        return nn.AvgPool2d(k, attr(2, None) or k, attr(3, 0), bool(attr(4, False)), bool(attr(5, True)),
+                            attr(6, None)), src
     if t is aten.adaptive_avg_pool2d.default:
         return nn.AdaptiveAvgPool2d(tuple(attr(1))), src
     if t is aten.flatten.using_ints:
         return nn.Flatten(attr(1, 0), attr(2, -1)), src
     return None, src
+
+
+def _exported_view(n: fx.Node, val: Tensor) -> tuple[int, ...]:
+    """Per-sample shape of an exported view/reshape whose first dimension must be the batch."""
+    dims = list(n.args[1])
+    first, rest = dims[0], dims[1:]
+    batch = n.args[0].meta.get("val").shape[0] if n.args[0].meta.get("val") is not None else None
+    keeps = isinstance(first, torch.SymInt) or (batch is not None and first == batch) or (
+        first == -1 and -1 not in rest and math.prod(rest) == val[0].numel())
+    if not keeps or any(not isinstance(d, int) for d in rest) or rest.count(-1) > 1:
+        raise UnsupportedLayerError(f"operation {n.name} (view/reshape to {tuple(dims)}) does not keep the batch "
+                                    "as its first dimension")
+    try:
+        return tuple(val.reshape(1, *rest).shape[1:])
+    except RuntimeError:
+        raise UnsupportedLayerError(f"operation {n.name}: cannot view a {tuple(val.shape[1:])} sample as "
+                                    f"{tuple(rest)}") from None
 
 
 def extract_exported(gm: fx.GraphModule, shape: tuple[int, ...], lo: Tensor, hi: Tensor) -> Network:
@@ -131,9 +156,10 @@ def extract_exported(gm: fx.GraphModule, shape: tuple[int, ...], lo: Tensor, hi:
                 index[n] = b.add(n.name, "add", ins)
             elif n.target in (aten.view.default, aten.reshape.default):
                 src = index[n.args[0]]
-                index[n] = b.reshape(n.name, src, tuple(b.values[src].reshape(1, -1).shape[1:])
-                                     if -1 in list(n.args[1])[1:] else tuple(list(n.args[1])[1:]))
+                index[n] = b.reshape(n.name, src, _exported_view(n, b.values[src]))
             elif n.target is operator.getitem:
+                if n.args[1] != 0 or n.args[0].target is not aten._native_batch_norm_legit_no_training.default:
+                    raise UnsupportedLayerError(f"operation {n.name} (getitem {n.args[1]!r}) is not supported")
                 index[n] = index[n.args[0]]  # first output of batch norm variants
             else:
                 module, src = _aten_module(gm, n)

@@ -55,6 +55,7 @@ class Affine:
     bit_width: int | None = None
     signed: bool = True
     folded_bn: str | None = None
+    fold_magnitude: Tensor | None = None  # per channel: |intermediate values| of the folded batch norm
 
     def __call__(self, x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
         w = self.weight if weight is None else weight
@@ -86,22 +87,36 @@ class Affine:
 
 @dataclass(frozen=True)
 class Pool:
+    """2-D max or average pooling. ``divisor_override``: an average pool divides each window's sum
+    by this instead of its size (``1`` makes it a sum pool)."""
+
     kind: str  # "max" | "avg"
     kernel: tuple[int, int]
     stride: tuple[int, int]
     padding: tuple[int, int] = (0, 0)
     ceil_mode: bool = False
     count_include_pad: bool = True
+    divisor_override: int | None = None
 
     def __call__(self, x: Tensor) -> Tensor:
         if self.kind == "max":
             return F.max_pool2d(x, self.kernel, self.stride, self.padding, ceil_mode=self.ceil_mode)
         return F.avg_pool2d(x, self.kernel, self.stride, self.padding, ceil_mode=self.ceil_mode,
-                            count_include_pad=self.count_include_pad)
+                            count_include_pad=self.count_include_pad, divisor_override=self.divisor_override)
+
+    @property
+    def gain(self) -> float:
+        """Largest factor by which one output can exceed the largest input in absolute value (and
+        an output error the largest input error): 1 for max and plain average pooling,
+        ``kernel area / divisor`` for an overridden divisor."""
+        if self.kind == "avg" and self.divisor_override is not None:
+            return max(1.0, self.kernel[0] * self.kernel[1] / self.divisor_override)
+        return 1.0
 
     @property
     def overlap(self) -> int:
-        """Most windows any input element lies in (bounds the l1 growth of an error)."""
+        """Most windows any input element lies in (bounds the l1 growth of an error: each window
+        weighs an element by at most 1, also with an overridden divisor >= 1)."""
         n = 1
         for k, s in zip(self.kernel, self.stride):
             n *= -(-k // s)
@@ -221,7 +236,8 @@ class Network:
             aff = node.affine
             if aff is not None:
                 aff = replace(aff, weight=cv(aff.weight), bias=cv(aff.bias), scale=cv(aff.scale),
-                              zero_point=cv(aff.zero_point), codes=None if aff.codes is None else aff.codes.to(device))
+                              zero_point=cv(aff.zero_point), codes=None if aff.codes is None else aff.codes.to(device),
+                              fold_magnitude=cv(aff.fold_magnitude))
             nodes.append(replace(node, affine=aff))
         return replace(self, nodes=tuple(nodes), input_lo=cv(self.input_lo), input_hi=cv(self.input_hi))
 

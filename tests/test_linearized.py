@@ -46,7 +46,7 @@ def _bounds(net, x, wr):
     """(per-output, per-margin) linearized bounds and the interval bound, at the points ``x``."""
     p = WeightPerturbation(weight_radius=wr)
     vals = net.forward_all(x)
-    radii = perturbation_radii(net, p, x, x, "interval", (vals, vals))
+    radii = perturbation_radii(net, p, x, x, "interval", (vals, vals), rounding=None)  # float64 forwards
     b = LinearizedBound(linearize(net, x)).bounds(p, radii)
     return b["out"], b["margin"], radii[-1].flatten(1)
 

@@ -127,7 +127,7 @@ def test_violation_is_loud():
         {"analysis": "Fep crash", "case": "L2 f=1", "quantity": "q", "bound": 1.0, "must_hold": "measured <= bound",
          "measured": 1.5, "violated": sections._violated(1.5, 1.0)},
     ])
-    assert not sections._violated(1.0 + 1e-6, 1.0) and sections._violated(1.5, 1.0)
+    assert not sections._violated(1.0 + 1e-12, 1.0) and sections._violated(1.0 + 1e-6, 1.0)
     banner = sections.violation_banner(checks, [])
     assert banner.kind == "alert" and "BOUND VIOLATIONS FOUND: 1 of 2" in banner.text and "L2 f=1" in banner.text
     ok = sections.violation_banner(checks.iloc[:1], [])

@@ -378,3 +378,79 @@ def test_campaign_flips_agree_with_injector(refs):
             assert ours == theirs, f
         else:
             assert abs(ours - theirs) <= 1e-4 * max(scale, ours), (f, ours, theirs)
+
+
+# ------------------------------------------------------------------------------- issue 17
+
+def _brevitas_mlp(sizes, bits, seed):
+    import brevitas.nn as qnn
+
+    torch.manual_seed(seed)
+    layers = []
+    for k, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(qnn.QuantLinear(a, b, bias=True, weight_bit_width=bits))
+        if k < len(sizes) - 2:
+            layers.append(qnn.QuantReLU(bit_width=bits))
+    return torch.nn.Sequential(*layers).eval()
+
+
+@pytest.mark.parametrize("sizes, bits", [((4, 12, 3), 8), ((4, 10, 8, 3), 4)])
+def test_every_single_flip_within_its_certified_damage_through_quantized_activations(sizes, bits):
+    """Issue 17: a flip can carry a QuantReLU across a rounding threshold (one activation step),
+    which the plain Lipschitz gains miss: 255 of 1,152 single flips of the int8 MLP exceeded their
+    certified per-flip damage (worst 99x) before the fix. Every flip of every stored bit, measured
+    on inputs of the domain including ones placed at rounding thresholds."""
+    model = _brevitas_mlp(list(sizes), bits, seed=3)
+    net = hwrel.Network.from_module(model, (-2.0, 2.0))
+    mapping = map_model(net, load_accelerator("gemmini"), "int8")
+    net64 = mapping.deployed(net.to())
+    fb = flip_bounds(net64, mapping.tensors, False)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(256, sizes[0], generator=g, dtype=torch.float64) * 4 - 2
+    # inputs that put the first hidden layer's pre-activations at a rounding threshold
+    w, b = net64.nodes[1].affine.weight, net64.nodes[1].affine.bias
+    step = net64.nodes[2].act.quant_step
+    for j in range(min(8, w.shape[0])):
+        base = x[j].clone()
+        s = float(w[j] @ base + b[j])
+        target = (math.floor(s / step) + 0.5) * step  # a rounding threshold of QuantReLU
+        d = w[j] / float(w[j] @ w[j])
+        cand = (base + (target - s) * d).clamp(-2, 2)
+        x = torch.cat([x, cand[None]])
+    fm = FlipModel(net64, mapping.tensors, [s.limit for s in fb.sites], x)
+    lo, hi = net64.input_lo[None], net64.input_hi[None]
+    dmg = fb.single(fb.inputs_sup(lo, hi, 1))
+    worst, crossed = 0.0, 0
+    tol = REL * (1 + float(fm.output.abs().max()))  # float64 rounding of the measured forward
+    for ti, t in enumerate(mapping.tensors):
+        for e in range(t.numel):
+            for bit in range(t.fmt.bits):
+                measured = max(0.0, _err(fm, [(ti, e, bit)]) - tol)
+                cert = float(dmg[ti][e, bit])
+                worst = max(worst, measured / cert if cert > 0 else (math.inf if measured > 0 else 0.0))
+                crossed += measured > 0 and cert == 0
+    assert crossed == 0
+    assert worst <= 1.0, f"a single flip moved an output {worst:.3g}x its certified damage"
+    # and the k-flip certificate: random and greedy sets of 2 and 3 flips
+    for k in (2, 3):
+        bound = float(fb.bound(k, lo, hi)[0])
+        _, err = _greedy(fm, fb, k, seed=k)
+        assert err <= bound + tol
+
+
+def test_seu_analysis_flags_a_measured_flip_above_its_certificate(refs, monkeypatch):
+    """A campaign measurement above its certified damage is a violation in the result (the report
+    and the CLI say so), never a silent row."""
+    from hwrel.seu import flips
+
+    res = seu_analysis(refs["digits-mlp"], "eyeriss-v1", mission_hours=1000, campaign_size=200)
+    assert res.violations == 0 and not res.campaign["violation"].any()
+    real = flips.FlipBounds.single
+
+    def shrunk(self, S, slack=1.0):  # a deliberately broken certificate: a tenth of the damage
+        return [d / 10 for d in real(self, S, slack)]
+    monkeypatch.setattr(flips.FlipBounds, "single", shrunk)
+    bad = seu_analysis(refs["digits-mlp"], "eyeriss-v1", mission_hours=1000, campaign_size=200)
+    assert bad.violations > 0
+    assert bad.campaign["violation"].sum() == bad.violations
+    assert bad.to_dict()["violations"] == bad.violations

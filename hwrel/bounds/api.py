@@ -20,7 +20,7 @@ from torch import Tensor
 from hwrel.bounds.faults import FaultModel, as_fault
 from hwrel.bounds.gain import gain_bound
 from hwrel.bounds.ibp import interval_bounds, sup_abs
-from hwrel.bounds.interval import forward_radii, global_slopes
+from hwrel.bounds.interval import FAULTY, forward_radii, global_slopes
 from hwrel.bounds.paper import layer_deltas, propagate
 from hwrel.errors import HwrelError
 from hwrel.network import Network
@@ -65,6 +65,7 @@ class Analyzer:
         self.sups = [sup_abs(lo, hi) for lo, hi in zip(*self.nominal)]
         self.scalar_sup = layer_deltas(self.net, self.sups)
         self._global_gains: dict[tuple, Tensor] = {}
+        self._domain_radii: dict[tuple, object] = {}
 
     # -- argument checks --------------------------------------------------------------------
     def counts(self, failures: Sequence[int], fault: FaultModel) -> dict[int, int]:
@@ -99,7 +100,16 @@ class Analyzer:
             src = self.net.nodes[i].inputs[0] if fault.synapse else i
             deltas[i] = fault.delta(torch.tensor(self.scalar_sup[src], dtype=torch.float64, device=self.device))
         slack = self._quant_slack(None, counts)
+        # float32 rounding where a fault reaches, as the domain's interval radii bound it
+        _add(slack, self.domain_radii(fault, counts).rounding)
         return float(gain_bound(self.net, counts, global_slopes(self.net), deltas, 1, fault.synapse, slack).max())
+
+    def domain_radii(self, fault: FaultModel, counts: dict[int, int]):
+        """:func:`forward_radii` over the input domain, computed once per fault and counts."""
+        key = (fault, tuple(sorted(counts.items())))
+        if key not in self._domain_radii:
+            self._domain_radii[key] = forward_radii(self.net, fault, counts, self.lo, self.hi, self.nominal)
+        return self._domain_radii[key]
 
     def _quant_slack(self, radii, counts) -> dict[int, Tensor]:
         out = {}
@@ -115,16 +125,24 @@ class Analyzer:
         return out
 
     def interval(self, fault: FaultModel, counts: dict[int, int], lo: Tensor | None = None,
-                 hi: Tensor | None = None, nominal=None) -> Tensor:
-        """Per-box, per-output bound ``(B, n_out)`` (domain box by default)."""
+                 hi: Tensor | None = None, nominal=None, reference: str = "float32") -> Tensor:
+        """Per-box, per-output bound ``(B, n_out)`` (domain box by default) on the change from the
+        clean to the faulty float32 forward; ``reference="exact"``: from the exact clean network
+        (what a per-sample certificate needs: no clean float32 rounding to cover)."""
         lo = self.lo if lo is None else lo
         hi = self.hi if hi is None else hi
-        nominal = self.nominal if nominal is None and lo is self.lo else nominal
-        r = forward_radii(self.net, fault, counts, lo, hi, nominal)
+        domain = lo is self.lo and hi is self.hi and nominal is None and reference == "float32"
+        if domain:
+            r = self.domain_radii(fault, counts)
+        elif reference == "exact":
+            r = forward_radii(self.net, fault, counts, lo, hi, nominal, rounding=FAULTY)
+        else:
+            r = forward_radii(self.net, fault, counts, lo, hi, nominal)
         if not any(counts.values()):
             return r.bound
         deltas = r.syn_deltas if fault.synapse else r.deltas
         slack = self._quant_slack(r.radii, counts)
+        _add(slack, r.rounding)
         g = gain_bound(self.net, counts, r.slopes, deltas, lo.shape[0], fault.synapse, slack)
         return torch.minimum(r.bound, g)
 
@@ -145,6 +163,12 @@ class Analyzer:
         if only == "best":
             out["best"] = min(out["paper"], out["weights"], out["interval"])
         return out
+
+
+def _add(into: dict[int, Tensor], extra: dict[int, Tensor]) -> None:
+    """Add the injections ``extra`` (per node) into ``into``, broadcasting per-box tensors."""
+    for i, v in extra.items():
+        into[i] = into[i] + v if i in into else v
 
 
 def _check_method(method: str) -> None:

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from hwrel.bounds.api import Analyzer, _check_method
 from hwrel.bounds.faults import FaultModel, as_fault
+from hwrel.bounds.ibp import point_rounding
 from hwrel.errors import HwrelError
 from hwrel.network import Network
 
@@ -73,7 +74,11 @@ def certified_from_margin_bounds(logits: Tensor, margin_bound: Tensor) -> Tensor
 
 def per_sample_bounds(an: Analyzer, fault: FaultModel, failures: Sequence[int], inputs: Tensor,
                       method: str = "best", chunk: int = 256) -> Tensor:
-    """Sound per-sample, per-output error bounds ``(B, n_out)`` for inputs inside the domain."""
+    """Sound per-sample, per-output error bounds ``(B, n_out)`` for inputs inside the domain.
+
+    ``out[n, o]`` bounds ``|F~_o(x_n) - F_o(x_n)|`` for the faulty network's float32 forward
+    ``F~`` and the exact clean network ``F`` (whose outputs hwrel computes in float64): a class
+    certified on ``x_n`` is the class the faulty float32 model predicts there."""
     counts = an.counts(failures, fault)
     x = inputs.to(torch.float64).to(an.device)
     lo, hi = an.net.input_lo, an.net.input_hi
@@ -85,12 +90,14 @@ def per_sample_bounds(an: Analyzer, fault: FaultModel, failures: Sequence[int], 
     out = []
     for b in range(0, x.shape[0], chunk):
         xb = x[b:b + chunk]
+        # the domain-wide bounds compare two float32 forwards: plus the clean one's own rounding
+        wide = domain_wide + point_rounding(an.net, xb)[-1][:, None]
         if method in ("interval", "best"):
-            e = an.interval(fault, counts, xb, xb)
+            e = an.interval(fault, counts, xb, xb, reference="exact")
             if method == "best":
-                e = torch.minimum(e, torch.full_like(e, domain_wide))
+                e = torch.minimum(e, wide)
         else:
-            e = torch.full((xb.shape[0], an.net.nodes[-1].size), domain_wide, dtype=torch.float64, device=xb.device)
+            e = wide.expand(xb.shape[0], an.net.nodes[-1].size).clone()
         out.append(e)
     return torch.cat(out).cpu()
 

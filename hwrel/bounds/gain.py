@@ -54,11 +54,13 @@ def _synapse_term(net: Network, i: int, g: Tensor, d_in: Tensor, k: int) -> Tens
     src_shape = net.nodes[node.inputs[0]].shape
     d_in = d_in.expand(batch, *src_shape)
     if a.kind == "linear":
+        # a Linear acts on the last dimension: receiver (p, j) hears senders (p, i) only
         w = a.weight.abs()
+        n_recv, n_send = w.shape
         out = torch.empty(n_out, batch, dtype=g.dtype, device=g.device)
         for o in range(n_out):
             for b in range(batch):
-                pairs = g[o, b][:, None] * w * d_in[b].flatten()[None, :]
+                pairs = g[o, b].reshape(-1, n_recv, 1) * w * d_in[b].reshape(-1, 1, n_send)
                 out[o, b] = topsum(pairs.flatten(), k, dim=0)
         return out
     m = conv_topsum(node, d_in, 1)  # per receiver: the largest single |w| * delta in its window

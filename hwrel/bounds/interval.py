@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hwrel.bounds.faults import FaultModel
+from hwrel.bounds.fp32 import local_rounding
 from hwrel.bounds.ibp import interval_bounds, sup_abs
 from hwrel.network import Network, Node
 
@@ -38,15 +39,20 @@ def topsum(x: Tensor, k: int, dim: int = -1) -> Tensor:
 
 
 def linear_topsum(w_abs: Tensor, extra: Tensor, k: int) -> Tensor:
-    """Per batch and row ``j``: ``TopSum_k(|W_j| * extra)``; ``extra`` is ``(B, in)``."""
+    """Per batch and receiver ``(..., j)``: ``TopSum_k(|W_j| * extra[..., :])``.
+
+    ``extra`` is ``(B, *lead, in)``: a Linear acts on the last dimension, so receiver ``j`` at a
+    leading position takes its senders from that position only. Returns ``(B, *lead, out)``.
+    """
     if k >= w_abs.shape[1]:
         return extra @ w_abs.T
+    rows = extra.reshape(-1, extra.shape[-1])
     out = []
     step = max(1, _CHUNK // max(1, w_abs.numel()))
-    for b in range(0, extra.shape[0], step):
-        prod = w_abs[None] * extra[b:b + step, None, :]
+    for b in range(0, rows.shape[0], step):
+        prod = w_abs[None] * rows[b:b + step, None, :]
         out.append(topsum(prod, k, dim=-1))
-    return torch.cat(out)
+    return torch.cat(out).reshape(*extra.shape[:-1], w_abs.shape[0])
 
 
 def conv_topsum(node: Node, extra: Tensor, k: int) -> Tensor:
@@ -75,6 +81,30 @@ class RadiiResult:
     slopes: dict[int, Tensor]  # per act node: slope bound used, (B, *shape)
     deltas: dict[int, Tensor]  # per failing layer node: per-neuron delta (B, *shape)
     syn_deltas: dict[int, Tensor]  # per affine with synapse faults: per-input delta
+    rounding: dict[int, Tensor]  # per node a fault reaches: float32 rounding added there (B, *shape)
+
+
+# How float32 rounding enters an error radius (see :mod:`hwrel.bounds.fp32`):
+BOTH = "both"  # both forwards (faulty and clean) run in float32; the nominal ranges cover both
+FAULTY = "faulty"  # the faulty forward runs in float32, the clean reference is exact
+
+
+def add_rounding(node: Node, e: Tensor, mags: list[Tensor], out_mag: Tensor | None = None,
+                 weight_radius: Tensor | None = None, mode: str | None = BOTH) -> tuple[Tensor, Tensor | None]:
+    """``e`` plus the float32 rounding at ``node``; returns the new radius and what was added.
+
+    ``BOTH``: where ``e`` is 0 no fault reaches the neuron, and the faulty and the clean forward
+    compute the same float32 operations on the same values; elsewhere each rounds once, by at most
+    :func:`hwrel.bounds.fp32.local_rounding`. ``FAULTY``: the faulty forward rounds everywhere
+    (against an exact clean reference). ``None``: exact arithmetic, nothing added.
+    """
+    if mode is None:
+        return e, None
+    r = local_rounding(node, mags, out_mag, weight_radius)
+    if not isinstance(r, Tensor):
+        return e, None
+    add = 2 * r * (e > 0) if mode == BOTH else r.expand_as(e)
+    return e + add, add
 
 
 def neuron_deltas(fault: FaultModel, lo: Tensor, hi: Tensor) -> Tensor:
@@ -83,21 +113,35 @@ def neuron_deltas(fault: FaultModel, lo: Tensor, hi: Tensor) -> Tensor:
 
 @torch.no_grad()
 def forward_radii(net: Network, fault: FaultModel, counts: dict[int, int], lo: Tensor, hi: Tensor,
-                  nominal: tuple[list[Tensor], list[Tensor]] | None = None) -> RadiiResult:
-    """Sound per-neuron error radii; ``counts`` maps layer (or affine) node index to failure count."""
-    los, his = nominal if nominal is not None else interval_bounds(net, lo, hi)
+                  nominal: tuple[list[Tensor], list[Tensor]] | None = None,
+                  rounding: str | None = BOTH) -> RadiiResult:
+    """Sound per-neuron error radii; ``counts`` maps layer (or affine) node index to failure count.
+
+    ``rounding`` (see :func:`add_rounding`): ``BOTH`` bounds the difference of the faulty and the
+    clean float32 forwards (``nominal`` must then cover the clean float32 values, as
+    :func:`interval_bounds` gives them); ``FAULTY`` the faulty float32 forward against the exact
+    clean network (``nominal``: exact values, ``interval_bounds(..., float32=False)``)."""
+    if nominal is None:
+        los, his = interval_bounds(net, lo, hi, float32=rounding == BOTH)
+    else:
+        los, his = nominal
     radii: list[Tensor] = []
     pending: list[tuple[Tensor, int] | None] = []
     slopes: dict[int, Tensor] = {}
     deltas: dict[int, Tensor] = {}
     syn_deltas: dict[int, Tensor] = {}
+    rounding: dict[int, Tensor] = {}
 
     def resolved(j: int) -> Tensor:
         p = pending[j]
         return radii[j] if p is None else radii[j] + p[0]
 
+    def mag(j: int) -> Tensor:  # bounds |value| of node j in both the clean and the faulty forward
+        return sup_abs(los[j], his[j]) + resolved(j)
+
     for i, node in enumerate(net.nodes):
         pend = None
+        out_mag = None
         if node.op == "input":
             e = torch.zeros_like(lo)
         elif node.op == "affine":
@@ -118,13 +162,9 @@ def forward_radii(net: Network, fault: FaultModel, counts: dict[int, int], lo: T
             k = node.act.slope_sup(pre_lo, pre_hi)
             slopes[i] = k
             img_lo, img_hi = node.act.image(pre_lo, pre_hi)
+            out_mag = sup_abs(img_lo, img_hi)
             step = node.act.quant_step
             e = torch.minimum(k * e_in + step * (e_in > 0), img_hi - img_lo)
-            f = counts.get(i, 0) if not fault.synapse else 0
-            if f:
-                d = neuron_deltas(fault, los[i], his[i])
-                deltas[i] = d
-                pend = (torch.relu(d - e), f)
         elif node.op == "pool":
             e = node.pool(resolved(node.inputs[0]))
         elif node.op == "reshape":
@@ -136,10 +176,23 @@ def forward_radii(net: Network, fault: FaultModel, counts: dict[int, int], lo: T
             e = sum(resolved(j) for j in node.inputs)
         else:  # pragma: no cover
             raise ValueError(node.op)
+        if node.op != "input":
+            e, added = add_rounding(node, e, [mag(j) for j in node.inputs], out_mag, mode=rounding)
+            if added is not None:
+                rounding[i] = added
+        if node.op == "act":
+            f = counts.get(i, 0) if not fault.synapse else 0
+            if f:
+                # d covers |clean value| (in float32 too, with BOTH: the nominal range is widened),
+                # so a failed neuron is off by at most d from the clean value
+                d = neuron_deltas(fault, los[i], his[i])
+                deltas[i] = d
+                pend = (torch.relu(d - e), f)
         radii.append(e)
         pending.append(pend)
     out = resolved(len(net.nodes) - 1)
-    return RadiiResult(out.flatten(1), [resolved(j) for j in range(len(net.nodes))], slopes, deltas, syn_deltas)
+    return RadiiResult(out.flatten(1), [resolved(j) for j in range(len(net.nodes))], slopes, deltas, syn_deltas,
+                       rounding)
 
 
 def _positive_map(net: Network, slopes: dict[int, Tensor | float], injections: dict[int, Tensor],

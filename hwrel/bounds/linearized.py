@@ -36,11 +36,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hwrel.activations import Activation
+from hwrel.bounds.fp32 import local_rounding
 from hwrel.bounds.perturb import WeightPerturbation
 from hwrel.errors import HwrelError
 from hwrel.network import Network, Node
 
 PAD_REL = 2.0 ** -20
+# nodes whose output gets a gradient: where something enters beyond the tangent (residuals,
+# second-order terms, float32 rounding)
+TAPPED = ("affine", "act", "pool", "add")
 # sup |phi''| of the smooth activations (sigmoid: 1/(6 sqrt 3); tanh: 4/(3 sqrt 3))
 _CURVATURE = {"sigmoid": 1 / (6 * math.sqrt(3)), "tanh": 4 / (3 * math.sqrt(3))}
 # kinks (position, slope jump) of the piecewise-linear activations
@@ -138,22 +142,44 @@ def unfold(y: Tensor, kernel, dilation, padding, stride) -> Tensor:
 
 
 def unfold_input(node: Node, y: Tensor) -> Tensor:
-    """The input windows of a convolution, ``(B, in*kh*kw, P)``."""
+    """The input windows of an affine node, ``(B, fan_in, P)``: what each output position reads.
+
+    A convolution's windows (``fan_in = in*kh*kw``); a Linear acting on the last dimension of a
+    ``(B, *lead, in)`` input reads one row per leading position (``P = prod(lead)``; a flat input
+    has ``P = 1``).
+    """
     a = node.affine
+    if a.kind == "linear":
+        return y.reshape(y.shape[0], -1, y.shape[-1]).transpose(1, 2)
     if a.groups != 1:
         raise HwrelError(f"layer {node.name}: grouped convolutions are not supported by the linearized bound")
     return unfold(y, a.weight.shape[2:], a.dilation, a.padding, a.stride)
 
 
-def conv_weight_grad(node: Node, y: Tensor, g: Tensor) -> Tensor:
-    """Per-sample, per-output gradient of a convolution's weights: ``(B, C, out, in*kh*kw)``.
+def output_positions(node: Node, g: Tensor) -> Tensor:
+    """``g`` of shape ``(N, *node.shape)`` (one value per output neuron) as ``(N, C_out, P)``, the
+    position order of :func:`unfold_input`."""
+    if node.affine.kind == "linear":
+        return g.reshape(g.shape[0], -1, node.shape[-1]).transpose(1, 2)
+    return g.reshape(g.shape[0], g.shape[1], -1)
 
-    ``g`` is ``dF/ds`` at the convolution's output ``(B, C, out, H, W)``; the gradient sums
-    ``g x window(y)`` over output positions.
+
+def is_flat_dense(node: Node, y: Tensor) -> bool:
+    """A Linear on a flat input (one position): its weight gradient is the outer product ``g y^T``."""
+    return node.affine.kind == "linear" and y.dim() == 2
+
+
+def conv_weight_grad(node: Node, y: Tensor, g: Tensor) -> Tensor:
+    """Per-sample, per-output gradient of an affine node's weights: ``(B, O, out, fan_in)``.
+
+    ``g`` is ``dF/ds`` at the node's output ``(B, O, *shape)``; the gradient sums ``g x window(y)``
+    over output positions (a convolution's positions, or a Linear's leading positions).
     """
     u = unfold_input(node, y)
-    b, c, o = g.shape[:3]
-    return torch.bmm(g.reshape(b, c * o, -1), u.transpose(1, 2)).reshape(b, c, o, -1)
+    b, o = g.shape[:2]
+    gp = output_positions(node, g.reshape(b * o, *g.shape[2:]))  # (B*O, out, P)
+    c = gp.shape[1]
+    return torch.bmm(gp.reshape(b, o * c, -1), u.transpose(1, 2)).reshape(b, o, c, -1)
 
 
 @dataclass
@@ -201,7 +227,7 @@ def linearize(net: Network, x: Tensor) -> Linearization:
                 v = nom + dz
             else:
                 v = node.apply(ins)
-            if node.op in ("affine", "act", "pool"):
+            if node.op in TAPPED:
                 taps[i] = torch.zeros(b, *node.shape, dtype=x.dtype, device=x.device, requires_grad=True)
                 v = v + taps[i]
             vals.append(v)
@@ -247,7 +273,7 @@ class LinearizedBound:
             if node.op != "affine":
                 continue
             y = lin.values[node.inputs[0]]
-            if node.affine.kind == "linear":
+            if is_flat_dense(node, y):
                 self.abs_y[i] = y.abs()
                 for k in signed:
                     self.squares[k][i] = signed[k][i] ** 2 * (y ** 2).sum(1)[:, None, None]
@@ -259,7 +285,7 @@ class LinearizedBound:
                     if k in kinds:
                         weight_grads[k][i] = v.abs()
         self.abs_g = {k: {i: g.abs() for i, g in signed[k].items()} for k in kinds}
-        self.abs_gw = {k: weight_grads[k] for k in kinds}  # conv: |dF/dW| (B, C, out, in*kh*kw)
+        self.abs_gw = {k: weight_grads[k] for k in kinds}  # conv, Linear on rows: |dF/dW| (B, O, out, fan_in)
 
     def subset(self, rows: Tensor, kinds: tuple[str, ...] | None = None) -> "LinearizedBound":
         """The same bound for the inputs ``rows`` of this batch only (``kinds``: a subset of
@@ -292,16 +318,20 @@ class LinearizedBound:
         return t
 
     def bounds(self, p: WeightPerturbation, radii: list[Tensor],
-               inject: dict[int, Tensor | None] | None = None) -> dict[str, Tensor]:
+               inject: dict[int, Tensor | None] | None = None, float32: bool = False) -> dict[str, Tensor]:
         """Sound ``(B, O)`` bounds on ``|dF_o|`` (``"out"``) and ``|d(F_p - F_o)|`` (``"margin"``).
 
         ``radii``: sound error radii of every node under ``p`` at these inputs (interval method).
-        ``inject``: :func:`injections` of these inputs, if already known.
+        ``inject``: :func:`injections` of these inputs, if already known. ``float32``: the perturbed
+        model runs in float32 and is compared with the exact clean network (its rounding is one
+        more injection at every node; ``radii`` must cover it, as ``perturbation_radii(...,
+        rounding=FAULTY)`` gives them); otherwise both in exact arithmetic.
         """
         if p.count is not None:
             raise HwrelError("the linearized bound covers perturbations of every weight (rounding), not k flips")
         lin = self.lin
-        inject = injections(lin.net, p, lin.values, lin.pool_idx, radii) if inject is None else inject
+        if inject is None:
+            inject = injections(lin.net, p, lin.values, lin.pool_idx, radii, float32=float32)
         t = self.first_order(p)
         for i, v in inject.items():
             if v is None or i not in self.abs_g[self.kinds[0]]:
@@ -313,11 +343,13 @@ class LinearizedBound:
 
 
 def injections(net: Network, p: WeightPerturbation, values: list[Tensor], pool_idx: dict[int, Tensor],
-               radii: list[Tensor], nodes=None) -> dict[int, Tensor | None]:
+               radii: list[Tensor], nodes=None, float32: bool = False) -> dict[int, Tensor | None]:
     """Per node, a sound bound on what enters it beyond its tangent (``None``: nothing).
 
     Affine: ``R * e_in + Rb`` (the second-order weight term and the bias); activation: its
     residual (plus an additive output rounding); max-pool: its residual. ``nodes``: only these.
+    ``float32``: plus the float32 rounding of the perturbed forward at every node (see
+    :meth:`LinearizedBound.bounds`).
     """
     out: dict[int, Tensor | None] = {}
     for i in (range(len(net.nodes)) if nodes is None else nodes):
@@ -343,5 +375,14 @@ def injections(net: Network, p: WeightPerturbation, values: list[Tensor], pool_i
         elif node.op == "pool" and node.pool.kind == "max":
             src = node.inputs[0]
             v = maxpool_residual(node, values[src], radii[src], pool_idx[i])
+        if float32 and node.op in TAPPED:  # the perturbed float32 forward rounds here
+            mags = [values[j].abs() + radii[j] for j in node.inputs]
+            # (a refined node's own radius is not known yet: it is an affine or an addition,
+            # whose rounding depends on its inputs only)
+            out_mag = values[i].abs() + radii[i] if i < len(radii) else None
+            loc = local_rounding(node, mags, out_mag, p.weight_radius.get(i))
+            if isinstance(loc, Tensor):
+                v = loc if v is None else v + loc
         out[i] = v if v is not None and bool(v.any()) else None
     return out
+

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from hwrel.bounds.faults import FaultModel
+from hwrel.bounds.fp32 import scalar_rounding
 from hwrel.bounds.ibp import sup_abs
 from hwrel.network import Network
 
@@ -121,7 +122,8 @@ def propagate(net: Network, fault: FaultModel, failures: list[int], nominal_sup:
             st.append(_act(net, i, ins[0], layer_f.get(i, 0), fault, sups[i], variant, at_most, cs_of))
         elif node.op == "pool":
             s = ins[0]
-            st.append(_State(min(node.pool.overlap * s.E, node.size * s.u), s.u))
+            u = node.pool.gain * s.u
+            st.append(_State(min(node.pool.overlap * s.E, node.size * u), u))
         elif node.op == "reshape":
             s = ins[0]
             st.append(_State(s.E, s.u))
@@ -129,6 +131,14 @@ def propagate(net: Network, fault: FaultModel, failures: list[int], nominal_sup:
             st.append(_State(sum(s.E for s in ins), sum(s.u for s in ins)))
         else:  # pragma: no cover
             raise ValueError(node.op)
+        s_i = st[-1]
+        if s_i.u > 0:  # float32 rounding of both forwards wherever a fault reaches
+            mags = [sups[j] + st[j].u for j in node.inputs]
+            r = 2 * scalar_rounding(node, mags, sups[i] + s_i.u)
+            if r:
+                s_i.u += r
+                s_i.E += node.size * r
+                s_i.extra += node.size * r  # an affine's summed part: what its act's rules add
     return st[-1].u
 
 

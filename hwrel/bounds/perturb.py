@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hwrel.bounds.ibp import interval_bounds, sup_abs
-from hwrel.bounds.interval import affine_topsum, gains
+from hwrel.bounds.fp32 import scalar_rounding
+from hwrel.bounds.interval import BOTH, add_rounding, affine_topsum, gains
 from hwrel.errors import HwrelError
 from hwrel.network import Network, Node
 
@@ -67,19 +68,28 @@ def _with_weight(a, w):
 
 
 def _shape_bias(node: Node, rb: Tensor, batch: int) -> Tensor:
-    if node.affine.kind == "linear":
-        return rb.expand(batch, -1)
+    if node.affine.kind == "linear":  # the bias adds at every leading position
+        return rb.expand(batch, *node.shape)
     return rb[None, :, None, None].expand(batch, -1, *node.shape[1:])
 
 
 @torch.no_grad()
 def perturbation_radii(net: Network, p: WeightPerturbation, lo: Tensor, hi: Tensor, method: str = "interval",
-                       nominal=None, tighten=None) -> list[Tensor]:
+                       nominal=None, tighten=None, rounding: str | None = BOTH) -> list[Tensor]:
     """Sound per-node error radii ``(B, *shape)`` under the perturbation (``weights``/``interval``).
 
     ``tighten(i, e, radii)``: optional, returns a sound radius for node ``i`` given its interval
-    radius ``e`` and the radii of the nodes before it (the result is capped at ``e``)."""
-    los, his = nominal if nominal is not None else interval_bounds(net, lo, hi)
+    radius ``e`` and the radii of the nodes before it (the result is capped at ``e``).
+
+    ``rounding`` (see :func:`hwrel.bounds.interval.add_rounding`): ``BOTH`` bounds the difference
+    of the perturbed and the clean float32 forwards (``nominal`` must cover the clean float32
+    values, as :func:`~hwrel.bounds.ibp.interval_bounds` gives them); ``FAULTY`` the perturbed
+    float32 forward against the exact clean network (``nominal``: exact values); ``None``: exact
+    arithmetic of both."""
+    if nominal is None:
+        los, his = interval_bounds(net, lo, hi, float32=rounding == BOTH)
+    else:
+        los, his = nominal
     radii: list[Tensor] = []
     for i, node in enumerate(net.nodes):
         if node.op == "input":
@@ -121,6 +131,9 @@ def perturbation_radii(net: Network, p: WeightPerturbation, lo: Tensor, hi: Tens
             e = x.reshape(x.shape[0], *node.shape)
         else:
             e = sum(radii[j] for j in node.inputs)
+        if rounding is not None and node.op != "input":
+            mags = [sup_abs(los[j], his[j]) + radii[j] for j in node.inputs]
+            e, _ = add_rounding(node, e, mags, sup_abs(los[i], his[i]) + e, p.weight_radius.get(i), rounding)
         if tighten is not None:
             t = tighten(i, e, radii)
             if t is not None:
@@ -157,12 +170,17 @@ def paper_perturbation(net: Network, p: WeightPerturbation, sups: list[Tensor]) 
             e_sum = k * E[src] + node.size * (step + extra)
         elif node.op == "pool":
             src = node.inputs[0]
-            u = U[src]
+            u = node.pool.gain * U[src]
             e_sum = min(node.pool.overlap * E[src], node.size * u)
         elif node.op == "reshape":
             e_sum, u = E[node.inputs[0]], U[node.inputs[0]]
         else:
             e_sum, u = sum(E[j] for j in node.inputs), sum(U[j] for j in node.inputs)
+        if u > 0:  # float32 rounding of both forwards where they differ
+            nu = float(p.weight_radius[i].max()) if node.op == "affine" and i in p.weight_radius else 0.0
+            r = 2 * scalar_rounding(node, [float(sups[j].max()) + U[j] for j in node.inputs],
+                                    float(sups[i].max()) + u, nu)
+            u, e_sum = u + r, e_sum + node.size * r
         E.append(e_sum)
         U.append(u)
     return U[-1]

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hwrel.bounds.linearized import KINKS, PAD_REL, act_residual, act_slope, injections, unfold_input
+from hwrel.bounds.linearized import (KINKS, PAD_REL, TAPPED, act_residual, act_slope, injections,
+                                    is_flat_dense, output_positions, unfold_input)
 from hwrel.bounds.perturb import WeightPerturbation
 from hwrel.network import Network
 
@@ -56,7 +57,7 @@ def neuron_gradients(net: Network, values: list[Tensor], pool_idx: dict[int, Ten
         if a is None:
             continue
         node = net.nodes[k]
-        if node.op in ("affine", "act", "pool"):
+        if node.op in TAPPED:
             grads[k] = a[:, None]
         src = node.inputs[0]
         if node.op != "add" and net.nodes[src].op == "input":
@@ -120,12 +121,12 @@ class NeuronRefiner:
         self._first: dict[int, Tensor] = {}
         self._slopes: dict[int, Tensor] = {}
 
-    def _prepare(self, values, pool_idx, p: WeightPerturbation, radii, i: int) -> None:
+    def _prepare(self, values, pool_idx, p: WeightPerturbation, radii, i: int, float32: bool = False) -> None:
         """Per input, what every pair shares up to node ``i`` (included): injections, slopes, and
         per affine node the first-order data (conv: unfolded input; dense: ``R |y|``)."""
         # node i's own second-order and bias terms included: they enter its pre-activation too
         todo = [k for k in range(i + 1) if k not in self._inject]
-        self._inject.update(injections(self.net, p, values, pool_idx, radii, todo))
+        self._inject.update(injections(self.net, p, values, pool_idx, radii, todo, float32))
         for k in range(1, i + 1):
             nd = self.net.nodes[k]
             if k in self._first or k in self._slopes or nd.op not in ("affine", "act"):
@@ -134,7 +135,7 @@ class NeuronRefiner:
                 self._slopes[k] = act_slope(nd.act, values[nd.inputs[0]])
             elif k in p.weight_radius:
                 y = values[nd.inputs[0]]
-                self._first[k] = (F.linear(y.abs(), p.weight_radius[k]) if nd.affine.kind == "linear"
+                self._first[k] = (F.linear(y.abs(), p.weight_radius[k]) if is_flat_dense(nd, y)
                                   else unfold_input(nd, y))
 
     def _pair_bound(self, grads: dict[int, Tensor], rows: Tensor, p: WeightPerturbation) -> Tensor:
@@ -147,7 +148,8 @@ class NeuronRefiner:
         for k, g in grads.items():
             g = g[:, 0]
             inj, first = self._inject.get(k), self._first.get(k)
-            conv_first = first is not None and self.net.nodes[k].affine.kind != "linear"
+            # windows (convolutions, Linear on rows) or, for a flat dense layer, R |y|
+            conv_first = first is not None and first.dim() == 3
             flat = g.abs().flatten(1) if inj is not None or (first is not None and not conv_first) else None
             if inj is not None:
                 for r, a, b in spans:  # |g| . injection
@@ -159,8 +161,8 @@ class NeuronRefiner:
                     total[a:b] += flat[a:b] @ first[r]
                 continue
             rw = p.weight_radius[k].flatten()
-            g3 = g.flatten(2)
-            for r, a, b in spans:  # conv: <|G|, R>, G = g x windows summed over positions, then |.|
+            g3 = output_positions(self.net.nodes[k], g)
+            for r, a, b in spans:  # <|G|, R>, G = g x windows summed over positions, then |.|
                 total[a:b] += (g3[a:b] @ first[r].transpose(0, 1)).abs().flatten(1) @ rw
         return total
 
@@ -173,9 +175,12 @@ class NeuronRefiner:
         return out
 
     def refine(self, x: Tensor, values: list[Tensor], pool_idx: dict[int, Tensor], p: WeightPerturbation, i: int,
-               e: Tensor, radii: list[Tensor], weight=None, share: float = 0.0) -> Tensor | None:
+               e: Tensor, radii: list[Tensor], weight=None, share: float = 0.0,
+               float32: bool = False) -> Tensor | None:
         """Sound radii for node ``i`` at inputs ``x`` (nominal ``values`` and max-pool arg-maxes of
-        :func:`linearize`), given the radii of the nodes before it.
+        :func:`linearize`), given the radii of the nodes before it. ``float32``: the perturbed
+        forward runs in float32 against the exact clean network (see
+        :meth:`LinearizedBound.bounds`), as the interval radii ``e`` do then.
 
         ``weight(a)``: optional per-input importance ``(B, *shape)`` of activation node ``a``'s
         residual (e.g. the largest ``|d margin / dy|``); then only the unstable neurons carrying all
@@ -203,7 +208,7 @@ class NeuronRefiner:
             act_radius={k: v for k, v in p.act_radius.items() if k <= i})
         if self._pass is not radii:  # a new radii pass: what is cached per input is stale
             self._pass, self._inject, self._first, self._slopes = radii, {}, {}, {}
-        self._prepare(values, pool_idx, p, radii, i)
+        self._prepare(values, pool_idx, p, radii, i, float32)
         out = e.flatten(1).clone()
         for s in range(0, len(pairs), self.chunk):
             rows, cols = pairs[s:s + self.chunk, 0], pairs[s:s + self.chunk, 1]

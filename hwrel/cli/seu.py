@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 
 from hwrel.errors import HwrelError
@@ -97,9 +98,13 @@ def run(args: argparse.Namespace) -> int:
 
         _save(critical_bits_heatmap(res), os.path.join(args.plot, "critical_bits.png"))
         _save(mission_plot(res), os.path.join(args.plot, "mission.png"))
+    if res.violations:
+        print(f"hwrel seu: BOUND VIOLATIONS FOUND: {res.violations} of {res.campaign_size} measured flips exceed "
+              "their certificate; the certified figures are NOT trustworthy (report this as a soundness bug)",
+              file=sys.stderr)
     if args.json:
         print(json.dumps(res.to_dict(), indent=2))
-        return 0
+        return 1 if res.violations else 0
     lo, hi = res.vulnerable_fraction_measured_ci
     lines = [
         f"{res.model} on {res.accelerator} ({res.format}, {res.total_bits} parameter bits), "
@@ -134,4 +139,4 @@ def run(args: argparse.Namespace) -> int:
         last = plan.iloc[-1]
         print(f"\nprotection plan: {len(plan) - 1} step(s), {int(last.cumulative_bits)} "
               f"protected bits, FIT {last.fit:.4g}")
-    return 0
+    return 1 if res.violations else 0

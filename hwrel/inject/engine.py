@@ -468,6 +468,18 @@ class Injector:
         in_shape = self.nodes[nd.inputs[0]].shape
         recv, send = [], []
         for f in faults:
+            if aff.kind == "linear" and len(in_shape) > 1:
+                # a Linear over rows: weight (j, i) connects (p, i) to (p, j) at every position p
+                j, i = divmod(f.index, w.shape[1])
+                n_in = int(np.prod(in_shape))
+                if f.source is None:
+                    raise HwrelError(f"synapse fault at layer {name} index {f.index}: a Linear over rows of "
+                                     f"a {tuple(in_shape)} input needs source= (flat index of the sender)")
+                if not 0 <= f.source < n_in or f.source % w.shape[1] != i:
+                    raise HwrelError(f"synapse fault at layer {name} index {f.index}: source {f.source} is not "
+                                     f"a sender i = {i} of weight ({j}, {i}) in the {tuple(in_shape)} input")
+                recv.append(int(f.source // w.shape[1]) * w.shape[0] + j), send.append(int(f.source))
+                continue
             if aff.kind == "linear":
                 j, i = divmod(f.index, w.shape[1])
                 if f.source is not None and f.source != i:
@@ -543,6 +555,8 @@ class Injector:
             return _Sparse(a, new[:, :, None])
         aff = nd.affine
         x = self.clean[nd.inputs[0]]
+        if aff.kind == "linear" and x.dim() > 2:
+            return self._entry_rows(r, sel)
         if aff.kind == "linear":
             xt = self._clean_t(nd.inputs[0])  # (n_in, B): a fault's samples are one contiguous row
             if r.site == "synapse":
@@ -580,6 +594,28 @@ class Injector:
         vals = clean[:, co] + (r.new[sel] - r.old[sel])[None, :, None, None] * sl
         return _Sparse(co, vals.transpose(0, 1))
 
+    def _entry_rows(self, r: _Resolved, sel: Tensor) -> _Sparse:
+        """Entry state of a Linear over rows: a weight or bias acts at every leading position, so
+        the whole output of each faulty configuration is the state (one unit)."""
+        nd = self.nodes[r.node]
+        B, Fn = self.batch, int(sel.numel())
+        out_f, in_f = nd.affine.weight.shape
+        ar = torch.arange(Fn, device=self.device)
+        xr = self.clean[nd.inputs[0]].reshape(B, -1, in_f)  # (B, P, in)
+        vals = self.clean[r.node].reshape(B, -1, out_f).unsqueeze(0).repeat(Fn, 1, 1, 1)  # (F, B, P, out)
+        a = r.a[sel]
+        if r.site == "synapse":  # one connection: receiver (p, j) from sender (p, i)
+            recv, send = r.b[sel], r.c[sel]
+            p, j = recv // out_f, recv % out_f
+            sent = xr.reshape(B, -1)[:, send].t()  # (F, B)
+            vals[ar, :, p, j] += r.old[sel][:, None] * (r.new[sel][:, None] - sent)
+        elif r.site == "bias":
+            vals[ar, :, :, a] += (r.new[sel] - r.old[sel])[:, None, None]
+        else:
+            j, i = a // in_f, a % in_f
+            vals[ar, :, :, j] += (r.new[sel] - r.old[sel])[:, None, None] * xr[:, :, i].permute(2, 0, 1)
+        return _Sparse(torch.zeros(Fn, dtype=torch.long, device=self.device), vals.reshape(Fn, B, *nd.shape))
+
     # --- propagation (rows = (configuration, sample) pairs still differing from the clean run) ---
 
     def _materialize(self, node: int, s: "_Sparse | Tensor | None", rows: _RowSet) -> Tensor:
@@ -608,7 +644,7 @@ class Injector:
         aff = nd.affine
         cin = self.clean[nd.inputs[0]]
         base = self.clean[n].index_select(0, rows.smp)
-        if aff.kind == "linear" and s.vals.dim() == 2:
+        if aff.kind == "linear" and s.vals.dim() == 2 and len(src.shape) == 1:  # flat input only
             w_ = s.vals.shape[1]
             blk = cin.reshape(cin.shape[0], -1, w_)[rows.smp, s.unit]  # (R, w)
             wt = aff.weight.t().reshape(-1, w_, aff.weight.shape[0])
@@ -786,11 +822,13 @@ class Injector:
                     vf.view(B, -1)[:, recv] += r.old[k] * (r.new[k] - xin.reshape(B, -1)[:, send])
                     continue
                 d = r.new[k] - r.old[k]
-                if r.site == "bias":
+                if r.site == "bias" and aff.kind == "linear":  # at every leading position
+                    vf[..., e] += d
+                elif r.site == "bias":
                     vf[:, e] += d
                 elif aff.kind == "linear":
                     j, i = divmod(e, aff.weight.shape[1])
-                    vf[:, j] += d * xin[:, i]
+                    vf[..., j] += d * xin[..., i]
                 else:
                     co, ci, ka, kb = np.unravel_index(e, tuple(aff.weight.shape))
                     cin = (co // (aff.weight.shape[0] // aff.groups)) * aff.weight.shape[1] + ci
@@ -983,8 +1021,10 @@ class Injector:
             if kind in ("bitflip", "stuck0", "stuck1"):
                 out.append(Fault(site, nm, idx, kind, bit=int(u[k] * widths[which[k]])))
             elif kind == "crash":
-                if site == "synapse" and self.nodes[table[nm]].affine.kind != "linear":
-                    raise HwrelError("random conv synapse faults are not supported; give source= explicitly")
+                nd = self.nodes[table[nm]]
+                if site == "synapse" and (nd.affine.kind != "linear" or len(self.nodes[nd.inputs[0]].shape) > 1):
+                    raise HwrelError("random synapse faults cover Linear layers on flat inputs; give source= "
+                                     "explicitly for convolutions and Linear layers over rows")
                 out.append(Fault(site, nm, idx, kind))
             else:
                 raise HwrelError(f"random_faults supports bitflip, stuck0, stuck1 and crash, got {kind!r}")

@@ -23,7 +23,8 @@ from torch import Tensor
 from hwrel.bounds.certify import certified_from_margin_bounds, check_data
 from hwrel.bounds.linearized import LinearizedBound, linearize
 from hwrel.bounds.refine import NeuronRefiner
-from hwrel.bounds.ibp import interval_bounds, sup_abs
+from hwrel.bounds.ibp import interval_bounds, point_rounding, sup_abs
+from hwrel.bounds.interval import FAULTY
 from hwrel.bounds.perturb import WeightPerturbation, paper_perturbation, perturbation_radii
 from hwrel.device import resolve_device
 from hwrel.errors import HwrelError, check
@@ -52,7 +53,9 @@ def _chunk_size(net: Network, budget_bytes: float = 2.0 ** 28) -> int:
     twice: outputs and margins) stays within ``budget_bytes``."""
     n_out = net.nodes[-1].size
     per_input = sum(n.size for n in net.nodes if n.op in ("affine", "act", "pool"))
-    per_input += sum(n.affine.weight.numel() for n in net.nodes if n.op == "affine" and n.affine.kind != "linear")
+    # convolutions and Linear layers on rows keep a per-input weight gradient (a flat Linear does not)
+    per_input += sum(n.affine.weight.numel() for n in net.nodes if n.op == "affine"
+                     and (n.affine.kind != "linear" or len(net.nodes[n.inputs[0]].shape) > 1))
     return int(max(8, min(_CHUNK, budget_bytes // (per_input * n_out * 2 * 8 * 2))))
 
 
@@ -96,8 +99,13 @@ class Predictor:
             self.x, self.y = x64, y
             with torch.no_grad():
                 values = [self.net.forward_all(x64[i:i + _CHUNK]) for i in range(0, len(x64), _CHUNK)]
-            # nominal value of every node for every test input
+            # nominal (exact) value of every node for every test input; the per-input bounds are
+            # about the quantized float32 forward against these exact values
             self.all_values = [torch.cat([v[k] for v in values]) for k in range(len(self.net.nodes))]
+            # how far the clean float32 forward's outputs may be from them (a domain-wide bound,
+            # about two float32 forwards, caps a per-input one only with this added)
+            self.out_rho = torch.cat([point_rounding(self.net, x64[i:i + _CHUNK])[-1]
+                                      for i in range(0, len(x64), _CHUNK)])
             self.logits = self.all_values[-1]
             self.pred = self.logits.argmax(1)
             self.correct = self.pred == y if y is not None else None
@@ -173,7 +181,8 @@ class Predictor:
 
         Returns, for each entry of ``widths``, ``(out, margin)``, both ``(N, n_out)``: ``out[n, o]``
         bounds ``|dF_o(x_n)|`` and ``margin[n, o]`` bounds ``|d(F_p - F_o)(x_n)|`` (``p`` the
-        predicted class; 0 at ``o = p``). Each input is linearized once for all widths.
+        predicted class; 0 at ``o = p``), the change from the exact clean network to the quantized
+        model's float32 forward. Each input is linearized once for all widths.
         """
         if self.x is None:
             raise HwrelError("per-input certificates need data")
@@ -239,6 +248,7 @@ class Predictor:
         xb = self.x[ib]
         vals = [v[ib] for v in self.all_values]
         p = self.perturbation(bits, (vals, vals))
+        cap = cap + self.out_rho[ib][:, None]
         out, mb = self._bounds(xb, vals, lin, p, cap)
         if lin is None or self.refiner is None or not refine:
             return out, mb
@@ -256,24 +266,26 @@ class Predictor:
             p2 = WeightPerturbation(p.weight_radius, p.bias_radius,
                                     {k: (v[rows] if isinstance(v, Tensor) and v.dim() > 0 else v)
                                      for k, v in p.act_radius.items()})
-            o2, m2 = self._bounds(xb[rows], sub_vals, sub, p2, cap, refine=sub)
+            o2, m2 = self._bounds(xb[rows], sub_vals, sub, p2, cap[rows], refine=sub)
             out[rows], mb[rows] = torch.minimum(out[rows], o2), torch.minimum(mb[rows], m2)
         return out, mb
 
     def _bounds(self, xb, vals, lin, p, cap, refine: LinearizedBound | None = None) -> tuple[Tensor, Tensor]:
-        """Bounds of the inputs ``xb``; ``refine``: their linearization, to refine the radii too."""
+        """Bounds of the inputs ``xb`` (exact nominal ``vals``); ``refine``: their linearization, to
+        refine the radii too. The bounds hold for the quantized model's float32 forward against the
+        exact clean network; ``cap`` ``(B, 1)``: a sound cap of the same."""
         def weight(a):  # how much each neuron's residual at activation ``a`` can move any margin
             return refine.abs_g["margin"][a].amax(1)
 
         def tighten(i, e, radii):
-            return self.refiner.refine(xb, vals, refine.lin.pool_idx, p, i, e, radii, weight)
+            return self.refiner.refine(xb, vals, refine.lin.pool_idx, p, i, e, radii, weight, float32=True)
         radii = perturbation_radii(self.net, p, xb, xb, "interval", (vals, vals),
-                                   tighten=None if refine is None else tighten)
+                                   tighten=None if refine is None else tighten, rounding=FAULTY)
         out = radii[-1].flatten(1)
-        lb = {} if lin is None else lin.bounds(p, radii)
+        lb = {} if lin is None else lin.bounds(p, radii, float32=True)
         if "out" in lb:
             out = torch.minimum(out, lb["out"])
-        out = torch.clamp(out, max=cap)
+        out = torch.minimum(out, cap)
         pred = vals[-1].argmax(1)[:, None]
         mb = out.gather(1, pred) + out  # a margin moves by at most the sum of its two outputs' moves
         if "margin" in lb:

@@ -61,7 +61,7 @@ def _per_sample_affine(node, x: Tensor, dw: Tensor) -> Tensor:
     a = node.affine
     w = a.weight[None] + dw
     if a.kind == "linear":
-        out = torch.einsum("bi,boi->bo", x, w)
+        out = torch.einsum("b...i,boi->b...o", x, w)  # a Linear acts on the last dimension
         return out if a.bias is None else out + a.bias
     n = x.shape[0]
     out = F.conv2d(x.reshape(1, -1, *x.shape[2:]), w.reshape(-1, *w.shape[2:]), None, a.stride, a.padding,

@@ -34,6 +34,11 @@ from hwrel.seu.mapping import ModelMapping, map_model
 from hwrel.seu.mission import fit_table, mission_table, protection_plan
 
 DEFAULT_ACCURACY_DROP = 0.01
+# A measured flip above its certified damage by more than VIOLATION_REL (relative) plus
+# VIOLATION_ABS times the output scale is a violation: the certificate is about the deployed model
+# in exact arithmetic, the measurement a float64 forward whose rounding is ~1e-15 of the outputs.
+VIOLATION_REL = 1e-9
+VIOLATION_ABS = 1e-12
 
 
 @dataclass(frozen=True, eq=False)
@@ -52,8 +57,11 @@ class SEUResult:
     assumed never to flip (ECC corrects them); every other figure is as sound as
     ``certified_flips``. ``single_flip_breaker`` (only when ``certified_flips == 0``): the bit
     column whose single flip breaks the budget alone (``alone``: the bound with only that column
-    flippable still fails), with its certified damage and one measured flip of its worst element; ``single_flip_breaker_weights`` the same among weight bits when
-    ``certified_flips_weights_only == 0``.
+    flippable still fails), with its certified damage and one measured flip of its worst
+    element; ``single_flip_breaker_weights`` the same among weight bits when
+    ``certified_flips_weights_only == 0``. ``violations``: campaign flips measured beyond their
+    certified damage, or measured vulnerable but certified not (0 unless hwrel has a bug; the
+    CLI and the report say so loudly).
     """
 
     model: str
@@ -100,6 +108,7 @@ class SEUResult:
     plan_protected_bits: int = 0
     single_flip_breaker: dict[str, Any] | None = None
     single_flip_breaker_weights: dict[str, Any] | None = None
+    violations: int = 0  # campaign flips measured beyond their certificate (must be 0)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (tables as lists of records; the campaign is summarised)."""
@@ -116,7 +125,7 @@ class SEUResult:
             "target_max_fit", "meets_target", "meets_target_with_ecc",
             "certified_flips_weights_only", "certified_flips_weights_only_capped",
             "certified_flips_with_plan", "certified_flips_with_plan_capped", "plan_protected_bits",
-            "single_flip_breaker", "single_flip_breaker_weights")}
+            "single_flip_breaker", "single_flip_breaker_weights", "violations")}
         for name in ("flip_bounds", "critical_bits", "memories", "protection_plan", "mapping"):
             out[name] = records(getattr(self, name))
         return out
@@ -240,8 +249,10 @@ def _vulnerability(fb: FlipBounds, epsilon: float | None, x: Tensor | None) -> _
         # it: scale its damage by the worst sample's 2/margin instead.
         inv = float((2 / m).max())
         scale = [inv if s.tensor.part == "bias" else 1.0 for s in fb.sites]
-        flags = [d * c >= 1 for d, c in zip(fb.single(Z), scale)]
-        words = [int((w * c >= 1).sum()) for w, c in zip(fb.word(Z), scale)]
+        # the quantized-activation slack does not depend on the input either: scaled like a bias
+        flags = [d * c + inv * sl >= 1 for d, c, sl in zip(fb.single(Z, slack=0.0), scale, fb.slack_terms())]
+        word_slack = [fb.slack.get(s.tensor.node, 0.0) * (s.word_delta > 0) for s in fb.sites]
+        words = [int((w * c + inv * sl >= 1).sum()) for w, c, sl in zip(fb.word(Z, slack=0.0), scale, word_slack)]
     return _Vulnerability([f.sum(0).numpy() for f in flags], words,
                           [d.amax(0).numpy() for d in dmg], flags, dmg)
 
@@ -257,6 +268,7 @@ def _campaign(fm: FlipModel, vul: _Vulnerability, epsilon: float | None,
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     clean = fm.output
     pred = clean.argmax(1)
+    slack = VIOLATION_ABS * (1.0 + float(clean.abs().max()))
     rows = []
     for p in picks:
         ti = int(np.searchsorted(starts, p, side="right") - 1)
@@ -267,14 +279,17 @@ def _campaign(fm: FlipModel, vul: _Vulnerability, epsilon: float | None,
         finite = bool(torch.isfinite(out).all())
         delta = float((out - clean).abs().max()) if finite else math.inf
         changed = (not finite) or bool((out.argmax(1) != pred).any())
+        vulnerable = delta > epsilon if epsilon is not None else changed
+        cert, cert_vul = float(vul.full[ti][e, b]), bool(vul.flags[ti][e, b])
         rows.append({"tensor": stored[ti].name, "tensor_index": ti, "element": e, "bit": b,
                      "max_abs_delta": delta, "decision_changed": changed,
-                     "vulnerable": delta > epsilon if epsilon is not None else changed,
-                     "certified_damage": float(vul.full[ti][e, b]),
-                     "certified_vulnerable": bool(vul.flags[ti][e, b])})
+                     "vulnerable": vulnerable, "certified_damage": cert,
+                     "certified_vulnerable": cert_vul,
+                     # a measurement beyond its certificate: a soundness bug, never a silent row
+                     "violation": bool(delta > cert * (1 + VIOLATION_REL) + slack) or (vulnerable and not cert_vul)})
     return pd.DataFrame(rows, columns=["tensor", "tensor_index", "element", "bit",
                                        "max_abs_delta", "decision_changed", "vulnerable",
-                                       "certified_damage", "certified_vulnerable"])
+                                       "certified_damage", "certified_vulnerable", "violation"])
 
 
 def _critical_table(mapping: ModelMapping, vul: _Vulnerability, campaign: pd.DataFrame
@@ -495,7 +510,8 @@ def seu_analysis(model: nn.Module | Network | Any, accelerator: str | Accelerato
         certified_flips_weights_only=k_w, certified_flips_weights_only_capped=capped_w,
         certified_flips_with_plan=k_p, certified_flips_with_plan_capped=capped_p,
         plan_protected_bits=plan_bits, single_flip_breaker=breaker,
-        single_flip_breaker_weights=breaker_w)
+        single_flip_breaker_weights=breaker_w,
+        violations=int(camp.violation.sum()) if n_c else 0)
 
 
 def _wilson(k: int, n: int) -> tuple[float, float]:

@@ -26,18 +26,22 @@ Used by :mod:`hwrel.seu.analysis`. Certified damage of bit flips in stored param
 * Accuracy budgets use the same bound per test input (boxes shrunk to points): the prediction on
   ``x`` provably survives when its logit margin exceeds twice the bound.
 
-Covers weights and biases; activations and accumulators are not modelled.
+Covers weights and biases; activations and accumulators are not modelled. The bounds are about
+the deployed model in exact arithmetic of its stored values (what an integer datapath computes;
+:class:`FlipModel` measures it in float64); quantized activations add their rounding steps
+(:func:`quant_slack`).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from hwrel.bounds.ibp import interval_bounds, sup_abs
+from hwrel.bounds.interval import gains
 from hwrel.bounds.perturb import WeightPerturbation, perturbation_radii, site_gains
 from hwrel.formats import IntFormat, flip, range_restrict
 from hwrel.network import Network
@@ -146,11 +150,17 @@ def _amplification(net: Network, t: StoredTensor, S: Tensor, g: Tensor) -> Tenso
     """``(B, numel)``: per element, the output change per unit change of its value (sound)."""
     aff = net.nodes[t.node].affine
     B = S.shape[0]
-    if t.part == "bias":
-        per = g if aff.kind == "linear" else g.sum(dim=(1, 2))
-        return per.reshape(1, -1).expand(B, -1)
     if aff.kind == "linear":
-        return (g[None, :, None] * S[:, None, :]).reshape(B, -1)
+        # a Linear acts on the last dimension: each weight and bias is used at every leading
+        # position (none for a flat input), so its amplification sums over them
+        out_f = aff.weight.shape[0]
+        gp = g.reshape(-1, out_f)  # (P, out)
+        if t.part == "bias":
+            return gp.sum(0).reshape(1, -1).expand(B, -1)
+        sp = S.reshape(B, -1, aff.weight.shape[1])  # (B, P, in)
+        return torch.einsum("pj,bpi->bji", gp, sp).reshape(B, -1)
+    if t.part == "bias":
+        return g.sum(dim=(1, 2)).reshape(1, -1).expand(B, -1)
     out = []
     for b in range(B):  # conv weight: every output position of its channel
         finite = torch.nan_to_num(S[b:b + 1], posinf=1e300)
@@ -167,22 +177,60 @@ def _times(a: Tensor, d: Tensor) -> Tensor:
     return torch.where(torch.isinf(d) | torch.isnan(p), torch.full_like(p, math.inf), p)
 
 
+def quant_slack(net: Network) -> dict[int, float]:
+    """Per affine node ``a``: how far any output can move because quantized activations after
+    ``a`` round (sound, for any input of the domain and any change at ``a``).
+
+    A quantized activation is not Lipschitz: a change of its input, however small, can carry it
+    across a rounding threshold, one step ``s`` up or down (``|Q(u) - Q(v)| <= K |u - v| + s``
+    for ``u != v``). The gains only carry the ``K |u - v|`` part, so every quantized neuron
+    downstream of a changed affine node may add one step, which moves the outputs by at most its
+    gain times ``s``.
+    """
+    quant = [i for i, n in enumerate(net.nodes) if n.op == "act" and n.act.quant_step > 0]
+    if not quant:
+        return {i: 0.0 for i in net.synapse_layers}
+    slopes = {i: n.act.lipschitz for i, n in enumerate(net.nodes) if n.op == "act"}
+    g = gains(net, slopes, quant, 1)
+    per_q = {q: (g[q][:, 0] * net.nodes[q].act.quant_step).flatten(1).sum(1) for q in quant}  # (n_out,)
+    consumers = net.consumers()
+    out = {}
+    for a in net.synapse_layers:
+        seen, todo = set(), [a]
+        while todo:  # every node that depends on a
+            for c in consumers[todo.pop()]:
+                if c not in seen:
+                    seen.add(c)
+                    todo.append(c)
+        hit = [per_q[q] for q in quant if q in seen]
+        out[a] = float(torch.stack(hit).sum(0).max()) * _UP if hit else 0.0
+    return out
+
+
 @dataclass(eq=False)
 class FlipBounds:
+    """Sound bounds on the damage of bit flips in stored parameters (see the module docstring).
+
+    ``slack``: per affine node, the extra output change from quantized activations crossing a
+    rounding threshold (:func:`quant_slack`); every bound of a flip that changes a value
+    includes it.
+    """
+
     net: Network  # deployed, float64
     sites: list[FlipSites]
     gains: dict[int, Tensor]
+    slack: dict[int, float] = field(default_factory=dict)
 
     def protect(self, columns: Mapping[int, Sequence[int]]) -> "FlipBounds":
         """The same bounds when the ``{tensor index: bit positions}`` columns cannot flip
         (protected by ECC or held in registers): sound for any flips among the other bits."""
         sites = [s.protect(columns.get(i, ())) if i in columns else s
                  for i, s in enumerate(self.sites)]
-        return FlipBounds(self.net, sites, self.gains)
+        return FlipBounds(self.net, sites, self.gains, self.slack)
 
     def inputs_sup(self, lo: Tensor, hi: Tensor, k: int) -> dict[int, Tensor] | None:
         """Per affine node: bound on ``|y| + e`` at its input for ``k - 1`` other flips."""
-        los, his = interval_bounds(self.net, lo, hi)
+        los, his = interval_bounds(self.net, lo, hi, float32=False)  # exact arithmetic (module docstring)
         S = {i: sup_abs(los[self.net.nodes[i].inputs[0]], his[self.net.nodes[i].inputs[0]])
              for i in self.net.synapse_layers}
         if k <= 1:
@@ -195,7 +243,7 @@ class FlipBounds:
             shape = s.tensor.values.shape
             (wr if s.tensor.part == "weight" else br)[s.tensor.node] = s.word_delta.reshape(shape)
         p = WeightPerturbation(weight_radius=wr, bias_radius=br, count=k - 1)
-        radii = perturbation_radii(self.net, p, lo, hi, "interval", (los, his))
+        radii = perturbation_radii(self.net, p, lo, hi, "interval", (los, his), rounding=None)
         return {i: S[i] + radii[self.net.nodes[i].inputs[0]] for i in S}
 
     def bound(self, k: int, lo: Tensor, hi: Tensor) -> Tensor:
@@ -207,9 +255,12 @@ class FlipBounds:
         if S is None:
             return torch.full((B,), math.inf, dtype=torch.float64)
         cands = []
+        slack = 0.0  # one rounding step per quantized neuron after the first changed layer, at most
         for s in self.sites:
             if s.free is not None and not bool(s.free.any()):
                 continue  # fully protected: no flip can reach it
+            if bool((s.bit_delta > 0).any()):
+                slack = max(slack, self.slack.get(s.tensor.node, 0.0))
             a = _amplification(self.net, s.tensor, S[s.tensor.node], self.gains[s.tensor.node])
             n = a.shape[1]
             if k == 1:
@@ -227,29 +278,37 @@ class FlipBounds:
         if not cands:
             return torch.zeros(B, dtype=torch.float64)
         allc = torch.cat(cands, dim=1)
-        return torch.topk(allc, min(k, allc.shape[1]), dim=1).values.sum(1)
+        return torch.topk(allc, min(k, allc.shape[1]), dim=1).values.sum(1) + slack
 
-    def single(self, S: Mapping[int, Tensor]) -> list[Tensor]:
-        """Per tensor ``(numel, bits)``: certified damage of each single flip (``S``: B == 1)."""
+    def single(self, S: Mapping[int, Tensor], slack: float = 1.0) -> list[Tensor]:
+        """Per tensor ``(numel, bits)``: certified damage of each single flip (``S``: B == 1),
+        including ``slack`` times its quantized-activation slack (see :meth:`slack_terms`)."""
+        out = []
+        for s, extra in zip(self.sites, self.slack_terms()):
+            a = _amplification(self.net, s.tensor, S[s.tensor.node], self.gains[s.tensor.node])
+            out.append(_times(a[0][:, None], s.bit_delta) + slack * extra)
+        return out
+
+    def word(self, S: Mapping[int, Tensor], slack: float = 1.0) -> list[Tensor]:
+        """Per tensor ``(numel,)``: certified damage of any flips within one word."""
         out = []
         for s in self.sites:
             a = _amplification(self.net, s.tensor, S[s.tensor.node], self.gains[s.tensor.node])
-            out.append(_times(a[0][:, None], s.bit_delta))
+            extra = self.slack.get(s.tensor.node, 0.0) * (s.word_delta > 0)
+            out.append(_times(a[0], s.word_delta) + slack * extra)
         return out
 
-    def word(self, S: Mapping[int, Tensor]) -> list[Tensor]:
-        out = []
-        for s in self.sites:
-            a = _amplification(self.net, s.tensor, S[s.tensor.node], self.gains[s.tensor.node])
-            out.append(_times(a[0], s.word_delta))
-        return out
+    def slack_terms(self) -> list[Tensor]:
+        """Per tensor ``(numel, bits)``: the quantized-activation slack of each single flip (0
+        where the flip cannot change the value, e.g. a protected bit)."""
+        return [self.slack.get(s.tensor.node, 0.0) * (s.bit_delta > 0).to(torch.float64) for s in self.sites]
 
 
 def flip_bounds(net64: Network, stored: Sequence[StoredTensor], range_restriction: bool
              ) -> FlipBounds:
     lims = _limits(stored, range_restriction)
     sites = [flip_sites(t, lim) for t, lim in zip(stored, lims)]
-    return FlipBounds(net64, sites, site_gains(net64))
+    return FlipBounds(net64, sites, site_gains(net64), quant_slack(net64))
 
 
 # ------------------------------------------------------------------------------- exact injection

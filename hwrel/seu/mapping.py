@@ -214,7 +214,7 @@ def store_parameters(net: Network, fmt: Format) -> list[StoredTensor]:
     """Every affine layer's weight and bias stored in ``fmt`` (biases int32 for integer formats),
     with no memory assigned (``memory == ""``). Exact representation, no analysis."""
     n64 = net.to()
-    los, his = interval_bounds(n64, n64.input_lo[None], n64.input_hi[None])
+    los, his = interval_bounds(n64, n64.input_lo[None], n64.input_hi[None], float32=False)
     out = []
     for idx in net.synapse_layers:
         node = net.nodes[idx]
