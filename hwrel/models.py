@@ -12,7 +12,8 @@ is then trained and cached as a state dict under ``$HWREL_CACHE`` or ``~/.cache/
 (``models/<name>-<key>.pt``, ``key`` hashing the recipe and the torch major.minor version). A cache
 file that cannot be read is retrained, never trusted and never a crash.
 
-User model files (:func:`load_model_file`) are never unpickled unless the caller opts in.
+User model files are loaded by :mod:`hwrel.loading` (:func:`load_model_file` and
+:func:`resolve_model` are its shortcuts); they are never unpickled unless the caller opts in.
 """
 from __future__ import annotations
 
@@ -21,11 +22,8 @@ import functools
 import hashlib
 import math
 import os
-import pickle
-import re
 import tempfile
 import warnings
-import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -508,73 +506,22 @@ def _first_line(exc: BaseException) -> str:
 
 def load_model_file(path: str | os.PathLike[str], *, architecture: str | None = None,
                     trust_pickle: bool = False) -> nn.Module:
-    """Load a user model file, in eval mode.
+    """Load a user model file, in eval mode: :func:`hwrel.loading.load_model` (every format and
+    error it has), for a file only."""
+    from hwrel.loading import load_model
 
-    ``.pt2``: a ``torch.export`` program (safe). Otherwise a state dict (read with
-    ``weights_only=True``), loaded into the built-in ``architecture``; or, only with
-    ``trust_pickle=True``, a fully pickled ``nn.Module`` (unpickling runs code from the file).
-    """
     p = Path(path)
     if not p.is_file():
         raise HwrelError(f"model file {p}: not found")
-    if p.suffix == ".pt2":
-        if not zipfile.is_zipfile(p):
-            raise HwrelError(f"model file {p}: not a torch.export .pt2 archive")
-        try:
-            return torch.export.load(p).module()  # exported in eval mode; .eval() unsupported
-        except Exception as exc:
-            raise HwrelError(f"model file {p}: not a readable torch.export program "
-                             f"({_first_line(exc)})") from exc
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # torch names the rejected class as "GLOBAL <name>"; anything else is a corrupt file.
-        found = re.search(r"GLOBAL (\S+)", str(exc))
-        if found is None:
-            raise HwrelError(f"model file {p}: unreadable (not a torch.save file, or corrupt)"
-                             ) from exc
-        if not trust_pickle:
-            raise HwrelError(
-                f"model file {p}: holds pickled Python objects ({found.group(1)}), which can run "
-                "arbitrary code when loaded; pass trust_pickle=True (CLI: --trust-pickle) only "
-                "if you trust it, or save a state_dict or a torch.export .pt2") from exc
-        try:
-            obj = torch.load(p, map_location="cpu", weights_only=False)
-        except Exception as exc2:
-            raise HwrelError(f"model file {p}: cannot unpickle ({_first_line(exc2)})") from exc2
-    except Exception as exc:
-        raise HwrelError(f"model file {p}: unreadable ({_first_line(exc)})") from exc
-    if isinstance(obj, nn.Module):
-        return obj.eval()
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
-    if not (isinstance(obj, Mapping) and obj and
-            all(isinstance(v, torch.Tensor) for v in obj.values())):
-        raise HwrelError(f"model file {p}: neither an nn.Module nor a state dict "
-                         f"(got {type(obj).__name__})")
-    if architecture is None:
-        raise HwrelError(f"model file {p}: is a state dict; say which architecture it fits "
-                         f"(one of: {', '.join(_RECIPES)})")
-    recipe = _recipe(architecture)
-    module = _build(recipe.factory, recipe.seed)
-    try:
-        module.load_state_dict(obj)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        raise HwrelError(f"model file {p}: does not fit architecture '{architecture}' "
-                         f"({' '.join(s.strip() for s in first[:2])})") from exc
-    return module.eval()
+    return load_model(p, architecture=architecture, trust_pickle=trust_pickle).module
 
 
 def resolve_model(spec: str, trust_pickle: bool = False, *, architecture: str | None = None,
                   cache_dir: str | os.PathLike[str] | None = None,
                   ) -> tuple[nn.Module, ReferenceModel | None]:
-    """A built-in name gives ``(reference.module, reference)``; anything else is read as a model
-    file by :func:`load_model_file` and gives ``(module, None)``."""
-    if spec in _RECIPES:
-        ref = load(spec, cache_dir=cache_dir)
-        return ref.module, ref
-    if not Path(spec).exists():
-        raise HwrelError(f"model '{spec}': neither a built-in model ({', '.join(_RECIPES)}) "
-                         "nor an existing file")
-    return load_model_file(spec, architecture=architecture, trust_pickle=trust_pickle), None
+    """A built-in name gives ``(reference.module, reference)``; anything else is loaded by
+    :func:`hwrel.loading.load_model` and gives ``(module, None)``."""
+    from hwrel.loading import load_model
+
+    lm = load_model(spec, architecture=architecture, trust_pickle=trust_pickle, cache_dir=cache_dir)
+    return lm.module, lm.reference

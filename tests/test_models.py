@@ -151,7 +151,7 @@ def test_state_dict_file_needs_matching_architecture(trained: dict[str, models.R
         models.load_model_file(path)
     with pytest.raises(HwrelError, match="does not fit architecture 'digits-mlp'"):
         models.load_model_file(path, architecture="digits-mlp")
-    with pytest.raises(HwrelError, match="unknown model"):
+    with pytest.raises(HwrelError, match="neither a built-in architecture"):
         models.load_model_file(path, architecture="lenet")
     module = models.load_model_file(path, architecture="mnist-lenet")
     assert not module.training and _same_state(module, ref.module)
