@@ -174,6 +174,18 @@ def test_bad_input_is_one_line_exit_2_nothing_written(own: OwnModels, tmp_path: 
         assert not Path(f"{out}.png").exists(), cmd
 
 
+@pytest.mark.parametrize("cmd", ["report", "bitwidth", "seu"])
+def test_commands_that_need_labels_say_so(own: OwnModels, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                          cmd: str) -> None:
+    out = tmp_path / "out"
+    if cmd == "seu":
+        out.mkdir()
+    assert main(_argv(cmd, f"{own.root}/tanh.pt2", out, [])) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hwrel: error: ") and "\n" not in err and "needs labelled test data" in err
+    assert "--data FILE" in err and "tanh" in err
+
+
 @pytest.mark.parametrize("cmd,path", [("inject", "/proc/hwrel-x"), ("bitwidth", "/proc/hwrel-x.png"),
                                       ("seu", "/proc/hwrel-x"), ("report", "/proc/hwrel-x")])
 def test_unwritable_output_fails_before_the_work(own: OwnModels, monkeypatch: pytest.MonkeyPatch,
