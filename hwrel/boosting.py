@@ -311,7 +311,8 @@ class SimulationResult:
 
     ``per_sample`` columns: ``latency_full`` (all outputs ready, every neuron waiting for all its
     inputs), ``latency_quorum`` (with the plan's quorums), ``error`` (``max_o |F~_o - F_o|``,
-    measured). ``certified``/``certified_paper`` come from the plan.
+    measured); with labels, ``correct_full`` and ``correct_quorum`` (top-1 equals the label).
+    ``certified``/``certified_paper`` come from the plan.
     """
 
     latency: str
@@ -331,6 +332,9 @@ class SimulationResult:
                     "certified": self.certified, "certified_paper": self.certified_paper,
                     "within_certified": bool(d["error"].max() <= self.certified)
                     and bool(d["error"].max() <= self.certified_paper)})
+        if "correct_full" in d:
+            out.update({"accuracy_full": float(d["correct_full"].mean()),
+                        "accuracy_quorum": float(d["correct_quorum"].mean())})
         return out
 
 
@@ -344,13 +348,15 @@ def _received(arrival: Tensor, q: int) -> Tensor:
 
 @torch.no_grad()
 def simulate(net: Network, plan: BoostResult, inputs: Tensor, latency: "str | Latency" = "pareto:1.5", *,
-             seed: int = 0, repeats: int = 1, chunk: int = 64) -> SimulationResult:
+             seed: int = 0, repeats: int = 1, chunk: int = 64,
+             labels: Tensor | None = None) -> SimulationResult:
     """Run ``inputs`` (``repeats`` times each) as message passing with i.i.d. link latencies.
 
     Inputs are available at time 0; a neuron fires when its quorum of input signals has arrived
     (signal = sender firing time + link latency) and substitutes the plan's constants for the rest;
     outputs are computed exactly with those substitutions (float64). The same latency draws run
-    once with full quorums (the baseline). Measured, not a bound.
+    once with full quorums (the baseline). Measured, not a bound. ``labels`` (class indices of
+    ``inputs``) add the measured accuracy with and without quorums.
     """
     lat = parse_latency(latency)
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
@@ -361,6 +367,13 @@ def simulate(net: Network, plan: BoostResult, inputs: Tensor, latency: "str | La
     if not isinstance(inputs, Tensor) or inputs.dim() < 2 or inputs.shape[0] == 0:
         raise HwrelError("inputs must be a non-empty batch tensor")
     x_all = inputs.to(torch.float64).flatten(1).repeat(repeats, 1)
+    y_all = None
+    if labels is not None:
+        labels = torch.as_tensor(labels)
+        if labels.shape != (inputs.shape[0],):
+            raise HwrelError(f"labels must be one class index per input ({inputs.shape[0]}), got shape "
+                             f"{tuple(labels.shape)}")
+        y_all = labels.repeat(repeats)
     rng = np.random.default_rng(seed)
     rows = []
     for b in range(0, x_all.shape[0], chunk):
@@ -383,7 +396,11 @@ def simulate(net: Network, plan: BoostResult, inputs: Tensor, latency: "str | La
                 s, y_ref = st.act.act(s), st.act.act(y_ref)
             y = s
         err = (y - y_ref).abs().amax(1)
-        rows.append(pd.DataFrame({"latency_full": t_full.amax(1).numpy(), "latency_quorum": t.amax(1).numpy(),
-                                  "error": err.numpy()}))
+        cols = {"latency_full": t_full.amax(1).numpy(), "latency_quorum": t.amax(1).numpy(), "error": err.numpy()}
+        if y_all is not None:
+            lab = y_all[b:b + chunk]
+            cols.update({"correct_full": (y_ref.argmax(1) == lab).numpy(),
+                         "correct_quorum": (y.argmax(1) == lab).numpy()})
+        rows.append(pd.DataFrame(cols))
     return SimulationResult(lat.describe(), tuple(plan.quorum), pd.concat(rows, ignore_index=True),
                             plan.certified, plan.certified_paper)

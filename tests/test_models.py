@@ -1,4 +1,5 @@
-"""Built-in reference models: accuracy targets, determinism, cache, model files, CLI listing."""
+"""Built-in reference models: accuracy targets, determinism, shipped weights, cache, model files,
+CLI listing and retraining."""
 from __future__ import annotations
 
 import json
@@ -26,6 +27,14 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def trained(cache: Path) -> dict[str, models.ReferenceModel]:
     return {name: models.load(name, cache_dir=cache, retrain=True) for name in models.names()}
+
+
+@pytest.fixture
+def no_shipped(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No shipped weights: load() falls back to the cache and to training."""
+    empty = tmp_path_factory.mktemp("no-weights")
+    monkeypatch.setattr(models, "WEIGHTS_DIR", empty)
+    return empty
 
 
 def _same_state(a: nn.Module, b: nn.Module) -> bool:
@@ -68,7 +77,8 @@ def test_training_is_deterministic_and_leaves_global_rng_alone(
 
 
 def test_cache_round_trips_without_training(trained: dict[str, models.ReferenceModel],
-                                            cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+                                            cache: Path, monkeypatch: pytest.MonkeyPatch,
+                                            no_shipped: Path) -> None:
     def no_training(*args: object) -> None:
         raise AssertionError("retrained although a valid cache file exists")
 
@@ -78,6 +88,7 @@ def test_cache_round_trips_without_training(trained: dict[str, models.ReferenceM
         assert path.is_file() and path.parent == cache / "models"
         assert path.name.startswith(f"{name}-") and path.suffix == ".pt"
         cached = models.load(name, cache_dir=cache)
+        assert cached.weights == "cached"
         assert _same_state(cached.module, ref.module) and not cached.module.training
         assert cached.test_accuracy == ref.test_accuracy
     assert not list((cache / "models").glob("*.tmp"))
@@ -92,7 +103,7 @@ def test_cache_dir_defaults_to_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "wrong-shapes"])
 def test_corrupt_cache_is_retrained(trained: dict[str, models.ReferenceModel], cache: Path,
-                                    tmp_path: Path, damage: str) -> None:
+                                    tmp_path: Path, damage: str, no_shipped: Path) -> None:
     good = models.cache_path("digits-mlp", cache_dir=cache).read_bytes()
     path = models.cache_path("digits-mlp", cache_dir=tmp_path)
     path.parent.mkdir(parents=True)
@@ -104,7 +115,7 @@ def test_corrupt_cache_is_retrained(trained: dict[str, models.ReferenceModel], c
                           "empty": b""}[damage])
     with pytest.warns(UserWarning, match="model cache"):
         ref = models.load("digits-mlp", cache_dir=tmp_path)
-    assert _same_state(ref.module, trained["digits-mlp"].module)
+    assert _same_state(ref.module, trained["digits-mlp"].module) and ref.weights == "trained"
     record = torch.load(path, weights_only=True)  # rewritten, now valid
     assert record["test_accuracy"] == ref.test_accuracy
 
@@ -140,7 +151,7 @@ def test_state_dict_file_needs_matching_architecture(trained: dict[str, models.R
         models.load_model_file(path)
     with pytest.raises(HwrelError, match="does not fit architecture 'digits-mlp'"):
         models.load_model_file(path, architecture="digits-mlp")
-    with pytest.raises(HwrelError, match="unknown model"):
+    with pytest.raises(HwrelError, match="neither a built-in architecture"):
         models.load_model_file(path, architecture="lenet")
     module = models.load_model_file(path, architecture="mnist-lenet")
     assert not module.training and _same_state(module, ref.module)
@@ -170,10 +181,10 @@ def test_pt2_export_round_trip(trained: dict[str, models.ReferenceModel], tmp_pa
     assert torch.equal(module(ref.x_test), ref.module(ref.x_test))
 
 
-def test_resolve_builtin_name(trained: dict[str, models.ReferenceModel], cache: Path) -> None:
+def test_resolve_builtin_name(cache: Path) -> None:
     module, ref = models.resolve_model("digits-mlp-sigmoid", cache_dir=cache)
-    assert ref is not None and ref.module is module
-    assert _same_state(module, trained["digits-mlp-sigmoid"].module)
+    assert ref is not None and ref.module is module and ref.weights == "shipped"
+    assert _same_state(module, models.load("digits-mlp-sigmoid").module)
 
 
 def test_architectures_are_as_documented(trained: dict[str, models.ReferenceModel]) -> None:
@@ -205,10 +216,16 @@ def test_resnet18_like() -> None:
 
 
 def test_describe_and_cli_json(trained: dict[str, models.ReferenceModel], cache: Path,
-                               tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+                               tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    shipped = {n: models.load(n) for n in models.names()}
     table = models.describe(cache_dir=tmp_path)
-    assert list(table["name"]) == models.names()
+    assert list(table["name"]) == models.names() and (table["weights"] == "shipped").all()
+    assert list(table["test_accuracy"]) == [shipped[n].test_accuracy for n in models.names()]
+    monkeypatch.setattr(models, "WEIGHTS_DIR", tmp_path / "none")
+    table = models.describe(cache_dir=tmp_path)
     assert table["test_accuracy"].map(math.isnan).all()  # describing never trains
+    assert (table["weights"] == "not trained yet").all()
     assert not (tmp_path / "models").exists()
     for name, expected in ((tmp_path, None), (cache, trained)):
         assert main(["models", "--json", "--cache-dir", str(name)]) == 0
@@ -217,12 +234,91 @@ def test_describe_and_cli_json(trained: dict[str, models.ReferenceModel], cache:
         for r in rows:
             assert r["input_domain"] == [0.0, 1.0]
             if expected is None:
-                assert r["test_accuracy"] is None
+                assert r["test_accuracy"] is None and r["weights"] == "not trained yet"
             else:
                 assert r["test_accuracy"] == expected[r["name"]].test_accuracy
+                assert r["weights"] == "cached"
                 assert tuple(r["input_shape"]) == expected[r["name"]].input_shape
                 assert r["parameters"] == sum(
                     p.numel() for p in expected[r["name"]].module.parameters())
     assert main(["models", "--cache-dir", str(tmp_path)]) == 0
     assert capsys.readouterr().out.count("not trained yet") == len(models.names())
     shutil.rmtree(tmp_path / "models", ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------ shipped weights
+
+def test_shipped_weights_load_without_training_or_cache(monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path) -> None:
+    """Every built-in model's weights ship with the package: loading them trains nothing and
+    writes no cache; each file is small and records the recipe it was trained from."""
+    def no_training(*args: object) -> None:
+        raise AssertionError("trained although shipped weights exist")
+
+    monkeypatch.setattr(models, "_train", no_training)
+    monkeypatch.setenv("HWREL_CACHE", str(tmp_path))
+    from safetensors import safe_open
+
+    for name in models.names():
+        path = models.weights_path(name)
+        assert path.parent == models.WEIGHTS_DIR and path.is_file()
+        assert 10_000 < path.stat().st_size < 400_000, path
+        ref = models.load(name)
+        assert ref.weights == "shipped" and not ref.module.training
+        assert ref.test_accuracy >= TARGETS[name]
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        assert meta["recipe"] == models._key(models._recipe(name), with_torch=False)
+        assert float(meta["test_accuracy"]) == ref.test_accuracy  # same numbers here as where trained
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name", list(TARGETS))
+def test_training_code_still_reproduces_the_shipped_weights(
+        trained: dict[str, models.ReferenceModel], name: str) -> None:
+    """The kept training code trains models of the shipped quality: a recipe change that is not
+    followed by `hwrel models --retrain` shows here (and in the recipe hash check below)."""
+    shipped = models.load(name)
+    assert abs(trained[name].test_accuracy - shipped.test_accuracy) <= 0.02
+    sa, sb = shipped.module.state_dict(), trained[name].module.state_dict()
+    assert sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape for k in sa)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "other-recipe", "wrong-shapes"])
+def test_bad_shipped_weights_fall_back_to_training(trained: dict[str, models.ReferenceModel],
+                                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   damage: str) -> None:
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    monkeypatch.setattr(models, "WEIGHTS_DIR", weights)
+    path = models.weights_path("digits-mlp")
+    if damage == "garbage":
+        path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{junk}")
+        match = "unreadable shipped weights"
+    else:
+        from safetensors.torch import save_file
+
+        src = trained["digits-mlp-sigmoid" if damage == "wrong-shapes" else "digits-mlp"]
+        recipe = models._key(models._recipe("digits-mlp"), with_torch=False)
+        save_file(dict(src.module.state_dict()),
+                  str(path), metadata={"recipe": "0" * 12 if damage == "other-recipe" else recipe})
+        match = "another recipe" if damage == "other-recipe" else "do not fit"
+    with pytest.warns(UserWarning, match=match):
+        ref = models.load("digits-mlp", cache_dir=tmp_path / "cache")
+    assert ref.weights == "trained" and _same_state(ref.module, trained["digits-mlp"].module)
+
+
+def test_cli_retrain_writes_weights_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`hwrel models --retrain NAME --weights-dir DIR` writes a file load() uses; retraining again
+    on the same machine gives the same weights ("unchanged")."""
+    assert main(["models", "--retrain", "digits-mlp-sigmoid", "--weights-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "digits-mlp-sigmoid: test accuracy" in out and "new" in out
+    assert [p.name for p in tmp_path.iterdir()] == ["digits-mlp-sigmoid.safetensors"]
+    assert main(["models", "--retrain", "digits-mlp-sigmoid", "--weights-dir", str(tmp_path),
+                 "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 1 and rows[0]["changed"] is False
+    assert rows[0]["test_accuracy"] == rows[0]["test_accuracy_before"] >= TARGETS["digits-mlp-sigmoid"]
+    assert main(["models", "--retrain", "no-such-model", "--weights-dir", str(tmp_path)]) == 2
+    assert "unknown model 'no-such-model'" in capsys.readouterr().err

@@ -20,8 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "reports" / "example-digits-mlp-eyeriss-v1"
 SECTIONS = ("summary", "fep", "bitwidth", "seu", "validation", "reproduce")
 FIGURES = ("fep_bounds", "fep_tolerance", "bitwidth", "seu_critical_bits", "seu_mission", "validation")
-# Committed example vs regenerated: same machine reproduces exactly; across machines the trained
-# weights may differ in the last digits, so numbers must agree to 1% (absolute 1e-6 near zero).
+# Committed example vs regenerated: the weights ship with hwrel, so the same machine reproduces
+# exactly; other machines may round float sums differently: numbers must agree to 1% (1e-6 near 0).
 RTOL, ATOL = 1e-2, 1e-6
 SMALL = ReportConfig(samples=96, random_sets=8, adversarial_steps=2, adversarial_inputs=8, seu_campaign=60,
                      seu_samples=48, bits=(4, 8, 12, 16))

@@ -2,7 +2,8 @@
 
 Each subcommand lives in its own module ``hwrel/cli/<name>.py`` exposing
 ``add_parser(subparsers)`` (registers the subcommand and its options) and ``run(args) -> int``.
-Bad input (:class:`hwrel.errors.HwrelError`) prints ``hwrel: error: <one line>`` and exits 2.
+Bad input (:class:`hwrel.errors.HwrelError`) prints ``hwrel: error: <one line>`` and exits 2; so
+do usage errors (:class:`hwrel.cli.common.Parser`: one line with a pointer to ``--help``).
 """
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ COMMANDS = [
 def build_parser() -> argparse.ArgumentParser:
     from hwrel import __version__
 
-    parser = argparse.ArgumentParser(
+    from hwrel.cli.common import Parser
+
+    parser = Parser(
         prog="hwrel",
         description="Hardware reliability and quantization analysis for neural networks.",
     )
@@ -41,7 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help / --version (0), or a usage error already printed in one line (2)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     if args.command is None:
         parser.print_help()
         return 0

@@ -7,19 +7,9 @@ import os
 import sys
 import tempfile
 
+from hwrel.cli.common import add_model_args, check_writable, fraction, load, model_info
 from hwrel.device import resolve_device
 from hwrel.errors import HwrelError
-
-
-def _fraction(text: str) -> float:
-    t = text.strip()
-    try:
-        v = float(t[:-1]) / 100 if t.endswith("%") else float(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a fraction or percentage: {text!r}") from None
-    if not 0 <= v < 1:
-        raise argparse.ArgumentTypeError(f"accuracy drop must lie in [0, 1) (or 0%..100%), got {text!r}")
-    return v
 
 
 def _bits(text: str) -> list[int]:
@@ -38,9 +28,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Quantization as a bounded perturbation: the smallest weight bit width whose "
                        "certified accuracy loss (or output error) meets the budget, beside the adversarial, "
                        "estimated and measured (Brevitas PTQ) answers.")
-    p.add_argument("model", help="built-in model name (see 'hwrel models')")
+    add_model_args(p)
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--max-accuracy-drop", type=_fraction, default=0.01, help="e.g. 1%% or 0.01 (default 1%%)")
+    g.add_argument("--max-accuracy-drop", type=fraction, default=0.01, help="e.g. 1%% or 0.01 (default 1%%)")
     g.add_argument("--epsilon", type=float, default=None, help="output-error budget in logits instead")
     p.add_argument("--per-layer", action="store_true", help="also a mixed-precision assignment per layer")
     p.add_argument("--per-channel", action="store_true", help="one scale per output channel")
@@ -58,11 +48,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hwrel import models
-    from hwrel.quantize import safe_bitwidth
+    from hwrel import quantize
 
-    if args.model not in models.names():
-        raise HwrelError(f"unknown model '{args.model}'; built-in models: {', '.join(models.names())}")
     act = args.act_bits
     if act is not None and act != "same":
         try:
@@ -74,11 +61,18 @@ def run(args: argparse.Namespace) -> int:
     if args.qat_epochs < 0:
         raise HwrelError(f"--qat-epochs must be >= 0, got {args.qat_epochs}")
     device = resolve_device(args.device)  # a bad name or a missing GPU fails before any work
-    ref = models.load(args.model)
-    res = safe_bitwidth(ref.module, ref, args.max_accuracy_drop, args.epsilon, per_layer=args.per_layer,
-                        verify=not args.no_verify, bits=args.bits, per_channel=args.per_channel,
-                        symmetric=not args.asymmetric, act_bits=act, adversarial=not args.no_adversarial,
-                        qat_epochs=args.qat_epochs, device=device)
+    if args.plot:
+        check_writable(args.plot, "--plot")
+    md = load(args)
+    if md.train is not None and args.calibration is None and args.input_domain is None:
+        data, where = md.model.reference, {}  # a built-in model: its test split, its training split calibrates
+    else:
+        x, y = md.labelled("hwrel bitwidth")
+        data, where = (x, y, md.calibration), {"input_domain": md.input_domain, "input_shape": md.input_shape}
+    res = quantize.safe_bitwidth(md.module, data, args.max_accuracy_drop, args.epsilon, per_layer=args.per_layer,
+                                 verify=not args.no_verify, bits=args.bits, per_channel=args.per_channel,
+                                 symmetric=not args.asymmetric, act_bits=act, adversarial=not args.no_adversarial,
+                                 qat_epochs=args.qat_epochs, device=device, **where)
     if args.plot:
         fig = res.plot()
         d = os.path.dirname(os.path.abspath(args.plot))
@@ -92,9 +86,9 @@ def run(args: argparse.Namespace) -> int:
             os.unlink(tmp)
             raise
     if args.json:
-        print(json.dumps(res.to_dict(), indent=2))
+        print(json.dumps({**model_info(md), **res.to_dict()}, indent=2))
     else:
-        print(f"model {args.model}, {res.spec}, budget {res.budget}")
+        print(f"model {md.name}, {res.spec}, budget {res.budget}; {md.domain_note}")
         for k in ("certified", "adversarial", "estimated", "measured"):
             print(f"  {k:<12} bits: {getattr(res, k + '_bits')}")
         if res.memory_saved_bits is not None:

@@ -6,7 +6,7 @@ import argparse
 import torch
 
 from hwrel.boosting import BOOST_METHODS, SUBSTITUTES, boosting, simulate
-from hwrel.cli.common import _ints, add_model_args, load_network, print_json
+from hwrel.cli.common import _ints, add_model_args, load_network, model_info, print_json
 from hwrel.errors import HwrelError
 
 
@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="substitute per sender (its range midpoint) or one per layer")
     p.add_argument("--method", default="interval", choices=BOOST_METHODS, help="bound used to choose quorums")
     p.add_argument("--samples", type=int, default=None, help="simulate on this many inputs (default: all "
-                   "test inputs of a built-in model, 1000 random domain points for a file)")
+                   "test inputs, --data or a built-in model's; 1000 random domain points without data)")
     p.add_argument("--repeats", type=int, default=1, help="latency draws per input")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -35,14 +35,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    lm, net = load_network(args)
+    md, net = load_network(args)
     quorum = _ints(args.quorum, "--quorum") if args.quorum else None
     plan = boosting(net, args.epsilon, quorum=quorum, epsilon_prime=args.epsilon_prime,
                     substitute=args.substitute, method=args.method)
     if args.samples is not None and args.samples < 1:
         raise HwrelError(f"--samples must be >= 1, got {args.samples}")
-    if lm.reference is not None:
-        inputs = lm.reference.x_test
+    labels = None
+    if md.x is not None:
+        inputs, labels = md.x, md.y
     else:
         g = torch.Generator().manual_seed(args.seed)
         n = args.samples or 1000
@@ -50,12 +51,14 @@ def run(args: argparse.Namespace) -> int:
                                                                            dtype=net.input_lo.dtype)
     if args.samples is not None:
         inputs = inputs[:args.samples]
-    sim = simulate(net, plan, inputs, args.latency, seed=args.seed, repeats=args.repeats)
+        labels = labels[:args.samples] if labels is not None else None
+    sim = simulate(net, plan, inputs, args.latency, seed=args.seed, repeats=args.repeats, labels=labels)
     summary = sim.summary()
     if args.json:
-        print_json({"model": lm.name, "plan": plan.to_dict(), "simulation": summary})
+        print_json({**model_info(md), "plan": plan.to_dict(), "simulation": summary})
         return 0
-    print(f"model {lm.name}: {net}")
+    print(f"model {md.name}: {net}")
+    print(md.domain_note)
     if plan.epsilon is not None:
         print(f"budget epsilon - epsilon' = {plan.budget:.6g}; quorums chosen with the {plan.method} bound")
     table = plan.table()
@@ -69,4 +72,7 @@ def run(args: argparse.Namespace) -> int:
               f"({100 * summary[q + '_reduction']:.1f} % lower)")
     print(f"  measured output error: max {summary['max_error']:.4g}, mean {summary['mean_error']:.4g} "
           f"({'within' if summary['within_certified'] else 'ABOVE'} the certified {plan.certified:.4g})")
+    if "accuracy_full" in summary:
+        print(f"  measured accuracy: {summary['accuracy_full']:.2%} without quorums, "
+              f"{summary['accuracy_quorum']:.2%} with")
     return 0

@@ -5,7 +5,7 @@ import argparse
 
 from hwrel.bounds import METHODS, fep
 from hwrel.bounds.faults import KINDS
-from hwrel.cli.common import add_model_args, load_network, parse_counts, print_json
+from hwrel.cli.common import add_model_args, load_network, model_info, parse_counts, print_json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,14 +26,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    lm, net = load_network(args)
+    md, net = load_network(args)
     res = fep(net, parse_counts(args.failures), args.fault, capacity=args.capacity, mode=args.mode,
               method=args.method, at_most=args.at_most)
-    payload = {"model": lm.name, "layers": net.layer_names(), "layer_sizes": net.layer_sizes(), **res.to_dict()}
+    payload = {**model_info(md), "layers": net.layer_names(), "layer_sizes": net.layer_sizes(), **res.to_dict()}
     if args.json:
         print_json(payload)
         return 0
-    print(f"model {lm.name}: {net}")
+    print(f"model {md.name}: {net}")
+    print(md.domain_note)
     print(f"fault {res.fault}, failures {list(res.failures)}{' (at most)' if res.at_most else ''}")
     for m, v in res.by_method.items():
         mark = "  <- reported" if m == res.method else ""

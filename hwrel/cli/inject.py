@@ -9,26 +9,27 @@ from typing import Any
 
 import torch
 
+from hwrel.cli.common import add_model_args, check_writable, load, model_info
 from hwrel.errors import HwrelError, check
 from hwrel.formats import IntFormat, IntStorage, parse_format
 from hwrel.network import Network
 
 DESCRIPTION = """\
 Inject faults into MODEL (a built-in name, see 'hwrel models', or a model file) and measure, per
-fault configuration, the output change on the model's test inputs (or, for model files, seeded
-random inputs in the domain). Bit faults (bitflip, stuck0, stuck1) hit the stored bits of weights
+fault configuration, the output change (and, with labels, the accuracy) on the test inputs: --data,
+or a built-in model's test split, or else seeded random inputs in the domain. Bit faults (bitflip, stuck0, stuck1) hit the stored bits of weights
 and biases in --format; crash and byzantine hit neurons of hidden layers. Results go to --out (a
 folder of Parquet chunks, or one .parquet file) as the campaign runs: run the same command again
 to continue after an interruption. With --format intB a float model is quantized first: with
-Brevitas post-training quantization (hwrel.quantize.ptq, calibrated on the training data) when
-available, otherwise per-tensor symmetric round-to-nearest integer codes of every weight
+Brevitas post-training quantization (hwrel.quantize.ptq, calibrated on a built-in model's training
+data or on --calibration, default the test data) when available, otherwise per-tensor symmetric round-to-nearest integer codes of every weight
 (biases stay fp32)."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inject", help="run a fault-injection campaign", description=DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", metavar="MODEL", help="built-in model name or model file")
+    add_model_args(p)
     p.add_argument("--fault", default="bitflip",
                    help="bitflip | stuck0 | stuck1 | crash | byzantine (default bitflip)")
     p.add_argument("--format", default="fp32", help="storage format: int8, int4, fp32, fp16, bf16, "
@@ -53,10 +54,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "(default 256)")
     p.add_argument("--range-limit", default=None, metavar="R", help="restrict stored weights to "
                    "[-R, R] (NaN -> 0), as a deployed protection would")
-    p.add_argument("--input-shape", default=None, help="per-sample input shape of a model file, "
-                   "e.g. 1,28,28")
-    p.add_argument("--architecture", default=None, help="built-in architecture of a state-dict file")
-    p.add_argument("--trust-pickle", action="store_true", help="allow unpickling a model file")
     p.add_argument("--confidence", default="0.95", help="confidence of the intervals (default 0.95)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -92,43 +89,35 @@ def quantize_network(net: Network, fmt: IntFormat) -> Network:
     return replace(net, nodes=tuple(nodes))
 
 
-def _model(args: argparse.Namespace, fmt: Any) -> tuple[Network, torch.Tensor, torch.Tensor | None, str]:
-    from hwrel import models
-
-    module, ref = models.resolve_model(args.model, args.trust_pickle, architecture=args.architecture)
+def _model(args: argparse.Namespace, fmt: Any) -> tuple[Network, torch.Tensor, torch.Tensor | None, str, Any]:
     n_inputs = _num(args.inputs, "--inputs", int)
     check(n_inputs > 0, f"--inputs must be a positive integer, got {args.inputs!r}")
-    shape = None
-    if args.input_shape is not None:
-        try:
-            shape = tuple(int(s) for s in args.input_shape.split(","))
-        except ValueError:
-            raise HwrelError(f"--input-shape must be comma-separated integers, got {args.input_shape!r}") from None
-    if ref is not None:
-        shape = ref.input_shape
-    net = Network.from_module(module, input_domain=(0.0, 1.0), input_shape=shape)
+    md = load(args)
+    net = md.network()
     how = "native"  # float weights in --format, or the model's own integer codes
     if isinstance(fmt, IntFormat) and any(net.nodes[i].affine.codes is None for i in net.synapse_layers):
-        net, how = _quantize(module, net, ref, fmt)
-    if ref is not None:
-        x, y = ref.x_test[:n_inputs], ref.y_test[:n_inputs]
+        net, how = _quantize(md, net, fmt)
+    if md.x is not None:
+        x, y = md.x[:n_inputs], (md.y[:n_inputs] if md.y is not None else None)
     else:
         g = torch.Generator().manual_seed(0)
         lo, hi = net.input_lo.float(), net.input_hi.float()
         x, y = lo + (hi - lo) * torch.rand(n_inputs, *net.input_shape, generator=g), None
-    return net, x, y, how
+    return net, x, y, how, md
 
 
-def _quantize(module: torch.nn.Module, net: Network, ref: Any, fmt: IntFormat) -> tuple[Network, str]:
-    """Brevitas PTQ calibrated on the training data when available (built-in models), else
-    :func:`quantize_network`. Returns the network and how it was quantized."""
+def _quantize(md: Any, net: Network, fmt: IntFormat) -> tuple[Network, str]:
+    """Brevitas PTQ calibrated on a built-in model's training data, or on the calibration data
+    when there is some, else :func:`quantize_network`. Returns the network and how it was
+    quantized."""
     try:
         from hwrel.quantize import ptq
     except ImportError:
         ptq = None
-    if ptq is not None and ref is not None:
-        qmodel = ptq(module, ref.x_train, bits=fmt.bits)
-        qnet = Network.from_module(qmodel, input_domain=(0.0, 1.0), input_shape=ref.input_shape)
+    calib = md.train[0] if md.train is not None else md.calibration
+    if ptq is not None and calib is not None and md.model.kind in ("built-in", "state dict", "safetensors", "pickle"):
+        qmodel = ptq(md.module, calib, bits=fmt.bits)
+        qnet = Network.from_module(qmodel, input_domain=md.input_domain, input_shape=md.input_shape)
         if all(qnet.nodes[i].affine.codes is not None and qnet.nodes[i].affine.bit_width == fmt.bits
                and bool(qnet.nodes[i].affine.signed) == fmt.signed for i in qnet.synapse_layers):
             return qnet, "brevitas-ptq"
@@ -150,7 +139,9 @@ def run(args: argparse.Namespace) -> int:
     seed = _num(args.seed, "--seed", int)
     confidence = _num(args.confidence, "--confidence")
     check(0 < confidence < 1, f"--confidence must lie strictly between 0 and 1, got {args.confidence!r}")
-    net, x, y, how = _model(args, fmt)
+    if args.out:  # before the work, not after it
+        check_writable(args.out, "--out", folder=not args.out.endswith(".parquet"))
+    net, x, y, how, md = _model(args, fmt)
     space = SiteSpace(net, spec)  # validates layer and bit against the model before any work
     # --executor local --workers 1 (the default) runs run_campaign in this process
     df = run_with_executor(args, net, spec, x, y, seed=seed, progress=not args.no_progress,
@@ -159,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     moe = None
     if not spec.exhaustive and spec.ber is None and len(df):
         moe = margin_of_error(min(len(df), space.total), confidence, population=space.total)
-    info = {"model": args.model, "storage": how, "spec": spec.to_dict(), "seed": seed,
+    info = {**model_info(md), "model": args.model, "storage": how, "spec": spec.to_dict(), "seed": seed,
             "shard": args.shard, "configs": int(len(df)), "sites": space.total,
             "margin_of_error": moe, "confidence": confidence, "out": args.out,
             "summary": json.loads(summary.to_json(orient="records"))}
@@ -171,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.model}: {spec.fault} on {', '.join(spec.sites)} ({fmt.name}, {how} storage), "
           f"{mode}, {len(df)} configurations over {space.total} sites, seed {seed}"
           + (f", shard {args.shard}" if args.shard else ""))
+    print(md.domain_note + ("" if y is not None else "; no labels, so no accuracy (give --data)"))
     if moe is not None:
         print(f"margin of error (worst case p=0.5, {confidence:.0%} confidence): +-{moe:.4f}")
     print(summary.to_string(index=False, float_format=lambda v: f"{v:.4g}"))

@@ -1,4 +1,4 @@
-"""``hwrel models``: list the built-in reference models (never trains anything)."""
+"""``hwrel models``: list the built-in reference models (never trains, unless ``--retrain``)."""
 from __future__ import annotations
 
 import argparse
@@ -10,15 +10,44 @@ from hwrel import models
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the built-in reference models",
-                       description="List the built-in reference models, with the test accuracy "
-                       "of their cached weights (they are trained on first use, not here).")
+                       description="List the built-in reference models with the test accuracy "
+                       "of their weights, which ship with hwrel (hwrel/weights/*.safetensors). "
+                       "--retrain trains them again from their recipes and rewrites those files.")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     p.add_argument("--cache-dir", default=None,
-                   help="model cache root (default: $HWREL_CACHE or ~/.cache/hwrel)")
+                   help="model cache root, used only where shipped weights are missing "
+                        "(default: $HWREL_CACHE or ~/.cache/hwrel)")
+    p.add_argument("--retrain", nargs="*", default=None, metavar="NAME",
+                   help="train these built-in models (default: all) and rewrite their shipped "
+                        "weights files")
+    p.add_argument("--weights-dir", default=None, metavar="DIR",
+                   help="with --retrain: write the weights files here instead of the package's "
+                        "hwrel/weights/")
     p.set_defaults(func=run)
 
 
+def _retrain(args: argparse.Namespace) -> int:
+    for name in args.retrain:
+        models.weights_path(name)  # an unknown name fails before any training
+    table = models.retrain(args.retrain or None, weights_dir=args.weights_dir)
+    if args.json:
+        print(table.to_json(orient="records", indent=2))
+        return 0
+    for r in table.itertuples():
+        what = "unchanged" if not r.changed else (
+            "new" if math.isnan(r.test_accuracy_before)
+            else f"changed (test accuracy was {r.test_accuracy_before:.4f})")
+        print(f"{r.name}: test accuracy {r.test_accuracy:.4f}, {r.bytes:,} bytes, {what}: {r.path}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.weights_dir is not None and args.retrain is None:
+        from hwrel.errors import HwrelError
+
+        raise HwrelError("--weights-dir only goes with --retrain")
+    if args.retrain is not None:
+        return _retrain(args)
     table = models.describe(cache_dir=args.cache_dir)
     records = []
     for row in table.to_dict(orient="records"):
@@ -26,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         records.append({
             "name": row["name"], "description": row["description"], "dataset": row["dataset"],
             "parameters": int(row["parameters"]), "input_shape": list(row["input_shape"]),
-            "input_domain": list(row["input_domain"]),
+            "input_domain": list(row["input_domain"]), "weights": row["weights"],
             "test_accuracy": None if math.isnan(acc) else float(acc),
         })
     if args.json:
@@ -35,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     shown = table.assign(
         input_shape=[" x ".join(map(str, r["input_shape"])) for r in records],
         input_domain=[f"[{lo:g}, {hi:g}]" for lo, hi in table["input_domain"]],
-        test_accuracy=[("not trained yet" if r["test_accuracy"] is None
+        test_accuracy=[("-" if r["test_accuracy"] is None
                         else f"{r['test_accuracy']:.4f}") for r in records],
     )
     print(shown.to_string(index=False))

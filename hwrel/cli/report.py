@@ -2,19 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 
+from hwrel.cli.common import add_model_args, fraction
 from hwrel.errors import HwrelError
-
-
-def _drop(text: str) -> float:
-    """``1%`` or ``0.01``: a fraction."""
-    t = text.strip()
-    try:
-        return float(t[:-1]) / 100 if t.endswith("%") else float(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction like 0.01 or a percentage like 1%, got {text!r}")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,21 +16,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "safe bit width, SEU/FIT/mission), validate each certified number by fault injection, "
                     f"and write reports/<model>-<accelerator>/. Without MODEL: {DEFAULT_MODEL} on "
                     f"{DEFAULT_ACCELERATOR}.")
-    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
-                   help=f"built-in reference model (see `hwrel models`) or a model file (default {DEFAULT_MODEL})")
+    add_model_args(p, default=DEFAULT_MODEL)
     p.add_argument("--accelerator", default=DEFAULT_ACCELERATOR,
                    help=f"accelerator name (see `hwrel accelerators`) or a .toml file (default {DEFAULT_ACCELERATOR})")
-    p.add_argument("--max-accuracy-drop", type=_drop, default=0.01, metavar="DROP",
+    p.add_argument("--max-accuracy-drop", type=fraction, default=0.01, metavar="DROP",
                    help="accuracy budget, e.g. 1%% or 0.01 (default 1%%)")
     p.add_argument("--mission-hours", type=float, default=87600.0, help="mission length in hours (default 87600)")
     p.add_argument("--target", default="asil-b", help="reliability target, e.g. asil-b, asil-d, sil3, or none")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default reports/<model>-<accelerator>)")
     p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
-    p.add_argument("--architecture", default=None, help="built-in architecture a state-dict file belongs to "
-                   "(its test data is used)")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="allow loading a fully pickled nn.Module (runs code from the file: only for files you trust)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=run)
 
@@ -51,10 +36,15 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.max_accuracy_drop < 1:
         raise HwrelError(f"--max-accuracy-drop must be in [0, 100%), got {args.max_accuracy_drop:g}")
     target = None if args.target.lower() == "none" else args.target
-    command = shlex.join(["hwrel", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("hwrel") else None
+    shape = tuple(int(v) for v in args.input_shape.split(",")) if args.input_shape else None
+    if args.label_column is not None and args.data is None and args.calibration is None:
+        raise HwrelError("--label-column names a column of --data; give --data FILE")
+    # The report's "how to reproduce" command is rebuilt from these options (hwrel.report._command).
     path = build_report(args.model, args.accelerator, out=args.out, force=args.force,
                         max_accuracy_drop=args.max_accuracy_drop, mission_hours=args.mission_hours,
                         target=target, seed=args.seed, progress=not args.quiet, trust_pickle=args.trust_pickle,
-                        architecture=args.architecture, command=command)
+                        architecture=args.architecture, architecture_args=args.architecture_args,
+                        data=args.data, calibration=args.calibration, label_column=args.label_column,
+                        input_domain=args.input_domain, input_shape=shape)
     print(path / "index.html")
     return 0

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import tempfile
 
+from hwrel.cli.common import add_model_args, check_writable, fraction, load, model_info
 from hwrel.errors import HwrelError
 
 
@@ -16,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "how many arbitrary bit flips it tolerates within a budget, bound and "
                        "measure the vulnerable fraction of bits, and turn it into FIT (with and "
                        "without ECC) and mission failure probabilities.")
-    p.add_argument("model", metavar="MODEL", help="built-in reference model or a model file")
+    add_model_args(p)
     p.add_argument("--accelerator", required=True, help="accelerator name (hwrel accelerators) "
                    "or a .toml description")
     p.add_argument("--format", default=None, help="weight storage format (default: the "
@@ -29,14 +31,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target", default=None, help="asil-b, asil-d, sil3, ...")
     p.add_argument("--epsilon", type=float, default=None,
                    help="output-error budget, domain-wide (default: an accuracy budget)")
-    p.add_argument("--max-accuracy-drop", type=float, default=None,
-                   help="accuracy budget as a fraction (default 0.01)")
+    p.add_argument("--max-accuracy-drop", type=fraction, default=None, metavar="DROP",
+                   help="accuracy budget, e.g. 1%% or 0.01 (default 1%%)")
     p.add_argument("--range-restriction", action="store_true",
                    help="clamp stored values to each tensor's max |w| (NaN -> 0)")
     p.add_argument("--campaign-size", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="allow loading a pickled nn.Module (runs code from the file)")
     p.add_argument("--plot", default=None, metavar="DIR",
                    help="write critical_bits.png and mission.png into DIR")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -80,19 +80,27 @@ def _why_zero(res) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hwrel import models
-    from hwrel.seu.analysis import seu_analysis
+    from hwrel.seu import analysis
 
     if args.plot is not None and not os.path.isdir(args.plot):
         raise HwrelError(f"--plot: {args.plot} is not a directory")
-    module, ref = models.resolve_model(args.model, args.trust_pickle)
-    res = seu_analysis(ref if ref is not None else module, args.accelerator,
+    if args.plot is not None:
+        check_writable(args.plot, "--plot", folder=True)
+    md = load(args)
+    if md.train is not None and args.input_domain is None:
+        model, data = md.model.reference, None  # a built-in model with its own test split
+    else:
+        if args.epsilon is None:
+            md.labelled("hwrel seu with an accuracy budget (or give --epsilon)")
+        model, data = md.network(), ((md.x, md.y) if md.y is not None else None)
+    res = analysis.seu_analysis(model, args.accelerator, data=data,
                        format=args.format, memory=args.memory, mission_hours=args.mission_hours,
                        altitude_m=args.altitude_m, scrub_hours=args.scrub_hours,
                        target=args.target, epsilon=args.epsilon,
                        max_accuracy_drop=args.max_accuracy_drop,
                        range_restriction=args.range_restriction, seed=args.seed,
                        campaign_size=args.campaign_size)
+    res = dataclasses.replace(res, model=md.name)
     if args.plot is not None:
         from hwrel.seu.plots import critical_bits_heatmap, mission_plot
 
@@ -103,12 +111,12 @@ def run(args: argparse.Namespace) -> int:
               "their certificate; the certified figures are NOT trustworthy (report this as a soundness bug)",
               file=sys.stderr)
     if args.json:
-        print(json.dumps(res.to_dict(), indent=2))
+        print(json.dumps({**model_info(md), **res.to_dict()}, indent=2))
         return 1 if res.violations else 0
     lo, hi = res.vulnerable_fraction_measured_ci
     lines = [
         f"{res.model} on {res.accelerator} ({res.format}, {res.total_bits} parameter bits), "
-        f"budget {res.budget}",
+        f"budget {res.budget}; {md.domain_note}",
         f"certified tolerated flips: {res.certified_flips}"
         + (" (search cap)" if res.certified_flips_capped else "")
         + f"; biases protected: {res.certified_flips_weights_only}"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from hwrel.cli.common import print_json
+from hwrel.cli.common import check_writable, print_json
 from hwrel.errors import HwrelError
 from hwrel.tradeoff import ACTIVATIONS, DATASETS, plot, tradeoff
 
@@ -42,6 +42,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.depth < 1 or args.max_epochs < 1 or args.search < 0:
         raise HwrelError("--depth and --max-epochs must be >= 1 and --search >= 0")
+    if args.out:
+        check_writable(args.out, "--out")  # before the training, not after it
     res = tradeoff(args.dataset, widths=_list(args.widths, int, "--widths"),
                    weight_decays=_list(args.weight_decays, float, "--weight-decays"), depth=args.depth,
                    failures=args.failures, epsilon=args.epsilon, quantile=args.quantile,

@@ -128,49 +128,41 @@ def _move_into_place(tmp: Path, out: Path) -> None:
 
 # ------------------------------------------------------------------------------- the model
 
-def _resolve(spec: Any, data: Any, trust_pickle: bool, architecture: str | None):
-    """(name, module, reference or None, x, y, calibration inputs)."""
+def _resolve(spec: Any, data: Any, trust_pickle: bool, architecture: str | None, *,
+             architecture_args: Any = None, calibration: Any = None, label_column: str | None = None,
+             input_domain: Any = None, input_shape: Any = None):
+    """The model with its labelled test data (:class:`hwrel.data.ModelData`)."""
     from hwrel import models
+    from hwrel.data import load_data, prepare
+    from hwrel.loading import LoadedModel, load_model
 
-    ref = None
     if isinstance(spec, models.ReferenceModel):
-        ref, module, name = spec, spec.module, spec.name
+        lm = LoadedModel(spec.module, spec.name, "built-in", None, spec, tuple(spec.input_shape))
     elif isinstance(spec, nn.Module):
-        module, name = spec, type(spec).__name__
+        lm = LoadedModel(spec, type(spec).__name__, "module")
     elif isinstance(spec, (str, os.PathLike)):
-        module, ref = models.resolve_model(str(spec), trust_pickle, architecture=architecture)
-        name = ref.name if ref is not None else _slug(Path(spec).stem)
-        if ref is None and architecture is not None and data is None:
-            ref_data = models.load(architecture)  # a state dict of a built-in architecture: its test split
-            data = (ref_data.x_test, ref_data.y_test, ref_data.x_train[:512])
+        lm = load_model(spec, architecture=architecture, architecture_args=architecture_args,
+                        trust_pickle=trust_pickle)
+        if lm.reference is None and architecture in models.names() and data is None:
+            ref = models.load(architecture)  # a state dict of a built-in architecture: its data
+            data, calibration = (ref.x_test, ref.y_test), (calibration if calibration is not None
+                                                           else ref.x_train[:512])
     else:
         raise HwrelError(f"model: expected a built-in name, a model file or an nn.Module, got {type(spec).__name__}")
-    if data is None and ref is not None:
-        data = (ref.x_test, ref.y_test, ref.x_train[:512])
-    if data is None:
-        raise HwrelError(f"model {name}: the report needs labelled test data (data=(inputs, labels)); "
-                         "built-in models and --architecture state dicts bring their own")
-    if not (isinstance(data, (tuple, list)) and len(data) in (2, 3)):
+    if isinstance(data, (tuple, list)) and len(data) == 3:  # (inputs, labels, calibration inputs)
+        data, calibration = tuple(data[:2]), (data[2] if calibration is None else calibration)
+    elif data is not None and not isinstance(data, (tuple, list, str, os.PathLike)) \
+            and type(data).__name__ != "Dataset":
         raise HwrelError("data must be (inputs, labels) or (inputs, labels, calibration inputs)")
-    x, y = torch.as_tensor(data[0]).float(), torch.as_tensor(data[1]).long()
-    calib = torch.as_tensor(data[2]).float() if len(data) == 3 else x
-    if x.shape[0] == 0 or y.shape[0] != x.shape[0]:
-        raise HwrelError(f"data: {x.shape[0]} inputs and {y.shape[0]} labels (need the same number > 0)")
-    return name, module, ref, x, y, calib
-
-
-def _network(module: nn.Module, name: str, ref: Any, x: torch.Tensor):
-    from hwrel.network import Network
-
-    domain = tuple(ref.input_domain) if ref is not None else (0.0, 1.0)
-    shape = tuple(ref.input_shape) if ref is not None else tuple(x.shape[1:])
-    try:
-        return Network.from_module(module, domain, shape)
-    except HwrelError as exc:
-        raise HwrelError(f"model {name} cannot be analysed: {exc}") from None
-    except Exception as exc:  # tracing failures of arbitrary user code: one line, no traceback
-        first = (str(exc).strip().splitlines() or [""])[0]
-        raise HwrelError(f"model {name} cannot be analysed: {type(exc).__name__}: {first}") from None
+    if isinstance(data, (str, os.PathLike)):
+        data = load_data(data, label_column=label_column)
+    if isinstance(calibration, (str, os.PathLike)):
+        calibration = load_data(calibration, label_column=label_column, labels=False)
+    md = prepare(lm, data, calibration=calibration, input_domain=input_domain, input_shape=input_shape)
+    md.labelled("the report")
+    if md.x.shape[0] == 0:
+        raise HwrelError("data: no inputs")
+    return md
 
 
 # ------------------------------------------------------------------------------- build
@@ -180,11 +172,18 @@ def build_report(model_spec_or_module: Any = DEFAULT_MODEL, accelerator: str = D
                  mission_hours: float = 87600, target: str | None = "asil-b", seed: int = 0,
                  progress: bool = True, data: Any = None, config: ReportConfig | None = None,
                  trust_pickle: bool = False, architecture: str | None = None,
-                 command: str | None = None) -> Path:
+                 command: str | None = None, architecture_args: Any = None, calibration: Any = None,
+                 label_column: str | None = None, input_domain: Any = None,
+                 input_shape: Any = None) -> Path:
     """Analyse a model on an accelerator and write the reliability report; returns its folder.
 
-    ``model_spec_or_module``: a built-in model name, a model file, a ReferenceModel or an
-    ``nn.Module`` (then ``data=(inputs, labels[, calibration])`` is required). ``out`` defaults to
+    ``model_spec_or_module``: a built-in model name, a model file or folder (every format of
+    :func:`hwrel.loading.load_model`, with ``architecture``, ``architecture_args``,
+    ``trust_pickle``), a ReferenceModel or an ``nn.Module``. ``data``: labelled test data, a file
+    (:func:`hwrel.data.load_data`, with ``label_column``) or ``(inputs, labels[, calibration])``;
+    required unless the model is built in. ``calibration``: a file or inputs (default: the test
+    data). ``input_domain`` (default: a built-in model's own, else the data's range) and
+    ``input_shape`` as in :func:`hwrel.data.prepare`. ``out`` defaults to
     ``reports/<model>-<accelerator>``; an existing folder is refused unless ``force``. The budget
     ``max_accuracy_drop`` (fraction) drives tolerance, bit width and SEU vulnerability;
     ``mission_hours`` and ``target`` (e.g. ``"asil-b"``, or None) the mission verdict. Every random
@@ -208,13 +207,14 @@ def build_report(model_spec_or_module: Any = DEFAULT_MODEL, accelerator: str = D
         parse_target(target)
     log = _Progress(progress)
     log(f"loading model {model_spec_or_module if isinstance(model_spec_or_module, str) else '(module)'}")
-    name, module, ref, x, y, calib = _resolve(model_spec_or_module, data, trust_pickle, architecture)
+    md = _resolve(model_spec_or_module, data, trust_pickle, architecture,
+                  architecture_args=architecture_args, calibration=calibration, label_column=label_column,
+                  input_domain=input_domain, input_shape=input_shape)
+    name, module, ref, x, y, calib = md.name, md.module, md.model.reference, md.x, md.y, md.calibration
     out_path = Path(out) if out is not None else Path("reports") / f"{_slug(name)}-{acc.name}"
     tmp = _prepare_out(out_path, force)
     try:
-        net = _network(module, name, ref, x)
-        if tuple(x.shape[1:]) != tuple(net.input_shape):
-            raise HwrelError(f"data: inputs of shape {tuple(x.shape[1:])}, model expects {tuple(net.input_shape)}")
+        net = md.network()
         if not net.layers:
             raise HwrelError(f"model {name} cannot be analysed: it has no hidden layer (no neuron can fail)")
         g = torch.Generator().manual_seed(seed)
@@ -225,8 +225,13 @@ def build_report(model_spec_or_module: Any = DEFAULT_MODEL, accelerator: str = D
         if bool(((x < lo - 1e-6) | (x > hi + 1e-6)).any()):
             raise HwrelError("data: some inputs lie outside the model's input domain")
         results = _analyse(name, module, ref, net, acc, x, y, calib, drop, mission_hours, target, seed, cfg, log)
+        results["domain_source"] = md.domain_source
         log("writing the report")
-        cmd = command or _command(model_spec_or_module, name, acc.name, out, drop, mission_hours, target, seed)
+        cmd = command or _command(model_spec_or_module, name, acc.name, out, drop, mission_hours, target, seed,
+                                  model_options(data=data, calibration=calibration, architecture=architecture,
+                                                architecture_args=architecture_args, label_column=label_column,
+                                                input_domain=input_domain, input_shape=input_shape,
+                                                trust_pickle=trust_pickle))
         report = _assemble(results, name, acc, net, cmd, seed, cfg, sections, render)
         render.write_report(report, tmp)
         umask = os.umask(0o022)
@@ -243,14 +248,40 @@ def build_report(model_spec_or_module: Any = DEFAULT_MODEL, accelerator: str = D
     return out_path
 
 
+def model_options(**given: Any) -> list[str] | None:
+    """The CLI model and data options for the given API arguments (``--name=value``), or None
+    when one of them is not expressible on a command line (tensors or modules from Python)."""
+    import json
+
+    out: list[str] = []
+    for key, v in given.items():
+        if v is None or v is False:
+            continue
+        opt = "--" + key.replace("_", "-")
+        if v is True:
+            out.append(opt)
+        elif isinstance(v, (str, os.PathLike)):
+            out.append(f"{opt}={os.fspath(v)}")
+        elif key == "architecture_args":
+            out.append(f"{opt}={json.dumps(v)}")
+        elif key in ("input_domain", "input_shape") and isinstance(v, (tuple, list)):
+            out.append(f"{opt}={','.join(f'{float(t):g}' if key == 'input_domain' else str(int(t)) for t in v)}")
+        else:
+            return None
+    return out
+
+
 def _command(spec: Any, name: str, acc: str, out: Any, drop: float, hours: float, target: str | None,
-             seed: int) -> str:
-    model = str(spec) if isinstance(spec, (str, os.PathLike)) else name
-    parts = ["hwrel", "report", model, "--accelerator", acc, "--max-accuracy-drop", f"{drop:g}",
-             "--mission-hours", f"{hours:g}", "--target", target or "none", "--seed", str(seed)]
+             seed: int, options: list[str] | None = None) -> str:
+    """The ``hwrel report`` command that regenerates this report (run from the same folder)."""
+    if options is None or not isinstance(spec, (str, os.PathLike)):
+        return ("(no command reproduces this report: the model or the data were passed from Python; "
+                "save them to files and use `hwrel report MODEL --data FILE`)")
+    parts = ["hwrel", "report", os.fspath(spec), *options, "--accelerator", acc, "--max-accuracy-drop",
+             f"{drop:g}", "--mission-hours", f"{hours:g}", "--target", target or "none", "--seed", str(seed)]
     if out is not None:
-        parts += ["--out", str(out)]
-    return shlex.join(parts)
+        parts += ["--out", os.fspath(out)]
+    return shlex.join(parts + ["--force"])
 
 
 def _analyse(name, module, ref, net, acc, x, y, calib, drop, hours, target, seed, cfg: ReportConfig,
@@ -307,7 +338,8 @@ def _assemble(res, name, acc, net, cmd, seed, cfg: ReportConfig, sections, rende
         stored = seu.mapping.groupby("memory")["bits"].sum()
         mems["model_bits_stored"] = [int(stored.get(m, 0)) for m in mems["memory"]]
     info = {"model": name, "input shape": tuple(net.input_shape),
-            "input domain": f"[{float(net.input_lo.min()):g}, {float(net.input_hi.max()):g}]",
+            "input domain": f"[{float(net.input_lo.min()):g}, {float(net.input_hi.max()):g}]"
+                            + (f" ({res['domain_source']})" if res.get("domain_source") else ""),
             "hidden layers": f"{len(net.layers)} ({', '.join(str(s) for s in net.layer_sizes())} neurons)",
             "parameters": f"{net.num_parameters:,} (float32: {float_bits:,} weight bits)",
             "test accuracy (analysed inputs)": f"{res['clean_accuracy']:.2%} on {len(res['x'])} inputs",

@@ -421,7 +421,7 @@ def reproduce_section(command: str, seed: int, versions: dict[str, str], config:
         Text(f"`{command}`"),
         Facts((("seed", str(seed)), *((k, v) for k, v in versions.items()),
                *((f"setting: {k}", str(v)) for k, v in config.items()))),
-        Text("Built-in models are trained deterministically from bundled data; the same versions on the same "
-             "machine reproduce every number exactly. Other machines may differ in the last digits of trained "
-             "weights and therefore of every figure.", "note"),
+        Text("Built-in models' weights ship with hwrel (hwrel/weights/*.safetensors), so every machine analyses "
+             "the same weights; the same versions on the same machine reproduce every number exactly, other "
+             "machines may differ in the last digits of floating-point sums.", "note"),
     ))
