@@ -18,7 +18,7 @@ from hwrel.report import ReportConfig, build_report, render, sections
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "reports" / "example-digits-mlp-eyeriss-v1"
-SECTIONS = ("summary", "fep", "bitwidth", "seu", "validation", "reproduce")
+SECTIONS = ("executive", "summary", "fep", "bitwidth", "seu", "provenance", "iso26262", "validation", "reproduce")
 FIGURES = ("fep_bounds", "fep_tolerance", "bitwidth", "seu_critical_bits", "seu_mission", "validation")
 # Committed example vs regenerated: the weights ship with hwrel, so the same machine reproduces
 # exactly; other machines may round float sums differently: numbers must agree to 1% (1e-6 near 0).
@@ -28,24 +28,27 @@ SMALL = ReportConfig(samples=96, random_sets=8, adversarial_steps=2, adversarial
 
 
 def check_html(folder: Path) -> str:
-    """Every section and figure present, every figure an embedded PNG, nothing external."""
+    """Every section and figure present, every figure an embedded vector SVG, nothing external."""
     text = (folder / "index.html").read_text(encoding="utf-8")
     for sid in SECTIONS:
         assert f'<section id="{sid}">' in text, sid
+    assert text.index('<section id="executive">') < text.index('<section id="summary">')  # the summary opens
     for name in FIGURES:
-        m = re.search(rf'<figure id="fig-{name}"><img alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)"',
-                      text)
+        m = re.search(rf'<figure id="fig-{name}"><img alt="[^"]*" width="(\d+)" height="(\d+)" '
+                      rf'src="data:image/svg\+xml;base64,([A-Za-z0-9+/=]+)"', text)
         assert m is not None, name
-        png = base64.b64decode(m.group(1))
-        assert png[:8] == b"\x89PNG\r\n\x1a\n" and png == (folder / "figures" / f"{name}.png").read_bytes()
+        svg = base64.b64decode(m.group(3))
+        assert svg.lstrip().startswith(b"<?xml") and b"<svg" in svg and b"<text" in svg, name  # text kept as text
+        assert svg == (folder / "figures" / f"{name}.svg").read_bytes()
+        assert int(m.group(1)) >= 400 and int(m.group(2)) >= 250, name  # drawn at print size, not a thumbnail
     lower = text.lower()
     for bad in ("http://", "https://", "<script", "<link", "@import", "url(", "<iframe", "file://"):
         assert bad not in lower, bad
     srcs = re.findall(r'(?:src|href)="([^"]*)"', text)
-    assert srcs and all(s.startswith(("data:image/png;base64,", "#")) for s in srcs)
+    assert srcs and all(s.startswith(("data:image/svg+xml;base64,", "#")) for s in srcs)
     md = (folder / "report.md").read_text(encoding="utf-8")
     for name in FIGURES:
-        assert f"(figures/{name}.png)" in md
+        assert f"(figures/{name}.svg)" in md
     return text
 
 
@@ -211,3 +214,91 @@ def test_committed_example_matches_the_command(tmp_path):
     assert main([*argv, "--quiet"]) == 0
     _compare_tables(EXAMPLE, tmp_path / "fresh")
     check_html(tmp_path / "fresh")
+
+
+def test_summary_figures_equal_the_sections(small_report):
+    """Every number of the executive summary is the one its section's table holds."""
+    import html as html_mod
+
+    from hwrel.quantize.safe import smallest_meeting
+
+    t = {p.stem: pd.read_csv(p) for p in (small_report / "tables").glob("*.csv")}
+    s = t["summary"].set_index("item")
+    fit = float(t["seu_fit"]["fit"].sum())
+    assert s.loc["FIT", "value"] == pytest.approx(fit, rel=1e-9)
+    sens = t["sensitivity"].set_index("scenario")
+    assert sens.loc["as stated", "fit"] == pytest.approx(fit, rel=1e-9)
+    assert s.loc["mission failure probability", "value"] == pytest.approx(sens.loc["as stated", "p_failure"], rel=1e-9)
+    assert s.loc["verdict", "value"] == pytest.approx(fit / 100.0, rel=1e-9)  # asil-b: 100 FIT
+    v = t["validation"]
+    adv = v[(v.analysis == "SEU adversarial flips") & v.case.str.startswith("hwrel")].iloc[0]
+    assert s.loc["tolerated bit flips", "value"] == adv.bound - 1  # certified k
+    assert s.loc["fewest flips breaking the budget (search)", "value"] == adv.measured
+    iso = t["iso26262"]
+    spfm = iso[(iso.configuration == "as built") & (iso.metric == "SPFM")].iloc[0]
+    assert s.loc["ISO 26262-5 (ASIL-B, estimates)", "value"] == pytest.approx(spfm.value, rel=1e-9)
+    assert spfm.value == pytest.approx(1 - fit / float(t["seu_fit"]["fit_raw"].sum()), rel=1e-9)
+    hard = t["hardening"]
+    assert s.loc["top hardening (certified FIT removed per extra bit)", "value"] == pytest.approx(
+        hard.gain_per_bit.iloc[0], rel=1e-9)
+    bw = t["bitwidth"]
+    ok = list(bw.clean_accuracy - bw.certified_accuracy <= 0.01 + 1e-12)
+    assert s.loc["safe bit width", "value"] == smallest_meeting(list(bw.bits), ok)
+    page = (small_report / "index.html").read_text(encoding="utf-8")
+    exe = page[page.index('<section id="executive">'):page.index('<section id="summary">')]
+    md = (small_report / "report.md").read_text(encoding="utf-8")
+    for shown in s["shown"]:
+        assert html_mod.escape(shown) in exe and shown.replace("|", "\\|") in md, shown
+    for word in ("source", "published", "confidence", "SHA-256", "Data:", "sensitivity", "k = 0"):
+        assert word in exe, word
+
+
+def test_each_stated_rate_carries_its_source(small_report):
+    from hwrel.seu.accelerator import load_accelerator
+
+    acc = load_accelerator("eyeriss-v1")
+    t = {p.stem: pd.read_csv(p) for p in (small_report / "tables").glob("*.csv")}
+    rates = t["rates"]
+    assert rates.source.notna().all() and rates.status.isin(["measured", "published", "assumed"]).all()
+    for r in t["seu_fit"].itertuples():  # every rate behind the FIT, with the file's source and status
+        row = rates[rates.quantity == f"raw SER of {r.memory}"].iloc[0]
+        m = acc.memory(r.memory)
+        assert row.value == r.ser_fit_per_mbit == m.ser_fit_per_mbit and row.source == m.ser_source
+        assert row.confidence == m.confidence_of("ser_fit_per_mbit")
+    page = (small_report / "index.html").read_text(encoding="utf-8")
+    prov = page[page.index('<section id="provenance">'):page.index('<section id="iso26262">')]
+    assert "Sensitivity:" in prov and "UG116" in prov and all(s in page for s in acc.sources[:1])
+
+
+def test_report_renders_in_a_real_browser(small_report, tmp_path):
+    """Headless Chromium at 1400x900: renders, every figure loads, no console error, the executive
+    summary is visible without scrolling."""
+    import os
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from browser import NoBrowser, inspect_page, open_browser
+
+    try:
+        driver = open_browser(1400, 900)
+    except NoBrowser as exc:
+        if os.environ.get("HWREL_REQUIRE_BROWSER"):
+            raise
+        pytest.skip(f"no headless browser on this machine: {exc}")
+    try:
+        info = inspect_page(driver, small_report / "index.html", tmp_path / "shot.png")
+    finally:
+        driver.quit()
+    assert info["console"] == []
+    assert info["title"].startswith("Reliability report: digits-mlp")
+    imgs = {i["id"]: i for i in info["images"]}
+    assert set(imgs) == {f"fig-{n}" for n in FIGURES}
+    for i in imgs.values():
+        assert i["complete"] and i["natural"][0] >= 400 and i["natural"][1] >= 250, i
+        assert i["shown"][0] > 300 and i["src"].startswith("data:image/svg+xml"), i
+    assert info["viewport"] == [1400, 900] and info["scroll"] == [0, 0]
+    box = info["summary"]
+    assert box is not None and 0 <= box["top"] and box["bottom"] <= 900, box  # all of it above the fold
+    assert "MEETS" in info["summary_text"] and "tolerated bit flips" in info["summary_text"]
+    assert info["min_summary_font"] >= 12
+    assert (tmp_path / "shot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,7 +1,7 @@
 """The reliability report: one call from a model to a folder an engineer can sign.
 
 :func:`build_report` runs every analysis hwrel has on one model mapped onto one accelerator and
-writes ``index.html`` (self-contained), ``report.md`` (+ ``figures/*.png``) and ``tables/*.csv``.
+writes ``index.html`` (self-contained), ``report.md`` (+ ``figures/*.svg``) and ``tables/*.csv``.
 Analyses that are missing from this installation leave a section saying "not available in this
 version"; every certified number is put beside a fault-injection measurement and the report says
 loudly if any bound was exceeded. The folder appears complete or not at all: it is written into a
@@ -42,6 +42,8 @@ class ReportConfig:
     configuration; ``adversarial_*``: settings of the adversarial failure search (``steps=0`` and
     ``restarts=0`` still run the greedy set search). ``seu_campaign``: random single flips
     injected; ``seu_samples``: inputs they are measured on. ``bits``: widths swept.
+    ``flip_search``: search the fewest bit flips breaking the budget (hwrel's search and the
+    progressive bit search baseline, at most ``flip_search_max`` flips each).
     """
 
     samples: int = 512
@@ -55,6 +57,15 @@ class ReportConfig:
     seu_campaign: int = 1000
     seu_samples: int = 256
     bits: tuple[int, ...] = tuple(range(2, 17))
+    flip_search: bool = True
+    flip_search_max: int = 64
+
+
+QUICK = ReportConfig(samples=128, failure_counts=(1,), random_sets=8, adversarial_steps=2, adversarial_restarts=0,
+                     adversarial_pool=4, adversarial_inputs=8, seu_campaign=100, seu_samples=64,
+                     bits=(4, 6, 8, 10, 12, 16), flip_search_max=16)
+"""``hwrel report --quick``: fewer inputs, failure sets, flips and widths (a draft in well under a
+minute on every reference model; the full profile is what to sign)."""
 
 
 def _optional(module: str) -> Any:
@@ -87,13 +98,24 @@ def _versions() -> dict[str, str]:
             "python": platform.python_version(), "platform": f"{platform.system()} {platform.machine()}"}
 
 
+# Share of the run each stage starts at (measured on digits-mlp; a guide for the eye, not a promise).
+STAGES = {"load": 0, "fep": 5, "bitwidth": 20, "seu": 72, "flips": 83, "write": 88, "done": 100}
+
+
 class _Progress:
+    """Progress lines on stderr: elapsed time, the stage's share of the run, the message."""
+
     def __init__(self, enabled: bool):
-        self.enabled, self.t0 = enabled, time.perf_counter()
+        self.enabled, self.t0, self.pct = enabled, time.perf_counter(), 0
+
+    def stage(self, name: str, msg: str) -> None:
+        self.pct = STAGES[name]
+        self(msg)
 
     def __call__(self, msg: str) -> None:
         if self.enabled:
-            print(f"hwrel report [{time.perf_counter() - self.t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+            print(f"hwrel report [{time.perf_counter() - self.t0:6.1f}s {self.pct:3d}%] {msg}", file=sys.stderr,
+                  flush=True)
 
 
 # ------------------------------------------------------------------------------- output folder
@@ -206,7 +228,7 @@ def build_report(model_spec_or_module: Any = DEFAULT_MODEL, accelerator: str = D
 
         parse_target(target)
     log = _Progress(progress)
-    log(f"loading model {model_spec_or_module if isinstance(model_spec_or_module, str) else '(module)'}")
+    log.stage("load", f"loading model {model_spec_or_module if isinstance(model_spec_or_module, str) else '(module)'}")
     md = _resolve(model_spec_or_module, data, trust_pickle, architecture,
                   architecture_args=architecture_args, calibration=calibration, label_column=label_column,
                   input_domain=input_domain, input_shape=input_shape)
@@ -226,12 +248,19 @@ def build_report(model_spec_or_module: Any = DEFAULT_MODEL, accelerator: str = D
             raise HwrelError("data: some inputs lie outside the model's input domain")
         results = _analyse(name, module, ref, net, acc, x, y, calib, drop, mission_hours, target, seed, cfg, log)
         results["domain_source"] = md.domain_source
-        log("writing the report")
-        cmd = command or _command(model_spec_or_module, name, acc.name, out, drop, mission_hours, target, seed,
-                                  model_options(data=data, calibration=calibration, architecture=architecture,
-                                                architecture_args=architecture_args, label_column=label_column,
-                                                input_domain=input_domain, input_shape=input_shape,
-                                                trust_pickle=trust_pickle))
+        from hwrel.report.summary import model_checksum
+
+        results["checksum"] = model_checksum(module)
+        results["data_source"] = (f"{md.data_source or 'the given test data'} ({len(x)} inputs analysed"
+                                  + (f", {min(len(x), cfg.seu_samples)} for the SEU analysis)"
+                                     if results.get("seu") is not None else ")"))
+        log.stage("write", "writing the report")
+        opts = model_options(data=data, calibration=calibration, architecture=architecture,
+                             architecture_args=architecture_args, label_column=label_column,
+                             input_domain=input_domain, input_shape=input_shape, trust_pickle=trust_pickle)
+        if opts is not None and cfg == QUICK:
+            opts = ["--quick", *opts]
+        cmd = command or _command(model_spec_or_module, name, acc.name, out, drop, mission_hours, target, seed, opts)
         report = _assemble(results, name, acc, net, cmd, seed, cfg, sections, render)
         render.write_report(report, tmp)
         umask = os.umask(0o022)
@@ -241,7 +270,7 @@ def build_report(model_spec_or_module: Any = DEFAULT_MODEL, accelerator: str = D
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(f"done: {out_path / 'index.html'}")
+    log.stage("done", f"done: {out_path / 'index.html'}")
     if results["checks_violated"]:
         print(f"hwrel report: BOUND VIOLATIONS FOUND ({results['checks_violated']}); see the report",
               file=sys.stderr, flush=True)
@@ -295,13 +324,13 @@ def _analyse(name, module, ref, net, acc, x, y, calib, drop, hours, target, seed
     if cfg.adversarial:
         adv = {"steps": cfg.adversarial_steps, "restarts": cfg.adversarial_restarts,
                "pool_size": cfg.adversarial_pool, "inputs": cfg.adversarial_inputs}
-    log(f"Fep bounds, tolerance and failure injection ({len(net.layers)} hidden layers)")
+    log.stage("fep", f"Fep bounds, tolerance and failure injection ({len(net.layers)} hidden layers)")
     res["fep"] = sections.fep_analysis(net, x, y, capacity=C, counts=cfg.failure_counts, max_accuracy_drop=drop,
                                        random_sets=cfg.random_sets, adversarial=adv, seed=seed, log=log)
     quantize = _optional("hwrel.quantize")
     res["bitwidth"] = None
     if quantize is not None and hasattr(quantize, "safe_bitwidth"):
-        log(f"safe bit width: sweeping {len(cfg.bits)} widths (certified, adversarial, estimated, Brevitas PTQ)")
+        log.stage("bitwidth", f"safe bit width: sweeping {len(cfg.bits)} widths (certified, adversarial, estimated, Brevitas PTQ)")
         res["bitwidth"] = quantize.safe_bitwidth(module, (x, y, calib), max_accuracy_drop=drop, per_layer=True,
                                                  bits=cfg.bits, input_domain=(float(net.input_lo.min()),
                                                                               float(net.input_hi.max())),
@@ -311,14 +340,22 @@ def _analyse(name, module, ref, net, acc, x, y, calib, drop, hours, target, seed
     seu_mod = _optional("hwrel.seu.analysis")
     res["seu"] = None
     if seu_mod is not None:
-        log(f"SEU analysis on {acc.name} ({cfg.seu_campaign} injected flips)")
+        log.stage("seu", f"SEU analysis on {acc.name} ({cfg.seu_campaign} injected flips)")
         res["seu"] = seu_mod.seu_analysis(net, acc, data=(x, y), mission_hours=hours, target=target, seed=seed,
                                           max_accuracy_drop=drop, campaign_size=cfg.seu_campaign,
                                           max_samples=cfg.seu_samples)
         res["seu"] = dataclasses.replace(res["seu"], model=name)
     else:
         res["missing"].append("SEU tolerance")
-    res["checks"] = sections.validation_checks(res["fep"], res["bitwidth"], res["seu"])
+    res["attack"] = None
+    if res["seu"] is not None and cfg.flip_search and "max_accuracy_drop" in res["seu"].budget:
+        from hwrel.seu.attack import attack_on_accelerator
+
+        log.stage("flips", f"adversarial bit-flip search (hwrel and the progressive bit search baseline, "
+            f"up to {cfg.flip_search_max} flips)")
+        res["attack"] = attack_on_accelerator(net, acc, x, y, max_accuracy_drop=drop, seed=seed,
+                                              max_samples=cfg.seu_samples, max_flips=cfg.flip_search_max)
+    res["checks"] = sections.validation_checks(res["fep"], res["bitwidth"], res["seu"], res["attack"])
     res["checks_violated"] = int(res["checks"]["violated"].astype(bool).sum()) if len(res["checks"]) else 0
     res["clean_accuracy"] = res["fep"].clean_accuracy
     return res
@@ -341,7 +378,7 @@ def _assemble(res, name, acc, net, cmd, seed, cfg: ReportConfig, sections, rende
             "input domain": f"[{float(net.input_lo.min()):g}, {float(net.input_hi.max()):g}]"
                             + (f" ({res['domain_source']})" if res.get("domain_source") else ""),
             "hidden layers": f"{len(net.layers)} ({', '.join(str(s) for s in net.layer_sizes())} neurons)",
-            "parameters": f"{net.num_parameters:,} (float32: {float_bits:,} weight bits)",
+            "parameters": f"{net.num_parameters:,} (as trained, float32: {float_bits:,} weight bits)",
             "test accuracy (analysed inputs)": f"{res['clean_accuracy']:.2%} on {len(res['x'])} inputs",
             "accelerator": f"{acc.name}: {acc.title}",
             "formats": ", ".join(acc.formats) + (f" (model stored as {seu.format})" if seu is not None else ""),
@@ -351,26 +388,47 @@ def _assemble(res, name, acc, net, cmd, seed, cfg: ReportConfig, sections, rende
     heat = mission = scatter = None
     plots = _optional("hwrel.seu.plots")
     if seu is not None and plots is not None:
-        heat = figs.png_bytes(plots.critical_bits_heatmap(seu))
-        mission = figs.png_bytes(plots.mission_plot(seu))
+        heat = figs.svg_bytes(figs.styled(plots.critical_bits_heatmap)(seu))
+        mission = figs.svg_bytes(figs.styled(plots.mission_plot)(seu))
     if len(res["checks"]):
-        scatter = figs.png_bytes(figs.validation_figure(res["checks"]))
+        scatter = figs.svg_bytes(figs.validation_figure(res["checks"]))
     banner = sections.violation_banner(res["checks"], res["missing"])
-    secs = (
+    prov = sens = iso = options = None
+    extra: list = []
+    if seu is not None:
+        from hwrel.report.iso26262 import iso_metrics
+        from hwrel.report.provenance import rate_provenance, sensitivity
+        from hwrel.seu.hardening import hardening_options
+        from hwrel.seu.rates import parse_target
+
+        prov = rate_provenance(acc, seu.memories, parse_target(seu.target) if seu.target else None)
+        sens = sensitivity(acc, seu)
+        iso = iso_metrics(seu)
+        options = hardening_options(acc, seu)
+    from hwrel.report.summary import executive_summary
+
+    generated = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    exe = executive_summary(name=name, acc=acc, seu=seu, bw=bw, attack=res.get("attack"), sens=sens, iso=iso,
+                            options=options, provenance=prov, checksum=res.get("checksum", ""),
+                            data_source=res.get("data_source", "the given test data"), generated=generated,
+                            checks_violated=res["checks_violated"])
+    extra.append(render.Table("summary", "Executive summary", exe.table()))
+    secs = [
+        exe.section(),
         sections.summary_section(info, net.summary(), net.affine_summary().astype({"weight_shape": str}), mems,
-                                 seu.mapping if seu is not None else None),
+                                 seu.mapping if seu is not None else None, seu.format if seu is not None else None),
         sections.fep_section(res["fep"]),
         sections.bitwidth_section(bw, float_bits),
-        sections.seu_section(seu, heat, mission),
-        sections.validation_section(res["checks"], banner, scatter),
-        sections.reproduce_section(cmd, seed, _versions(), asdict(cfg)),
-    )
-    verdict = ""
-    if seu is not None and seu.target is not None:
-        verdict = f"; {seu.target}: {'met' if seu.meets_target else 'NOT met'} without ECC"
-    sub = (f"{acc.name}, accuracy budget {res['fep'].max_accuracy_drop:.2%}, mission "
-           f"{res['hours']:g} h{verdict}. Generated by hwrel {_versions()['hwrel']}.")
-    return render.Report(f"Reliability report: {name} on {acc.name}", sub, secs, banner)
+        sections.seu_section(seu, heat, mission, res.get("attack"), options),
+    ]
+    if seu is not None:
+        secs.append(sections.provenance_section(prov, sens, acc))
+    secs += [sections.iso_section(iso),
+             sections.validation_section(res["checks"], banner, scatter),
+             sections.reproduce_section(cmd, seed, _versions(), asdict(cfg))]
+    sub = (f"{acc.name}, accuracy budget {res['fep'].max_accuracy_drop:.2%}, mission {res['hours']:g} h. "
+           f"Generated {generated} by hwrel {_versions()['hwrel']}.")
+    return render.Report(f"Reliability report: {name} on {acc.name}", sub, tuple(secs), banner, tuple(extra))
 
 
-__all__ = ["DEFAULT_ACCELERATOR", "DEFAULT_MODEL", "ReportConfig", "build_report"]
+__all__ = ["DEFAULT_ACCELERATOR", "DEFAULT_MODEL", "QUICK", "ReportConfig", "build_report"]

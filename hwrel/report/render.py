@@ -3,9 +3,9 @@
 A report is a tree of plain blocks (:class:`Text`, :class:`Facts`, :class:`Table`, :class:`Fig`)
 in :class:`Section` objects. :func:`write_report` writes, into an existing (empty) folder:
 
-- ``index.html``: figures embedded as base64 PNG data URIs, inline CSS, no script, no external
-  link, font or image (it opens offline and can be mailed as one file);
-- ``report.md`` with ``figures/<name>.png`` beside it;
+- ``index.html``: figures embedded as base64 SVG (vector) data URIs at their natural size, inline
+  CSS, no script, no external link, font or image (it opens offline and can be mailed as one file);
+- ``report.md`` with ``figures/<name>.svg`` beside it;
 - ``tables/<name>.csv``: every table in full (the HTML/Markdown may show a subset of columns).
 """
 from __future__ import annotations
@@ -49,9 +49,11 @@ class Table:
 
 @dataclass(frozen=True, eq=False)
 class Fig:
+    """A figure: ``svg`` bytes (:func:`hwrel.report.figures.svg_bytes`) and what it shows."""
+
     name: str
     title: str
-    png: bytes
+    svg: bytes
     caption: str = ""
 
 
@@ -71,9 +73,10 @@ class Report:
     subtitle: str
     sections: tuple[Section, ...]
     banner: Text | None = None  # shown above everything (the verdict on bound violations)
+    extra_tables: tuple[Table, ...] = ()  # written to tables/*.csv only (e.g. the summary's figures)
 
     def tables(self) -> list[Table]:
-        return [b for s in self.sections for b in s.blocks if isinstance(b, Table)]
+        return [b for s in self.sections for b in s.blocks if isinstance(b, Table)] + list(self.extra_tables)
 
     def figures(self) -> list[Fig]:
         return [b for s in self.sections for b in s.blocks if isinstance(b, Fig)]
@@ -173,10 +176,14 @@ def _html_block(b: Block) -> str:
         return (f"<h3>{_inline(b.title)}</h3>{note}<div class=\"scroll\">{body}</div>"
                 f'<p class="src">{more}all rows and columns: <code>tables/{html.escape(b.name)}.csv</code></p>')
     if isinstance(b, Fig):
-        data = base64.b64encode(b.png).decode("ascii")
+        from hwrel.report.figures import svg_size
+
+        data = base64.b64encode(b.svg).decode("ascii")
+        w, h = svg_size(b.svg)
         cap = f"<figcaption>{_inline(b.caption)}</figcaption>" if b.caption else ""
         return (f"<h3>{_inline(b.title)}</h3><figure id=\"fig-{html.escape(b.name)}\">"
-                f'<img alt="{html.escape(b.title)}" src="data:image/png;base64,{data}">{cap}</figure>')
+                f'<img alt="{html.escape(b.title)}" width="{w:.0f}" height="{h:.0f}" '
+                f'src="data:image/svg+xml;base64,{data}">{cap}</figure>')
     raise TypeError(f"unknown block {type(b).__name__}")
 
 
@@ -223,7 +230,7 @@ def _md_block(b: Block) -> str:
         return f"### {b.title}\n{note}\n{_md_table(_shown(b))}\n\n{more}all rows and columns: `tables/{b.name}.csv`"
     if isinstance(b, Fig):
         cap = f"\n\n*{b.caption}*" if b.caption else ""
-        return f"### {b.title}\n\n![{b.title}](figures/{b.name}.png){cap}"
+        return f"### {b.title}\n\n![{b.title}](figures/{b.name}.svg){cap}"
     raise TypeError(f"unknown block {type(b).__name__}")
 
 
@@ -245,7 +252,7 @@ def write_report(report: Report, folder: Path) -> None:
     (folder / "figures").mkdir()
     (folder / "tables").mkdir()
     for f in report.figures():
-        (folder / "figures" / f"{f.name}.png").write_bytes(f.png)
+        (folder / "figures" / f"{f.name}.svg").write_bytes(f.svg)
     for t in report.tables():
         t.df.to_csv(folder / "tables" / f"{t.name}.csv", index=False, float_format="%.10g")
     (folder / "report.md").write_text(to_markdown(report), encoding="utf-8")

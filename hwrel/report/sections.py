@@ -181,7 +181,8 @@ def _violated(measured: float, bound: float) -> bool:
     return measured > bound + VIOLATION_TOL * max(1.0, abs(bound))
 
 
-def validation_checks(fep: FepResult | None, bitwidth: Any, seu: Any) -> pd.DataFrame:
+def validation_checks(fep: FepResult | None, bitwidth: Any, seu: Any, attack: tuple[Any, Any] | None = None
+                      ) -> pd.DataFrame:
     """One row per (prediction, measurement) pair: ``bound`` (certified), ``measured`` (fault
     injection), ``violated``. A row is also emitted for a certified accuracy above a measured one."""
     rows: list[dict[str, Any]] = []
@@ -223,8 +224,17 @@ def validation_checks(fep: FepResult | None, bitwidth: Any, seu: Any) -> pd.Data
                      "quantity": "vulnerable fraction: certified (upper bound) vs measured (95% CI low end)",
                      "bound": float(seu.vulnerable_fraction_certified), "measured": float(lo_ci),
                      "violated": float(lo_ci) > float(seu.vulnerable_fraction_certified) + 1e-12})
+    if seu is not None and attack is not None:
+        for r in attack:
+            if r.broke:  # k certified flips keep the budget, so breaking it takes at least k + 1
+                rows.append({"analysis": "SEU adversarial flips", "case": r.method,
+                             "quantity": "flips breaking the accuracy budget (measured) vs certified tolerated + 1",
+                             "bound": float(seu.certified_flips + 1), "measured": float(r.flips_needed),
+                             "violated": r.flips_needed < seu.certified_flips + 1, "must_hold": "measured >= bound"})
     df = pd.DataFrame(rows, columns=["analysis", "case", "quantity", "bound", "measured", "violated"])
-    df.insert(5, "must_hold", ["measured >= bound" if "accuracy" in q else "measured <= bound" for q in df["quantity"]])
+    df.insert(5, "must_hold", [m if isinstance(m, str) else ("measured >= bound" if "accuracy" in q
+                                                             else "measured <= bound")
+                               for q, m in zip(df["quantity"], [r.get("must_hold") for r in rows])])
     return df
 
 
@@ -249,12 +259,15 @@ def _na(section_id: str, title: str, what: str) -> Section:
 
 
 def summary_section(info: dict[str, Any], layers: pd.DataFrame, affine: pd.DataFrame,
-                    memories: pd.DataFrame, mapping: pd.DataFrame | None) -> Section:
+                    memories: pd.DataFrame, mapping: pd.DataFrame | None, stored_as: str | None = None) -> Section:
+    storage_note = ("`storage`: how the trained model holds its parameters." +
+                    (f" On the accelerator they are stored as {stored_as} (biases int32 for integer formats; see "
+                     "where each tensor is stored): every SEU figure is about those stored bits." if stored_as else ""))
     facts = Facts(tuple((k, str(v)) for k, v in info.items()))
     blocks: list = [facts,
                     Table("layers", "Hidden layers (neurons that can fail)", layers,
                           note="Activation range: sound interval over the whole input domain."),
-                    Table("parameters", "Parameters per affine layer", affine),
+                    Table("parameters", "Parameters per affine layer (as trained)", affine, note=storage_note),
                     Table("memories", "Accelerator memories and the model bits stored in each", memories)]
     if mapping is not None:
         blocks.append(Table("mapping", "Where each parameter tensor is stored", mapping))
@@ -264,9 +277,9 @@ def summary_section(info: dict[str, Any], layers: pd.DataFrame, affine: pd.DataF
 def fep_section(fep: FepResult | None) -> Section:
     if fep is None:
         return _na("fep", "Neuron failures (Forward Error Propagation)", "Neuron-failure bounds")
-    figure = figs.png_bytes(figs.fep_bounds_figure(fep.bounds, fep.measured,
+    figure = figs.svg_bytes(figs.fep_bounds_figure(fep.bounds, fep.measured,
                                                    "certified bound per method vs measured worst"))
-    tol_fig = figs.png_bytes(figs.tolerance_figure(fep.accuracy_curve, fep.clean_accuracy, fep.max_accuracy_drop))
+    tol_fig = figs.svg_bytes(figs.tolerance_figure(fep.accuracy_curve, fep.clean_accuracy, fep.max_accuracy_drop))
     worst = fep.tolerance.loc[fep.tolerance["tolerated_fraction"].idxmin()]
     return Section("fep", "Neuron failures (Forward Error Propagation)", (
         Text(f"Crash: a failed neuron sends 0. Byzantine: it sends any value with |v| <= C = {fep.capacity:.4g} "
@@ -276,26 +289,42 @@ def fep_section(fep: FepResult | None) -> Section:
         Table("fep_bounds", "Certified bounds per layer and method (failures in one layer)", fep.bounds,
               ("fault", "layer_name", "module", "neurons", "failures", "paper", "weights", "interval", "best")),
         Fig("fep_bounds", "Bounds per method and measured worst case", figure,
-            "Log scale. Grey hatched bars: the worst output change found by injection (random and adversarial "
-            "failure sets on the test data); it must never exceed any bound."),
+            "Log scale. Bars per configuration (layer, failed neurons f): the certified bound of each method "
+            "(blue plain: paper, orange hatched: weight-aware, green dotted: interval) and, light grey cross-hatched, "
+            "the worst output change found by injection (random and adversarial failure sets on the test data); "
+            "it must never exceed any bound."),
         Text(f"Tolerated failures per layer: the largest number of failed neurons in that layer (others healthy) "
              f"for which the certified accuracy on the test set stays within {fep.max_accuracy_drop:.2%} of the "
              f"clean accuracy {fep.clean_accuracy:.2%}, for every choice of the failed neurons. Least tolerant: "
              f"{worst.layer_name} under {worst.fault} faults ({int(worst.tolerated)} of {int(worst.neurons)})."),
+        *_zero_tolerance_note(fep),
         Table("fep_tolerance", "Certified tolerated failures per layer", fep.tolerance,
               ("fault", "layer_name", "module", "neurons", "tolerated", "tolerated_fraction",
                "certified_accuracy_drop", "certified_accuracy_1_failure", "domain_bound_at_tolerated")),
         Fig("fep_tolerance", "Certified accuracy against failed neurons per layer", tol_fig,
             "Sound lower bound on the test accuracy with that many failed neurons in one layer (worst choice "
-            "of neurons); the dashed line is the budget. A layer tolerates the counts above the line."),
+            "of neurons); solid lines crash, dashed lines Byzantine faults, one colour and marker per layer; the dotted black line is the budget. A layer tolerates the counts on or above it; 0 failures is drawn at 0.5 (log axis)."),
     ))
+
+
+def _zero_tolerance_note(fep: FepResult) -> tuple[Text, ...]:
+    """Why a tolerance table of zeros is not an error."""
+    t = fep.tolerance
+    if not len(t) or int(t["tolerated"].max()) > 0:
+        return ()
+    worst = ", ".join(f"{r.layer_name} {r.fault} {r.certified_accuracy_1_failure:.1%}" for r in t.itertuples())
+    return (Text(f"Every layer tolerates 0 failed neurons: with one failed neuron (the worst one, any input of the "
+                 f"domain) the certified accuracy already falls below the budget "
+                 f"{fep.clean_accuracy - fep.max_accuracy_drop:.2%} ({worst}). The certificate covers every choice "
+                 "of the failed neuron; the injections above measure typical and searched ones, which cost far less.",
+                 "note"),)
 
 
 def bitwidth_section(bw: Any, float_bits: int | None) -> Section:
     title = "Safe bit width (quantization)"
     if bw is None:
         return _na("bitwidth", title, "Safe bit-width analysis")
-    fig = figs.png_bytes(bw.plot())
+    fig = figs.svg_bytes(figs.bitwidth_figure(bw.table, bw.spec))
     facts = [("budget", ", ".join(f"{k} = {v}" for k, v in bw.budget.items())), ("quantizer", bw.spec),
              ("recommended uniform width (certified)", f"{bw.certified_bits} bits" if bw.certified_bits else "none"),
              ("width meeting the budget when measured (Brevitas PTQ)", str(bw.measured_bits)),
@@ -312,9 +341,11 @@ def bitwidth_section(bw: Any, float_bits: int | None) -> Section:
     if not bw.per_layer:
         blocks.append(Text("Per-layer widths: none found below the uniform width (or not computed).", "note"))
     blocks += [Fig("bitwidth", "Predicted vs measured per bit width", fig,
-                   "Left: certified bounds (any input / per test input), adversarial, estimated and measured "
-                   "output change. Right: accuracies. Certified curves must stay above measured error and "
-                   "below measured accuracy."),
+                   "Left (log scale): largest output change per weight width: certified bounds over the whole "
+                   "input domain (paper, weight-aware, interval), certified per test input, adversarial search, "
+                   "estimate and Brevitas PTQ measurement; a value of 0 (a log axis cannot show it) is drawn as "
+                   "an open marker at the axis floor. Right: accuracies, with the float model's. Certified "
+                   "curves must stay above the measured error and below the measured accuracy."),
                Table("bitwidth", "Per bit width: predicted and measured", bw.table,
                      ("bits", "bound_interval", "certified_error", "measured_error",
                       "certified_accuracy", "adversarial_accuracy", "estimated_accuracy", "measured_accuracy",
@@ -342,7 +373,25 @@ def critical_layers(seu: Any) -> pd.DataFrame:
     return g.sort_values("vulnerable_bits", ascending=False, kind="stable").reset_index(drop=True)
 
 
-def seu_section(seu: Any, heatmap: bytes | None, mission: bytes | None) -> Section:
+def attack_facts(seu: Any, attack: tuple[Any, Any] | None) -> tuple[tuple[str, str], ...]:
+    """The flip verdict: certified tolerance beside the fewest flips the searches need."""
+    if attack is None:
+        return ()
+    ours, base = attack
+
+    def one(r) -> str:
+        if not r.broke:
+            return f"none found within {len(r.flips)} flips (measured accuracy {r.accuracy:.2%})"
+        return (f"{r.flips_needed} ({r.describe(4)}): measured accuracy {r.clean_accuracy:.2%} -> {r.accuracy:.2%} "
+                f"on {seu.budget.get('samples', '?')} inputs, {r.forwards} exact forwards")
+    return (("fewest flips breaking the budget, hwrel search (measured)", one(ours)),
+            ("same, progressive bit search baseline (Rakin et al., ICCV 2019)", one(base)))
+
+
+def seu_section(seu: Any, heatmap: bytes | None, mission: bytes | None, attack: tuple[Any, Any] | None = None,
+                options: pd.DataFrame | None = None) -> Section:
+    from hwrel.report.summary import failure_vs_fit, k_zero_meaning
+
     title = "Soft errors (SEU) in accelerator memory"
     if seu is None:
         return _na("seu", title, "SEU tolerance analysis")
@@ -371,6 +420,7 @@ def seu_section(seu: Any, heatmap: bytes | None, mission: bytes | None) -> Secti
          f"{seu.certified_flips_weights_only}" + (" (capped)" if seu.certified_flips_weights_only_capped else "")),
         ("certified tolerated flips, protection plan applied",
          f"{seu.certified_flips_with_plan}" + (" (capped)" if seu.certified_flips_with_plan_capped else "")),
+        *attack_facts(seu, attack),
         ("vulnerable fraction, certified (upper bound)", f"{seu.vulnerable_fraction_certified:.4%}"),
         ("vulnerable fraction, measured", f"{seu.vulnerable_fraction_measured:.4%} (95% CI {lo:.4%} .. {hi:.4%}, "
                                           f"{seu.campaign_size} random flips)"),
@@ -383,6 +433,7 @@ def seu_section(seu: Any, heatmap: bytes | None, mission: bytes | None) -> Secti
         ("verdict", verdict), ("what to protect", what),
     ))
     blocks: list = [Text(f"Verdict: {verdict}.", "ok" if seu.meets_target in (True, None) else "alert"), facts,
+                    Text(k_zero_meaning(seu), "note"), Text(failure_vs_fit(seu), "note"),
                     Table("seu_critical_layers", "Critical layers (certified vulnerable bits)", critical_layers(seu))]
     if heatmap is not None:
         blocks.append(Fig("seu_critical_bits", "Critical bit positions", heatmap,
@@ -398,9 +449,51 @@ def seu_section(seu: Any, heatmap: bytes | None, mission: bytes | None) -> Secti
                         ("memory", "protection", "bits", "ser_fit_per_mbit", "vulnerable_fraction", "fit_raw", "fit",
                          "fit_measured", "fit_with_ecc")))
     if mission is not None:
-        blocks.append(Fig("seu_mission", "Mission reliability over time", mission))
+        blocks.append(Fig("seu_mission", "Mission reliability over time", mission,
+                          "Probabilities over the mission (log-log; a probability of 0 is not drawn): at least one "
+                          "upset, more upsets than the certified tolerance, failure (budget exceeded) without and "
+                          "with SECDED ECC, the FIT-only estimate, and the target's allowance FIT limit x t."))
     blocks.append(Table("seu_protection_plan", "Protection plan (greedy, SECDED per bit column)", plan))
+    if options is not None:
+        blocks.append(Table("hardening", "Hardening options, best certified FIT removed per extra stored bit first",
+                            options, note="Certified vulnerable FIT removed (upper bound given the rates) per bit of "
+                            "overhead (check bits, limit registers); `certified_flips_after` where the analysis "
+                            "certified it, else -."))
     return Section("seu", title, tuple(blocks))
+
+
+def provenance_section(prov: pd.DataFrame, sens: Any, acc: Any) -> Section:
+    """Every rate with its source and status, the accelerator's sources, and the sensitivity."""
+    return Section("provenance", "Rates, their sources and the verdict's sensitivity", (
+        Text("Status: measured (on this chip), published (read in a document: the accelerator file's `verified` "
+             "or `secondary`) or assumed (a placeholder or a rate carried over from another technology). Every "
+             f"number comes from `{acc.path.name}`; its sources: " + " | ".join(acc.sources)),
+        Table("rates", "Rates and limits behind the verdict", prov, ("quantity", "value", "unit", "status",
+                                                                        "source")),
+        Text(f"Sensitivity: {sens.line}", "alert" if sens.changes else "ok"),
+        Table("sensitivity", "The verdict with the rates off by 10x", sens.table,
+              ("scenario", "memories_scaled", "fit", "fit_with_ecc", "p_failure", "verdict", "verdict_with_ecc")),
+    ))
+
+
+def iso_section(iso: Any) -> Section:
+    from hwrel.report.iso26262 import ASSUMPTIONS
+
+    title = "ISO 26262-5 hardware metrics (estimates)"
+    if iso is None:
+        return _na("iso26262", title, "ISO 26262 metrics (no SEU analysis)")
+    assumed = sorted({f"{r.asil.upper()} {r.metric} {r.limit}" for r in iso.table.itertuples()
+                      if r.limit_status == "assumed"})
+    return Section("iso26262", title, (
+        Text("Single-point fault metric SPFM = 1 - (lambda_SPF + lambda_RF) / lambda, latent fault metric "
+             "LFM = 1 - lambda_MPF,latent / (lambda - lambda_SPF - lambda_RF), and the PMHF contribution (mission "
+             "failure probability / mission hours, in FIT) of the model's parameter memories. Estimates, under "
+             "these assumptions: " + "; ".join(ASSUMPTIONS) + "."),
+        Text("Limits marked assumed were recalled, not read in the standard: " + (", ".join(assumed) or "none")
+             + ". Check them against ISO 26262-5:2018 before signing.", "note"),
+        Table("iso26262", "SPFM, LFM and PMHF against the ASIL limits", iso.table,
+              ("configuration", "asil", "metric", "value", "limit", "met", "limit_status", "limit_source")),
+    ))
 
 
 def validation_section(checks: pd.DataFrame, banner: Text, scatter: bytes | None) -> Section:
@@ -411,7 +504,10 @@ def validation_section(checks: pd.DataFrame, banner: Text, scatter: bytes | None
                          "true worst case (random and adversarial search), so the gap to the bound is the price "
                          "of certainty, not an error.")]
     if scatter is not None:
-        blocks.append(Fig("validation", "Certified vs measured", scatter))
+        blocks.append(Fig("validation", "Certified vs measured", scatter,
+                          "Every prediction that must upper-bound a measurement (log-log), one colour and marker "
+                          "per analysis; the dashed diagonal is measured = bound. A point above it would be a "
+                          "violated bound (drawn as a red cross)."))
     blocks.append(Table("validation", "Predictions and measurements", checks))
     return Section("validation", "Validation against fault injection", tuple(blocks))
 

@@ -20,7 +20,7 @@ import pandas as pd
 from hwrel.errors import HwrelError
 from hwrel.formats import parse_format
 
-CONFIDENCES = ("verified", "secondary", "assumed")
+CONFIDENCES = ("measured", "verified", "secondary", "assumed")
 PROTECTIONS = ("none", "parity", "secded")
 HOLDS = ("weights", "activations", "accumulators")
 _SLUG = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*")

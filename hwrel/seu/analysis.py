@@ -433,7 +433,7 @@ def seu_analysis(model: nn.Module | Network | Any, accelerator: str | Accelerato
         u = torch.as_tensor(rng.random((max_samples, *net.input_shape)))
         x = net64.input_lo + u * (net64.input_hi - net64.input_lo)
     elif x.shape[0] > max_samples:
-        keep = np.sort(rng.choice(x.shape[0], size=max_samples, replace=False))
+        keep = evaluated_subset(x.shape[0], max_samples, seed)
         x, y = x[keep], (y[keep] if y is not None else None)
     lo, hi = net64.input_lo, net64.input_hi
     if bool(((x < lo - 1e-12) | (x > hi + 1e-12)).any()):
@@ -512,6 +512,14 @@ def seu_analysis(model: nn.Module | Network | Any, accelerator: str | Accelerato
         plan_protected_bits=plan_bits, single_flip_breaker=breaker,
         single_flip_breaker_weights=breaker_w,
         violations=int(camp.violation.sum()) if n_c else 0)
+
+
+def evaluated_subset(n: int, max_samples: int, seed: int) -> np.ndarray | None:
+    """Indices (sorted) of the inputs :func:`seu_analysis` evaluates out of ``n`` given ones with
+    ``max_samples`` and ``seed``; None when it evaluates all of them."""
+    if n <= max_samples:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n, size=max_samples, replace=False))
 
 
 def _wilson(k: int, n: int) -> tuple[float, float]:

@@ -53,6 +53,15 @@ def _memory_fit(m: Memory, bits: float, vb: float, vw: float, alt: float, ts: fl
     return r.silent_fit * vw, r.detected_fit, r.silent_fit
 
 
+def memory_fit(m: Memory, bits: float, vb: float, vw: float, alt: float, ts: float,
+               ecc: bool) -> tuple[float, float, float]:
+    """(silent FIT, detected FIT, FIT of upsets reaching the model) of ``bits`` parameter bits in
+    memory ``m`` with certified vulnerable fractions ``vb`` (single flips) and ``vw`` (words);
+    ``ecc``: as if the memory had SECDED (its own, or (72,64)). The arithmetic of :func:`fit_table`
+    (an estimate given the memory's raw rate; used to rerun it with other rates)."""
+    return _memory_fit(m, bits, vb, vw, alt, ts, ecc)
+
+
 def fit_table(acc: Accelerator, per_tensor: Sequence[tuple[StoredTensor, float, float]],
               alt: float, ts: float, measured_fraction: float = math.nan) -> pd.DataFrame:
     """One row per memory holding parameters: bits, vulnerable fractions, FIT with/without ECC.

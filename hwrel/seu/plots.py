@@ -34,47 +34,63 @@ def critical_bits_heatmap(result: SEUResult) -> Figure:
         inf[i, r.bit] = math.isinf(r.certified_damage)
         grid[i, r.bit] = r.certified_damage
         frac[i, r.bit] = r.vulnerable_fraction
-    fig = Figure(figsize=(max(6, 0.32 * width + 3), 0.45 * len(tensors) + 2))
+    fig = Figure(figsize=(max(7, 0.36 * width + 3), 0.5 * len(tensors) + 2.2))
     ax = fig.subplots()
     im = ax.imshow(_log10(np.where(inf, np.nan, grid)), aspect="auto", cmap="magma_r")
     for i, j in zip(*np.nonzero(inf)):
-        ax.text(j, i, "inf", ha="center", va="center", fontsize=6, color="red")
+        ax.text(j, i, "inf", ha="center", va="center", fontsize=8, color="red")
     for i, j in zip(*np.nonzero(frac > 0)):
-        ax.text(j, i, f"{frac[i, j]:.0%}", ha="center", va="center", fontsize=5, color="cyan")
-    ax.set_yticks(range(len(tensors)), tensors, fontsize=7)
-    ax.set_xticks(range(width), [str(b) for b in range(width)], fontsize=6)
+        ax.text(j, i, f"{frac[i, j]:.0%}", ha="center", va="center", fontsize=7, color="#00E5FF",
+                fontweight="bold")
+    ax.set_yticks(range(len(tensors)), tensors)
+    ax.set_xticks(range(width), [str(b) for b in range(width)], fontsize=8)
     ax.set_xlabel("bit position (0 = LSB)")
     ax.set_title(f"{result.model} on {result.accelerator} ({result.format}): certified damage "
-                 "of one flip", fontsize=9)
+                 "of one flip")
     fig.colorbar(im, ax=ax, label="log10 max |output change|")
     fig.tight_layout()
     return fig
 
 
+def mission_title(result: SEUResult) -> str:
+    """``'<model> on <accelerator>: mission reliability (...)'`` with the reload policy in words."""
+    scrub = (f"weights reloaded every {result.scrub_hours:g} h" if result.scrub_hours
+             else "weights never reloaded during the mission")
+    return f"{result.model} on {result.accelerator}: mission reliability ({scrub})"
+
+
 def mission_plot(result: SEUResult) -> Figure:
     """Probabilities over mission time (log-log): at least one upset, more upsets than the
     certified tolerance, failure (budget exceeded) with and without ECC, and the FIT-only
-    estimate; the target's allowance ``max_fit * t`` is drawn when a target was given."""
+    estimate; the target's allowance ``max_fit * t`` is drawn when a target was given. Each
+    series has its own colour, line style and marker; a probability of 0 is not drawn (log axis)
+    and the legend says so."""
     c = result.mission_curve
-    fig = Figure(figsize=(7, 4.5))
+    fig = Figure(figsize=(8, 4.8))
     ax = fig.subplots()
-    for col, label in (("p_at_least_1_upset", "P(>= 1 upset)"),
-                       ("p_exceed_certified_flips",
-                        f"P(> {result.certified_flips} certified flips / window)"),
-                       ("p_failure", "P(failure)"), ("p_failure_with_ecc", "P(failure), SECDED"),
-                       ("p_failure_fit_only", "1 - exp(-FIT t)")):
+    colors = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00")
+    lines = ("-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)))
+    markers = ("o", "s", "^", "D", "v")
+    for k, (col, label) in enumerate((
+            ("p_at_least_1_upset", "P(>= 1 upset)"),
+            ("p_exceed_certified_flips", f"P(> {result.certified_flips} certified flips / window)"),
+            ("p_failure", "P(failure), no ECC"), ("p_failure_with_ecc", "P(failure), SECDED ECC"),
+            ("p_failure_fit_only", "1 - exp(-FIT t), no ECC"))):
         y = c[col].to_numpy()
-        ax.plot(c.hours, np.where(y > 0, y, np.nan), label=label)
+        zeros = int((y <= 0).sum())
+        lab = label + (f" (0 at {zeros} of {len(y)} times, not drawn)" if zeros else "")
+        ax.plot(c.hours, np.where(y > 0, y, np.nan), label=lab, color=colors[k], linestyle=lines[k],
+                marker=markers[k], markevery=6, ms=4, lw=1.6)
     if result.target_max_fit is not None:
-        ax.plot(c.hours, result.target_max_fit * 1e-9 * c.hours, "k--",
-                label=f"{result.target} allowance")
+        ax.plot(c.hours, result.target_max_fit * 1e-9 * c.hours, color="k", lw=1.2, linestyle=(0, (1, 1)),
+                label=f"{result.target} allowance ({result.target_max_fit:g} FIT x t)")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("hours")
+    ax.set_xlabel("mission time (hours)")
     ax.set_ylabel("probability")
-    ax.set_title(f"{result.model} on {result.accelerator}: mission reliability "
-                 f"(scrub {result.scrub_hours or 'none'} h)", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    ax.set_title(mission_title(result))
+    ax.legend(framealpha=0.9)
     fig.tight_layout()
     return fig
 
