@@ -171,11 +171,12 @@ def tolerance_figure(curve: pd.DataFrame, clean: float, drop: float) -> Figure:
     ax = fig.subplots()
     styles = {"crash": "-", "byzantine": "--"}
     names = list(dict.fromkeys(curve["layer_name"]))
-    for (fault, name), grp in curve.groupby(["fault", "layer_name"], sort=False):
-        k = names.index(name)
+    for j, ((fault, name), grp) in enumerate(curve.groupby(["fault", "layer_name"], sort=False)):
+        k = names.index(name)  # marker per layer, line style per fault, colour per curve
+        c = COLORS[j % len(COLORS)]
         ax.plot(grp["failures"].clip(lower=0.5), grp["certified_accuracy"], linestyle=styles.get(fault, ":"),
-                marker=MARKERS[k % len(MARKERS)], ms=5, lw=1.6, color=COLORS[k % len(COLORS)],
-                mfc="white" if fault != "crash" else COLORS[k % len(COLORS)], label=f"{name} {fault}")
+                marker=MARKERS[k % len(MARKERS)], ms=5, lw=1.6, color=c,
+                mfc="white" if fault != "crash" else c, label=f"{name} {fault}")
     ax.axhline(clean - drop, color="k", lw=1.2, ls=":", label=f"budget ({clean:.2%} - {drop:.2%})")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("failed neurons in the layer (0 drawn at 0.5)")

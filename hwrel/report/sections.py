@@ -114,22 +114,29 @@ def fep_analysis(net: Network, x: Tensor, y: Tensor, *, capacity: float, counts:
                     cache[f] = (clean - float(((pred == y) & cert).double().mean()), dom)
                 return cache[f]
 
-            lo, hi = 0, size  # largest f whose certified drop is within budget (monotone in f)
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                if cert_drop(mid)[0] <= max_accuracy_drop + 1e-12:
-                    lo = mid
-                else:
-                    hi = mid - 1
+            def ok(f: int) -> bool:
+                return cert_drop(f)[0] <= max_accuracy_drop + 1e-12
+
+            # largest f whose certified drop is within budget (monotone in f): doubling from 1, then
+            # bisection between the last f that held and the first that failed (tolerances are small,
+            # so this costs a few certificates where a bisection over [0, size] costs log2(size))
+            lo, f = 0, 1
+            while f <= size and ok(f):
+                lo, f = f, 2 * f
+            hi = min(f, size + 1)  # first failing f, or size + 1
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if ok(mid) else (lo, mid)
             drop, dom = cert_drop(lo)
             tol_rows.append({"fault": kind, "layer": k + 1, "layer_name": names[k], "module": net.nodes[node].name,
                              "neurons": size, "tolerated": lo, "tolerated_fraction": lo / size,
                              "certified_accuracy_drop": drop, "domain_bound_at_tolerated": dom,
                              "certified_accuracy_1_failure": clean - cert_drop(1)[0]})
-            f = 0
-            while f <= size:
-                curve.append({"fault": kind, "layer_name": names[k], "failures": f,
-                              "certified_accuracy": clean - cert_drop(f)[0]})
+            f, floor = 0, False
+            while f <= size:  # once the certified accuracy is 0, 0 is its (trivially sound) value beyond
+                acc = 0.0 if floor else clean - cert_drop(f)[0]
+                floor = floor or acc <= 0
+                curve.append({"fault": kind, "layer_name": names[k], "failures": f, "certified_accuracy": acc})
                 f = 1 if f == 0 else 2 * f
     bounds = pd.DataFrame(rows)
     tolerance = pd.DataFrame(tol_rows)
@@ -303,7 +310,7 @@ def fep_section(fep: FepResult | None) -> Section:
                "certified_accuracy_drop", "certified_accuracy_1_failure", "domain_bound_at_tolerated")),
         Fig("fep_tolerance", "Certified accuracy against failed neurons per layer", tol_fig,
             "Sound lower bound on the test accuracy with that many failed neurons in one layer (worst choice "
-            "of neurons); solid lines crash, dashed lines Byzantine faults, one colour and marker per layer; the dotted black line is the budget. A layer tolerates the counts on or above it; 0 failures is drawn at 0.5 (log axis)."),
+            "of neurons); solid lines and filled markers crash, dashed lines and open markers Byzantine faults, one marker shape per layer and one colour per curve; the dotted black line is the budget. A layer tolerates the counts on or above it; 0 failures is drawn at 0.5 (log axis)."),
     ))
 
 
