@@ -49,7 +49,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", default="0", help="sampling seed (default 0)")
     p.add_argument("--out", default=None, help="results folder, or a file ending in .parquet")
     p.add_argument("--shard", default=None, metavar="i/n", help="run only shard i of n")
-    p.add_argument("--chunk-size", default="256", help="configurations per chunk (default 256)")
+    p.add_argument("--chunk-size", default="auto", help="configurations per chunk, the unit of "
+                   "writing and resuming (default auto: chosen by the engine for the model, the "
+                   "inputs and the campaign size, see hwrel.inject.engine.campaign_chunk)")
     p.add_argument("--inputs", default="256", metavar="B", help="test inputs to evaluate on "
                    "(default 256)")
     p.add_argument("--range-limit", default=None, metavar="R", help="restrict stored weights to "
@@ -135,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
         fault=args.fault, format=fmt.name, count=_num(args.count, "--count", int),
         ber=_num(args.ber, "--ber"), exhaustive=args.exhaustive, layer=args.layer,
         bit=_num(args.bit, "--bit", int), sites=tuple(args.site) if args.site else None,
-        capacity=_num(args.capacity, "--capacity"), chunk_size=_num(args.chunk_size, "--chunk-size", int))
+        capacity=_num(args.capacity, "--capacity"),
+        chunk_size=256 if args.chunk_size == "auto" else _num(args.chunk_size, "--chunk-size", int))
     seed = _num(args.seed, "--seed", int)
     confidence = _num(args.confidence, "--confidence")
     check(0 < confidence < 1, f"--confidence must lie strictly between 0 and 1, got {args.confidence!r}")
@@ -143,6 +146,10 @@ def run(args: argparse.Namespace) -> int:
         check_writable(args.out, "--out", folder=not args.out.endswith(".parquet"))
     net, x, y, how, md = _model(args, fmt)
     space = SiteSpace(net, spec)  # validates layer and bit against the model before any work
+    if args.chunk_size == "auto":
+        from hwrel.inject.engine import campaign_chunk
+
+        spec = replace(spec, chunk_size=campaign_chunk(net, len(x), space.num_configs()))
     # --executor local --workers 1 (the default) runs run_campaign in this process
     df = run_with_executor(args, net, spec, x, y, seed=seed, progress=not args.no_progress,
                            range_limit=_num(args.range_limit, "--range-limit"))
