@@ -27,7 +27,7 @@ def test_run_words_equals_run(net_data, kind: str) -> None:  # noqa: ANN001
     a = inj.run(faults)
     b = inj.run_words([f.layer for f in faults], "weight", np.array([f.index for f in faults]),
                       np.array([f.bit for f in faults]), kind)
-    assert a.keys() == b.keys()
+    assert set(b) == set(a) | {"certified"}
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     assert a["max_abs_delta"].max() > 0  # the sample holds faults that change outputs
@@ -40,7 +40,9 @@ def test_word_rows_equal_chunk_rows(net_data, spec, monkeypatch: pytest.MonkeyPa
     net, x, y = net_data
     fast = C.run_campaign(net, spec, x, y, seed=3, progress=False)
     monkeypatch.setattr(C, "single_words", lambda s: False)
-    pd.testing.assert_frame_equal(fast, C.run_campaign(net, spec, x, y, seed=3, progress=False))
+    slow = C.run_campaign(net, spec, x, y, seed=3, progress=False)
+    assert not slow["certified"].any()
+    pd.testing.assert_frame_equal(fast.drop(columns="certified"), slow.drop(columns="certified"))
 
 
 def test_campaign_chunk_is_a_power_of_two_within_bounds(net_data) -> None:  # noqa: ANN001

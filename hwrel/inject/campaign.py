@@ -10,8 +10,10 @@ uninterrupted run exactly. ``shard=(i, n)`` runs only the chunks ``c`` with ``c 
 Rows (one per configuration, sorted by ``config_id``): ``config_id``, ``n_faults``, the fault
 columns ``layer``, ``site``, ``kind``, ``index``, ``bit``, ``format`` (``"*"`` / ``-1`` when the
 faults of a configuration differ), ``faults`` (JSON list of every fault), the engine's
-``old_value``, ``new_value``, ``max_abs_delta``, ``mismatch_rate``, ``nonfinite`` and, with labels,
-``accuracy``. :func:`summarize` gives rates with confidence intervals.
+``old_value``, ``new_value``, ``max_abs_delta``, ``mismatch_rate``, ``nonfinite``, with labels
+``accuracy``, and ``certified`` (settled without a forward: a weight that multiplies only exact
+zeros, so the measured row is exactly the clean run's). :func:`summarize` gives rates with
+confidence intervals.
 """
 from __future__ import annotations
 
@@ -144,6 +146,7 @@ def chunk_rows(faults: ChunkFaults, records: list[list[dict[str, Any]]],
         arr = np.asarray(measured[key])
         check(arr.shape == (n,), f"engine returned {key} of shape {arr.shape}, expected ({n},)")
         cols[key] = arr.astype(bool if key == "nonfinite" else np.float64)
+    cols["certified"] = np.asarray(measured.get("certified", np.zeros(n, dtype=bool)), dtype=bool)
     return pd.DataFrame(cols)
 
 
@@ -183,6 +186,7 @@ def word_rows(space: SiteSpace, faults: ChunkFaults, measured: dict[str, np.ndar
         arr = np.asarray(measured[key])
         check(arr.shape == (n,), f"engine returned {key} of shape {arr.shape}, expected ({n},)")
         cols[key] = arr.astype(bool if key == "nonfinite" else np.float64)
+    cols["certified"] = np.asarray(measured.get("certified", np.zeros(n, dtype=bool)), dtype=bool)
     return pd.DataFrame(cols)
 
 

@@ -207,9 +207,15 @@ def input_max(nom: Nominal, node: int) -> Tensor:
     """``X_b(i)``: largest magnitude of each weight's input over the positions it is applied at
     (the interval's sup, so it covers every float32 evaluation of the clean input)."""
     nd = nom.net.nodes[node]
-    a = nd.affine
     src = nd.inputs[0]
-    m = sup_abs(nom.los[src], nom.his[src])
+    return window_max(nd, sup_abs(nom.los[src], nom.his[src]))
+
+
+def window_max(nd, m: Tensor) -> Tensor:  # noqa: ANN001
+    """Per input, the largest of ``m`` (magnitudes of affine node ``nd``'s input, ``(B, *shape)``)
+    over the positions each weight is applied at: ``(B, in_features)`` for a Linear (over every
+    row), ``(B, Cin, kh, kw)`` for a convolution (padding counts as 0)."""
+    a = nd.affine
     B = m.shape[0]
     if a.kind == "linear":
         return m.reshape(B, -1, a.weight.shape[1]).amax(1)
@@ -227,16 +233,23 @@ def input_max(nom: Nominal, node: int) -> Tensor:
     return out
 
 
+def zero_input_weights(nd, m: Tensor) -> Tensor:  # noqa: ANN001
+    """Flat bool per weight of affine node ``nd``: ``m`` (input magnitudes, ``(B, *shape)``) is 0
+    at every input and position the weight multiplies. Grouped convolutions: all False."""
+    a = nd.affine
+    if a.kind == "conv2d" and a.groups != 1:
+        return torch.zeros(a.weight.numel(), dtype=torch.bool, device=a.weight.device)
+    dead_in = (window_max(nd, m) == 0).all(0)  # (in,) or (Cin, kh, kw)
+    return dead_in[None].expand(a.weight.shape[0], *dead_in.shape).reshape(-1)
+
+
 def dead_weights(nom: Nominal, node: int) -> Tensor:
     """Flat bool per weight of affine ``node``: every input value it multiplies is exactly zero
     for every input and position (so any finite value there leaves the outputs exactly clean).
     Uses the interval of the clean input: a point interval ``[0, 0]`` is an exact zero."""
     nd = nom.net.nodes[node]
-    a = nd.affine
-    if a.kind == "conv2d" and a.groups != 1:
-        return torch.zeros(a.weight.numel(), dtype=torch.bool, device=a.weight.device)
-    dead_in = (input_max(nom, node) == 0).all(0)  # (in,) or (Cin, kh, kw)
-    return dead_in[None].expand(a.weight.shape[0], *dead_in.shape).reshape(-1)
+    src = nd.inputs[0]
+    return zero_input_weights(nd, sup_abs(nom.los[src], nom.his[src]))
 
 
 def certificate(nom: Nominal, node: int, *, max_rows: int = _ROWS) -> LayerCertificate | None:

@@ -161,6 +161,7 @@ class Injector:
                 raise HwrelError(f"labels have {lab.numel()} entries for {self.batch} inputs")
             self.labels = lab
         self._pad_cache: dict[int, Tensor] = {}
+        self._zero_cache: dict[int, Tensor] = {}
         self._t_cache: dict[int, Tensor] = {}
         self._qbins: dict[int, tuple[Tensor, Tensor] | None] = {}
         self._tails = self._build_tails(consumers)
@@ -969,7 +970,9 @@ class Injector:
         """:meth:`run` for single bit faults given as arrays, without building :class:`Fault`
         objects: fault ``k`` hits bit ``bits[k]`` of word ``index[k]`` of the ``site`` (weight or
         bias) of affine layer ``layer[k]`` with ``kind`` (bitflip, stuck0, stuck1). Same results,
-        row for row, as :meth:`run` on the equivalent faults (exact, see :class:`Injector`)."""
+        row for row, as :meth:`run` on the equivalent faults (exact, see :class:`Injector`), plus
+        ``certified``: the fault was settled without a forward (its weight multiplies only exact
+        zeros and its new value is finite: the outputs are exactly the clean ones)."""
         if site not in ("weight", "bias") or kind not in ("bitflip", "stuck0", "stuck1"):
             raise HwrelError(f"run_words takes weight or bias bit faults, got site {site!r} kind {kind!r}")
         index, bits = np.asarray(index, dtype=np.int64), np.asarray(bits, dtype=np.int64)
@@ -998,10 +1001,36 @@ class Injector:
                                      f"{fmt.name} (bits 0..{fmt.bits - 1})")
                 r = self._resolve_words(node, site, None, torch.from_numpy(idx),
                                         torch.from_numpy(np.left_shift(1, b)), torch.full((len(idx),), level))
-                fixed = torch.ones(len(idx), dtype=torch.bool, device=self.device)
-                yield from self._single_batches(r, pos, fixed, chunk, True)
+                if site == "weight":  # zero inputs: the outputs stay exactly clean, no forward
+                    skip = (self._zero_inputs(node)[r.a] & torch.isfinite(r.new)).cpu().numpy()
+                    if skip.any():
+                        certified[pos[skip]] = True
+                        olds[pos[skip]], news[pos[skip]] = r.old.cpu().numpy()[skip], r.new.cpu().numpy()[skip]
+                        keep = torch.from_numpy(~skip).to(self.device)
+                        r = _Resolved(node, site, None, r.a[keep], r.old[keep], r.new[keep])
+                        pos = pos[~skip]
+                if len(pos):
+                    fixed = torch.ones(len(pos), dtype=torch.bool, device=self.device)
+                    yield from self._single_batches(r, pos, fixed, chunk, True)
 
-        return self._collect(len(index), batches())
+        n = len(index)
+        certified = np.zeros(n, dtype=bool)
+        olds, news = np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32)
+        res = self._collect(n, batches())
+        res["old_value"][certified], res["new_value"][certified] = olds[certified], news[certified]
+        res["certified"] = certified
+        return res
+
+    def _zero_inputs(self, node: int) -> Tensor:
+        """Flat bool per weight of affine ``node``: every input value it multiplies (every input,
+        every position) is exactly 0 in the clean run, so a finite faulty value there leaves every
+        output exactly clean (``w * 0 = 0``: the same sums; see :mod:`hwrel.inject.certify`)."""
+        if node not in self._zero_cache:
+            from hwrel.inject.certify import zero_input_weights
+
+            nd = self.nodes[node]
+            self._zero_cache[node] = zero_input_weights(nd, self.clean[nd.inputs[0]].abs())
+        return self._zero_cache[node]
 
     def _collect(self, n: int, batches) -> dict[str, np.ndarray]:  # noqa: ANN001
         """The metrics of :meth:`run` from the batches of :meth:`_batches`."""
