@@ -149,8 +149,10 @@ class ResNet18Like(nn.Module):
 
 
 def _init(module: nn.Module, g: torch.Generator) -> nn.Module:
-    """Materialise a meta-device module with PyTorch's default init drawn from ``g`` only."""
-    module.to_empty(device="cpu")
+    """PyTorch's default init of every layer, drawn from ``g`` only (a meta-device module is
+    materialised first)."""
+    if any(t.is_meta for t in module.parameters()):
+        module.to_empty(device="cpu")
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5), generator=g)
@@ -163,8 +165,10 @@ def _init(module: nn.Module, g: torch.Generator) -> nn.Module:
 
 
 def _build(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
-    # Building on the meta device draws nothing from the global RNG; weights come from `seed`.
-    with torch.device("meta"):
+    # The global RNG is restored after construction (fork_rng), and every weight is drawn again
+    # from `seed`. (Building on the meta device instead costs most of a second: materialising
+    # meta tensors imports torch's symbolic-shape machinery and sympy.)
+    with torch.random.fork_rng(devices=[]):
         module = factory()
     return _init(module, torch.Generator().manual_seed(seed))
 
