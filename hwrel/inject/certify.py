@@ -252,14 +252,25 @@ def dead_weights(nom: Nominal, node: int) -> Tensor:
     return zero_input_weights(nd, sup_abs(nom.los[src], nom.his[src]))
 
 
-def certificate(nom: Nominal, node: int, *, max_rows: int = _ROWS) -> LayerCertificate | None:
-    """The bounded-change certificate of affine ``node`` (None for grouped convolutions).
+def downstream_macs(net: Network, node: int) -> int:
+    """Multiply-adds per input of the affine layers after ``node`` (what one propagation costs)."""
+    return sum(n.size * n.affine.fan_in for n in net.nodes[node + 1:] if n.op == "affine")
+
+
+def certificate(nom: Nominal, node: int, *, max_rows: int = _ROWS,
+                max_macs: float = 5e10) -> LayerCertificate | None:
+    """The bounded-change certificate of affine ``node``; None for grouped convolutions and where
+    the bisection would cost more than ``max_macs`` multiply-adds (units x inputs x downstream
+    multiply-adds x iterations: deep layers of big networks, whose sites are then injected).
 
     Bisection over ``k`` in ``K_LO..K_HI`` on ``tau = 2^k`` for every (unit, input) at once,
     in stacks of units sized to ``max_rows`` floats per node."""
     nd = nom.net.nodes[node]
     a = nd.affine
     if a.kind == "conv2d" and a.groups != 1:
+        return None
+    iters = math.ceil(math.log2(K_HI - K_LO + 2))
+    if a.weight.shape[0] * nom.los[0].shape[0] * downstream_macs(nom.net, node) * iters > max_macs:
         return None
     src = nd.inputs[0]
     B = nom.los[0].shape[0]
