@@ -108,3 +108,26 @@ def test_certificate_is_monotone_in_tau(mapped) -> None:  # noqa: ANN001
         assert ok[cert.tau > 0].all()
     e = C._unit_box(tuple(nd.shape), rows, J, cert.tau * 4 + 1e-3, units)
     assert not C.top1_kept(nom, C.propagate(nom, node, e)).all()  # and it is not vacuous
+
+
+def test_cli_exhaustive_bitflip_writes_the_map(tmp_path, capsys) -> None:  # noqa: ANN001
+    import json
+
+    import pandas as pd
+
+    from hwrel import models
+    from hwrel.cli import main
+
+    out = tmp_path / "map.csv"
+    assert main(["inject", "digits-mlp-sigmoid", "--exhaustive", "--layer", "4", "--inputs", "16",
+                 "--out", str(out), "--json", "--no-progress"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    df = pd.read_csv(out)
+    ref = models.load("digits-mlp-sigmoid").module
+    assert len(df) == info["totals"]["sites"] == (ref[4].weight.numel() + ref[4].bias.numel()) * 32
+    t = info["totals"]
+    assert t["certified_masked"] + t["injected"] + t["bound_then_injected_on_few_inputs"] == len(df)
+    assert t["sdc"] == int(df["sdc"].sum()) and t["certified_masked"] > 0
+    assert not df[df["method"].isin(["unchanged", "bound"])]["sdc"].any()
+    assert main(["inject", "digits-mlp-sigmoid", "--exhaustive", "--out", str(tmp_path / "m")]) == 2
+    assert ".parquet or .csv" in capsys.readouterr().err
