@@ -19,20 +19,25 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-from hwrel.bounds import BoundResult, FaultModel, fep, fep_table
-from hwrel.bounds.certify import CertifiedResult, certified_accuracy
-from hwrel.bounds.tolerance import ToleranceResult, tolerance
 from hwrel.errors import HwrelError, UnsupportedLayerError
-from hwrel.network import Network
 
-# Functions named like their modules are imported eagerly: importing the submodule later would
-# otherwise replace the attribute `hwrel.boosting` by the module.
-from hwrel.boosting import boosting  # noqa: E402
-from hwrel.expected import expected_error  # noqa: E402
-from hwrel.inject import inject  # noqa: E402
-
-# Heavier parts load on first use: `hwrel.inject(...)` imports hwrel.inject only when called.
+# Everything else loads on first use (``import hwrel`` and the ``hwrel`` command stay free of
+# torch until an analysis needs it). ``hwrel.inject`` and ``hwrel.boosting`` name both a function
+# and a module: those modules are callable (they forward to the function), so whichever the
+# attribute holds, ``hwrel.inject(...)`` and ``hwrel.boosting(...)`` work.
 _LAZY = {
+    "BoundResult": ("hwrel.bounds", "BoundResult"),
+    "FaultModel": ("hwrel.bounds", "FaultModel"),
+    "fep": ("hwrel.bounds", "fep"),
+    "fep_table": ("hwrel.bounds", "fep_table"),
+    "CertifiedResult": ("hwrel.bounds.certify", "CertifiedResult"),
+    "certified_accuracy": ("hwrel.bounds.certify", "certified_accuracy"),
+    "ToleranceResult": ("hwrel.bounds.tolerance", "ToleranceResult"),
+    "tolerance": ("hwrel.bounds.tolerance", "tolerance"),
+    "Network": ("hwrel.network", "Network"),
+    "boosting": ("hwrel.boosting", "boosting"),
+    "expected_error": ("hwrel.expected", "expected_error"),
+    "inject": ("hwrel.inject", "inject"),
     "safe_bitwidth": ("hwrel.quantize", "safe_bitwidth"),
     "seu_analysis": ("hwrel.seu.analysis", "seu_analysis"),
     "build_report": ("hwrel.report", "build_report"),
@@ -42,8 +47,12 @@ _LAZY = {
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         module, attr = _LAZY[name]
-        return getattr(importlib.import_module(module), attr)
-    if name in ("models", "seu", "formats", "quantize", "report"):
+        value = getattr(importlib.import_module(module), attr)
+        if name in ("inject", "boosting"):  # the import just bound the (callable) module here
+            return globals()[name]
+        globals()[name] = value
+        return value
+    if name in ("models", "seu", "formats", "quantize", "report", "bounds", "network", "expected"):
         return importlib.import_module(f"hwrel.{name}")
     raise AttributeError(f"module 'hwrel' has no attribute {name!r}")
 

@@ -22,6 +22,7 @@ networks only.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -404,3 +405,13 @@ def simulate(net: Network, plan: BoostResult, inputs: Tensor, latency: "str | La
         rows.append(pd.DataFrame(cols))
     return SimulationResult(lat.describe(), tuple(plan.quorum), pd.concat(rows, ignore_index=True),
                             plan.certified, plan.certified_paper)
+
+
+class _CallableModule(type(sys.modules[__name__])):
+    """``hwrel.boosting`` is this module and the function :func:`boosting`: calling it calls the function."""
+
+    def __call__(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN204
+        return boosting(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

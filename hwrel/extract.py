@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import operator
+import sys
 from typing import Any, Sequence
 
 import torch
@@ -22,10 +23,17 @@ from hwrel import activations as A
 from hwrel.errors import HwrelError, UnsupportedLayerError
 from hwrel.network import Affine, Network, Node, Pool
 
-try:  # Brevitas is a core dependency, but keep extraction usable if its import breaks
-    import brevitas.nn as qnn
-except Exception:  # pragma: no cover
-    qnn = None
+def _brevitas():  # noqa: ANN202
+    """``brevitas.nn``, or None. A model holding Brevitas layers was built (or unpickled) with
+    brevitas imported, so where it is not imported yet there is none to find and its import
+    (most of a second) is skipped; kept usable if the import breaks."""
+    if "brevitas" not in sys.modules:
+        return None
+    try:
+        import brevitas.nn as qnn
+    except Exception:  # pragma: no cover
+        return None
+    return qnn
 
 _SKIP = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
 _LEAVES: tuple[type, ...] = (
@@ -33,15 +41,16 @@ _LEAVES: tuple[type, ...] = (
     nn.Sigmoid, nn.Hardsigmoid, nn.Tanh, nn.Hardtanh, nn.Flatten, nn.MaxPool2d, nn.AvgPool2d,
     nn.AdaptiveAvgPool2d,
 ) + _SKIP
-if qnn is not None:
-    _QUANT_LEAVES: tuple[type, ...] = (qnn.QuantLinear, qnn.QuantConv2d, qnn.QuantReLU, qnn.QuantIdentity)
-else:  # pragma: no cover
-    _QUANT_LEAVES = ()
+
+
+def _quant_leaves() -> tuple[type, ...]:
+    qnn = _brevitas()
+    return () if qnn is None else (qnn.QuantLinear, qnn.QuantConv2d, qnn.QuantReLU, qnn.QuantIdentity)
 
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, _LEAVES + _QUANT_LEAVES):
+        if isinstance(m, _LEAVES + _quant_leaves()):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -60,6 +69,7 @@ def _check_finite(name: str, t: Tensor | None, what: str) -> None:
 
 
 def _affine_from(name: str, m: nn.Module) -> Affine:
+    qnn = _brevitas()
     quant = qnn is not None and isinstance(m, (qnn.QuantLinear, qnn.QuantConv2d))
     fields: dict[str, Any] = {}
     if quant:
@@ -126,6 +136,7 @@ def _activation_from(name: str, m: nn.Module) -> A.Activation | None:
         return A.tanh()
     if isinstance(m, nn.Hardtanh):  # also ReLU6's base, but ReLU6 matched first
         return A.hardtanh(float(m.min_val), float(m.max_val))
+    qnn = _brevitas()
     if qnn is not None and isinstance(m, (qnn.QuantReLU, qnn.QuantIdentity)):
         return _quant_activation(name, m)
     return None

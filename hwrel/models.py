@@ -149,8 +149,10 @@ class ResNet18Like(nn.Module):
 
 
 def _init(module: nn.Module, g: torch.Generator) -> nn.Module:
-    """Materialise a meta-device module with PyTorch's default init drawn from ``g`` only."""
-    module.to_empty(device="cpu")
+    """PyTorch's default init of every layer, drawn from ``g`` only (a meta-device module is
+    materialised first)."""
+    if any(t.is_meta for t in module.parameters()):
+        module.to_empty(device="cpu")
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5), generator=g)
@@ -163,8 +165,10 @@ def _init(module: nn.Module, g: torch.Generator) -> nn.Module:
 
 
 def _build(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
-    # Building on the meta device draws nothing from the global RNG; weights come from `seed`.
-    with torch.device("meta"):
+    # The global RNG is restored after construction (fork_rng), and every weight is drawn again
+    # from `seed`. (Building on the meta device instead costs most of a second: materialising
+    # meta tensors imports torch's symbolic-shape machinery and sympy.)
+    with torch.random.fork_rng(devices=[]):
         module = factory()
     return _init(module, torch.Generator().manual_seed(seed))
 
@@ -215,8 +219,46 @@ def _recipe(name: str) -> _Recipe:
     return _RECIPES[name]
 
 
+def _data_cache_path(dataset: str) -> Path:
+    """Where the split of ``dataset`` is cached: keyed by the dataset and the versions of the
+    packages that build it (importing scikit-learn costs about a second; reading the arrays back
+    a few milliseconds)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def ver(pkg: str) -> str:
+        try:
+            return version(pkg)
+        except PackageNotFoundError:
+            return "none"
+
+    key = hashlib.sha256(repr((dataset, ver("scikit-learn"), ver("mlxtend"), ver("numpy"))).encode())
+    return _cache_root(None) / "data" / f"{dataset.split()[0]}-{key.hexdigest()[:12]}.npz"
+
+
 @functools.lru_cache(maxsize=None)
 def _data(dataset: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(x_train, y_train, x_test, y_test)`` of ``dataset``, read-only; the same arrays whether
+    built now or read from the cache (:func:`_data_cache_path`)."""
+    path = _data_cache_path(dataset)
+    try:
+        with np.load(path) as f:
+            split = [f[k] for k in ("x_train", "y_train", "x_test", "y_test")]
+    except (OSError, ValueError, KeyError):
+        split = list(_build_data(dataset))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
+            os.close(fd)
+            np.savez(tmp, **dict(zip(("x_train", "y_train", "x_test", "y_test"), split)))
+            os.replace(tmp, path)
+        except OSError:  # an unwritable cache costs time, never a result
+            pass
+    for a in split:
+        a.setflags(write=False)
+    return tuple(split)
+
+
+def _build_data(dataset: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     from sklearn.model_selection import train_test_split
 
     if dataset.startswith("sklearn digits"):
@@ -232,8 +274,6 @@ def _data(dataset: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
         x, y, test_size = (x / 255.0).reshape(-1, 1, 28, 28), y, 1000
     split = train_test_split(x.astype(np.float32), y.astype(np.int64), test_size=test_size,
                              stratify=y, random_state=0)
-    for a in split:
-        a.setflags(write=False)
     return split[0], split[2], split[1], split[3]
 
 

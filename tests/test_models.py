@@ -270,7 +270,8 @@ def test_shipped_weights_load_without_training_or_cache(monkeypatch: pytest.Monk
             meta = f.metadata()
         assert meta["recipe"] == models._key(models._recipe(name), with_torch=False)
         assert float(meta["test_accuracy"]) == ref.test_accuracy  # same numbers here as where trained
-    assert not any(tmp_path.iterdir())
+    # no weights cached (the data split may be: hwrel.models._data_cache_path)
+    assert [p.name for p in tmp_path.iterdir()] in ([], ["data"])
 
 
 @pytest.mark.parametrize("name", list(TARGETS))

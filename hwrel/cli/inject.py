@@ -5,6 +5,7 @@ import argparse
 import json
 import math
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,7 +40,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ber", default=None, metavar="P", help="bit-error rate in [0, 1]: every stored "
                    "bit flips independently with probability P in each configuration")
     p.add_argument("--exhaustive", action="store_true", help="one configuration per site "
-                   "(restrict with --layer and --bit)")
+                   "(restrict with --layer and --bit); with --fault bitflip the certified bit map: "
+                   "every bit of every stored weight and bias, masked or SDC, sites a sound bound "
+                   "proves masked are not injected (--out FILE.parquet or .csv)")
     p.add_argument("--layer", default=None, help="only this layer (node name)")
     p.add_argument("--bit", default=None, metavar="K", help="only bit position K")
     p.add_argument("--site", action="append", default=None, choices=["weight", "bias", "neuron", "synapse"],
@@ -49,7 +52,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", default="0", help="sampling seed (default 0)")
     p.add_argument("--out", default=None, help="results folder, or a file ending in .parquet")
     p.add_argument("--shard", default=None, metavar="i/n", help="run only shard i of n")
-    p.add_argument("--chunk-size", default="256", help="configurations per chunk (default 256)")
+    p.add_argument("--chunk-size", default="auto", help="configurations per chunk, the unit of "
+                   "writing and resuming (default auto: chosen by the engine for the model, the "
+                   "inputs and the campaign size, see hwrel.inject.engine.campaign_chunk)")
     p.add_argument("--inputs", default="256", metavar="B", help="test inputs to evaluate on "
                    "(default 256)")
     p.add_argument("--range-limit", default=None, metavar="R", help="restrict stored weights to "
@@ -135,14 +140,27 @@ def run(args: argparse.Namespace) -> int:
         fault=args.fault, format=fmt.name, count=_num(args.count, "--count", int),
         ber=_num(args.ber, "--ber"), exhaustive=args.exhaustive, layer=args.layer,
         bit=_num(args.bit, "--bit", int), sites=tuple(args.site) if args.site else None,
-        capacity=_num(args.capacity, "--capacity"), chunk_size=_num(args.chunk_size, "--chunk-size", int))
+        capacity=_num(args.capacity, "--capacity"),
+        chunk_size=256 if args.chunk_size == "auto" else _num(args.chunk_size, "--chunk-size", int))
     seed = _num(args.seed, "--seed", int)
     confidence = _num(args.confidence, "--confidence")
     check(0 < confidence < 1, f"--confidence must lie strictly between 0 and 1, got {args.confidence!r}")
+    bitmap = spec.exhaustive and spec.fault == "bitflip"
+    if bitmap:
+        check(args.out is None or args.out.endswith((".parquet", ".csv")),
+              f"--out {args.out}: an exhaustive bit map is written to one file ending in .parquet or .csv")
+        check(args.shard is None and args.executor == "local" and args.workers in (None, "1", 1),
+              "an exhaustive bit map runs in one process (no --shard, --executor, --workers)")
     if args.out:  # before the work, not after it
-        check_writable(args.out, "--out", folder=not args.out.endswith(".parquet"))
+        check_writable(args.out, "--out", folder=not args.out.endswith((".parquet", ".csv")))
     net, x, y, how, md = _model(args, fmt)
     space = SiteSpace(net, spec)  # validates layer and bit against the model before any work
+    if bitmap:
+        return _bitmap(args, net, x, y, fmt, how, md, spec)
+    if args.chunk_size == "auto":
+        from hwrel.inject.engine import campaign_chunk
+
+        spec = replace(spec, chunk_size=campaign_chunk(net, len(x), space.num_configs()))
     # --executor local --workers 1 (the default) runs run_campaign in this process
     df = run_with_executor(args, net, spec, x, y, seed=seed, progress=not args.no_progress,
                            range_limit=_num(args.range_limit, "--range-limit"))
@@ -166,4 +184,52 @@ def run(args: argparse.Namespace) -> int:
     if moe is not None:
         print(f"margin of error (worst case p=0.5, {confidence:.0%} confidence): +-{moe:.4f}")
     print(summary.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    return 0
+
+
+def _bitmap(args: argparse.Namespace, net: Network, x: torch.Tensor, y: torch.Tensor | None, fmt: Any,
+            how: str, md: Any, spec: Any) -> int:
+    """``--exhaustive`` bit flips: the certified bit map (:func:`hwrel.inject.bitmap.bit_map`)."""
+    import time
+
+    from hwrel.inject.bitmap import bit_map
+    from hwrel.inject.engine import Injector
+
+    t0 = time.perf_counter()
+    inj = Injector(net, x, y, format=fmt, range_limit=_num(args.range_limit, "--range-limit"))
+    bm = bit_map(inj, layers=None if spec.layer is None else [spec.layer], sites=spec.sites, bit=spec.bit,
+                 progress=not args.no_progress)
+    totals = dict(bm.totals, seconds=time.perf_counter() - t0)
+    if args.out:
+        from hwrel.inject.store import _atomic_write
+
+        path = Path(args.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if args.out.endswith(".csv"):
+            _atomic_write(path, lambda tmp: bm.sites.to_csv(tmp, index=False))
+        else:
+            _atomic_write(path, lambda tmp: bm.sites.to_parquet(tmp, index=False))
+    per_layer = bm.summary[bm.summary["layer"] != "all"].groupby(["layer", "site"], sort=False).sum(
+        numeric_only=True).drop(columns=["bit", "sdc_rate"]).reset_index()
+    per_layer["sdc_rate"] = per_layer["sdc"] / per_layer["sites"]
+    info = {**model_info(md), "model": args.model, "storage": how, "format": fmt.name, "totals": totals,
+            "out": args.out, "per_layer": json.loads(per_layer.to_json(orient="records")),
+            "summary": json.loads(bm.summary.to_json(orient="records"))}
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    n = totals["sites"]
+    print(f"{args.model}: exhaustive bit map of {', '.join(spec.sites)} ({fmt.name}, {how} storage), "
+          f"{n:,} bit sites on {totals['inputs']} inputs, {totals['seconds']:.1f} s")
+    print(md.domain_note)
+    print(f"certified masked without a forward: {totals['certified_masked']:,} "
+          f"({totals['certified_masked'] / n:.1%}; {totals['unchanged']:,} exactly unchanged, "
+          f"{totals['bound']:,} within a sound bound incl. float32 rounding)")
+    if totals["bound_then_injected_on_few_inputs"]:
+        print(f"certified on all but a few inputs, those injected exactly: "
+              f"{totals['bound_then_injected_on_few_inputs']:,}")
+    print(f"injected exactly: {totals['injected']:,} ({totals['fraction_injected']:.1%} of the sites; "
+          f"exhaustive injection: {n:,}, BinFI ~{n // 5:,})")
+    print(f"SDC (top-1 class changes on at least one input): {totals['sdc']:,} ({totals['sdc'] / n:.2%})")
+    print(per_layer.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return 0

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-
-from hwrel import models
+import sys
+from typing import Any
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,6 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _retrain(args: argparse.Namespace) -> int:
+    from hwrel import models
+
     for name in args.retrain:
         models.weights_path(name)  # an unknown name fails before any training
     table = models.retrain(args.retrain or None, weights_dir=args.weights_dir)
@@ -48,9 +50,17 @@ def run(args: argparse.Namespace) -> int:
         raise HwrelError("--weights-dir only goes with --retrain")
     if args.retrain is not None:
         return _retrain(args)
-    table = models.describe(cache_dir=args.cache_dir)
+    rows = None
+    if "hwrel.models" not in sys.modules:  # the shipped files answer without torch (or pandas)
+        from hwrel.catalog import shipped_table
+
+        rows = shipped_table()
+    if rows is None:
+        from hwrel import models
+
+        rows = models.describe(cache_dir=args.cache_dir).to_dict(orient="records")
     records = []
-    for row in table.to_dict(orient="records"):
+    for row in rows:
         acc = row["test_accuracy"]
         records.append({
             "name": row["name"], "description": row["description"], "dataset": row["dataset"],
@@ -61,11 +71,19 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(records, indent=2))
         return 0
-    shown = table.assign(
-        input_shape=[" x ".join(map(str, r["input_shape"])) for r in records],
-        input_domain=[f"[{lo:g}, {hi:g}]" for lo, hi in table["input_domain"]],
-        test_accuracy=[("-" if r["test_accuracy"] is None
-                        else f"{r['test_accuracy']:.4f}") for r in records],
-    )
-    print(shown.to_string(index=False))
+    shown = [{**r, "input_shape": " x ".join(map(str, r["input_shape"])),
+              "input_domain": f"[{r['input_domain'][0]:g}, {r['input_domain'][1]:g}]",
+              "test_accuracy": "-" if r["test_accuracy"] is None else f"{r['test_accuracy']:.4f}"}
+             for r in records]
+    print(_table(shown, ["name", "description", "dataset", "parameters", "input_shape", "input_domain",
+                         "weights", "test_accuracy"]))
     return 0
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """Right-aligned columns separated by one space, numbers one wider (as pandas'
+    ``to_string(index=False)`` prints them)."""
+    cells = [[str(c) for c in columns]] + [[str(r[c]) for c in columns] for r in rows]
+    num = [all(isinstance(r[c], int) for r in rows) for c in columns]
+    widths = [max(len(row[i]) for row in cells) + num[i] for i in range(len(columns))]
+    return "\n".join(" ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells)

@@ -10,8 +10,10 @@ uninterrupted run exactly. ``shard=(i, n)`` runs only the chunks ``c`` with ``c 
 Rows (one per configuration, sorted by ``config_id``): ``config_id``, ``n_faults``, the fault
 columns ``layer``, ``site``, ``kind``, ``index``, ``bit``, ``format`` (``"*"`` / ``-1`` when the
 faults of a configuration differ), ``faults`` (JSON list of every fault), the engine's
-``old_value``, ``new_value``, ``max_abs_delta``, ``mismatch_rate``, ``nonfinite`` and, with labels,
-``accuracy``. :func:`summarize` gives rates with confidence intervals.
+``old_value``, ``new_value``, ``max_abs_delta``, ``mismatch_rate``, ``nonfinite``, with labels
+``accuracy``, and ``certified`` (settled without a forward: a weight that multiplies only exact
+zeros, so the measured row is exactly the clean run's). :func:`summarize` gives rates with
+confidence intervals.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ import torch
 from torch import nn
 
 from hwrel.errors import HwrelError, check
-from hwrel.inject.sampling import CampaignSpec, ChunkFaults, SiteSpace, chunk_table, sample_chunk
+from hwrel.inject.sampling import BIT_KINDS, CampaignSpec, ChunkFaults, SiteSpace, chunk_table, sample_chunk
 from hwrel.inject.stats import wilson_interval
 from hwrel.inject.store import MAGIC, ChunkStore, check_same, file_manifest, write_parquet
 from hwrel.network import Network
@@ -144,6 +146,47 @@ def chunk_rows(faults: ChunkFaults, records: list[list[dict[str, Any]]],
         arr = np.asarray(measured[key])
         check(arr.shape == (n,), f"engine returned {key} of shape {arr.shape}, expected ({n},)")
         cols[key] = arr.astype(bool if key == "nonfinite" else np.float64)
+    cols["certified"] = np.asarray(measured.get("certified", np.zeros(n, dtype=bool)), dtype=bool)
+    return pd.DataFrame(cols)
+
+
+def single_words(spec: CampaignSpec) -> bool:
+    """Campaigns of one bit fault per configuration: measured from arrays (no per-fault objects,
+    :meth:`Injector.run_words`) and written by :func:`word_rows`."""
+    return spec.fault in BIT_KINDS and spec.ber is None and spec.faults_per_config == 1
+
+
+def word_rows(space: SiteSpace, faults: ChunkFaults, measured: dict[str, np.ndarray],
+              labels: bool) -> pd.DataFrame:
+    """:func:`chunk_rows` of a :func:`single_words` chunk, column for column (built from arrays)."""
+    n = len(faults.config_ids)
+    check(len(faults.config) == n and np.array_equal(faults.config, faults.config_ids),
+          "word_rows takes one fault per configuration")
+    groups = space.groups
+    g = faults.group
+    kind = space.spec.fault
+    lay = np.array([x.layer for x in groups], dtype=object)
+    sit = np.array([x.site for x in groups], dtype=object)
+    fmt = np.array([x.format for x in groups], dtype=object)
+    pre = [f'[{{"layer":{json.dumps(x.layer)},"site":{json.dumps(x.site)},"index":' for x in groups]
+    mid = f',"kind":{json.dumps(kind)},"bit":'
+    post = [f',"bits":[],"value":null,"format":{json.dumps(x.format)}}}]' for x in groups]
+    cols: dict[str, Any] = {
+        "config_id": faults.config_ids.astype(np.int64),
+        "n_faults": np.ones(n, dtype=np.int64),
+        "layer": lay[g].tolist(), "site": sit[g].tolist(), "kind": [kind] * n,
+        "index": faults.index.astype(np.int64), "bit": faults.bit.astype(np.int64),
+        "format": fmt[g].tolist(),
+        "faults": [pre[a] + str(e) + mid + str(b) + post[a]
+                   for a, e, b in zip(g.tolist(), faults.index.tolist(), faults.bit.tolist())],
+    }
+    for key in MEASURES:
+        if key == "accuracy" and not labels:
+            continue
+        arr = np.asarray(measured[key])
+        check(arr.shape == (n,), f"engine returned {key} of shape {arr.shape}, expected ({n},)")
+        cols[key] = arr.astype(bool if key == "nonfinite" else np.float64)
+    cols["certified"] = np.asarray(measured.get("certified", np.zeros(n, dtype=bool)), dtype=bool)
     return pd.DataFrame(cols)
 
 
@@ -172,13 +215,36 @@ class _Measure:
         self.args = (net, inputs, labels, spec, engine_kwargs)
         self.injector = None
 
-    def __call__(self, configs: list[tuple]) -> dict[str, np.ndarray]:
-        net, inputs, labels, spec, kw = self.args
+    def engine(self):  # noqa: ANN201
         if self.injector is None:
             from hwrel.inject.engine import Injector
 
+            net, inputs, labels, spec, kw = self.args
             self.injector = Injector(net, inputs, labels=labels, format=spec.format, **kw)
-        inj = self.injector
+        return self.injector
+
+    def words(self, space: SiteSpace, faults: ChunkFaults) -> dict[str, np.ndarray]:
+        """Metrics of a :func:`single_words` chunk, one site kind at a time."""
+        inj = self.engine()
+        n = len(faults.config)
+        sites = np.array([x.site for x in space.groups], dtype=object)[faults.group]
+        layers = np.array([x.layer for x in space.groups], dtype=object)[faults.group]
+        res: dict[str, np.ndarray] | None = None
+        for site in ("weight", "bias"):
+            sel = np.nonzero(sites == site)[0]
+            if not len(sel):
+                continue
+            got = inj.run_words(layers[sel], site, faults.index[sel], faults.bit[sel], space.spec.fault)
+            if res is None:
+                res = {k: np.empty(n, dtype=v.dtype) for k, v in got.items()}
+            for k, v in got.items():
+                res[k][sel] = v
+        check(res is not None, "empty chunk")
+        return res
+
+    def __call__(self, configs: list[tuple]) -> dict[str, np.ndarray]:
+        net, inputs, labels, spec, kw = self.args
+        inj = self.engine()
         n = len(configs)
         # A bit-error-rate configuration may flip nothing: the clean model, measured as such.
         res: dict[str, np.ndarray] = {
@@ -235,6 +301,8 @@ def run_campaign(model: nn.Module | Network, spec: CampaignSpec | dict[str, Any]
 
     def compute(chunk: int) -> pd.DataFrame:
         faults = sample_chunk(space, sample_seed, chunk)
+        if single_words(spec):
+            return word_rows(space, faults, measure.words(space, faults), y is not None)
         records = chunk_table(space, faults)
         measured = measure(_fault_objects(records))
         return chunk_rows(faults, records, measured, y is not None)

@@ -161,6 +161,7 @@ class Injector:
                 raise HwrelError(f"labels have {lab.numel()} entries for {self.batch} inputs")
             self.labels = lab
         self._pad_cache: dict[int, Tensor] = {}
+        self._zero_cache: dict[int, Tensor] = {}
         self._t_cache: dict[int, Tensor] = {}
         self._qbins: dict[int, tuple[Tensor, Tensor] | None] = {}
         self._tails = self._build_tails(consumers)
@@ -443,6 +444,15 @@ class Injector:
             raise HwrelError(f"{site} fault at layer {name} index {faults[k].index}: bit {int(top[k])} beyond "
                              f"{fmt.name} (bits 0..{fmt.bits - 1})")
         level = torch.tensor([0 if f.kind == "bitflip" else 1 if f.kind == "stuck1" else 2 for f in faults])
+        return self._resolve_words(node, site, faults, idx, mask, level)
+
+    def _resolve_words(self, node: int, site: str, faults: list[Fault] | None, idx: Tensor, mask: Tensor,
+                       level: Tensor) -> _Resolved:
+        """Weight or bias words ``idx`` of node ``node`` with the bits ``mask`` flipped (level 0),
+        set (1) or cleared (2); indices and bits already checked."""
+        aff, st, dev = self.nodes[node].affine, self.storage[node], self.device
+        tensor = aff.weight if site == "weight" else aff.bias
+        fmt = st.wfmt if site == "weight" else st.bfmt
         flat_old = tensor.reshape(-1)[idx.to(dev)].cpu()
         stored = st.codes[idx.to(dev)].cpu() if (site == "weight" and st.codes is not None) else flat_old
         raw = to_bits(fmt, stored)
@@ -873,22 +883,27 @@ class Injector:
         for (node, site), pos in sorted(singles.items()):
             r = self._resolve(node, site, [cfgs[p][0] for p in pos])
             fixed = torch.tensor([f.new_value_is_fixed for f in r.faults], device=self.device)
-            old = r.old if site in ("weight", "bias") else torch.full_like(r.new, math.nan)
-            new = torch.where(fixed, r.new, torch.full_like(r.new, math.nan))
-            step = self._chunk(node, chunk, tail)
-            for s in range(0, len(pos), step):
-                sel = torch.arange(s, min(s + step, len(pos)), device=self.device)
-                st = self._entry(r, sel)
-                if tail and node in self._to_tail and st.vals.dim() == 3 and st.vals.shape[2] == 1:
-                    rows, out, fast = self._grid_tail(node, st.unit, st.vals[:, :, 0])
-                    yield np.asarray(pos[s: s + step]), rows, out, old[sel], new[sel], fast
-                    continue
-                rows = self._all_rows(int(sel.numel()))
-                st = _Sparse(st.unit.repeat_interleave(self.batch), st.vals.reshape(-1, *st.vals.shape[2:]))
-                rows, out, fast = self._propagate(node, st, rows, tail=tail)
-                yield np.asarray(pos[s: s + step]), rows, out, old[sel], new[sel], fast
+            yield from self._single_batches(r, np.asarray(pos), fixed, chunk, tail)
         if multis:
             yield from self._multi_batches(cfgs, multis, chunk)
+
+    def _single_batches(self, r: _Resolved, pos: np.ndarray, fixed: Tensor, chunk: int | None, tail: bool):
+        """:meth:`_batches` for single faults resolved in ``r`` (configuration positions ``pos``)."""
+        node = r.node
+        old = r.old if r.site in ("weight", "bias") else torch.full_like(r.new, math.nan)
+        new = torch.where(fixed, r.new, torch.full_like(r.new, math.nan))
+        step = self._chunk(node, chunk, tail)
+        for s in range(0, len(pos), step):
+            sel = torch.arange(s, min(s + step, len(pos)), device=self.device)
+            st = self._entry(r, sel)
+            if tail and node in self._to_tail and st.vals.dim() == 3 and st.vals.shape[2] == 1:
+                rows, out, fast = self._grid_tail(node, st.unit, st.vals[:, :, 0])
+                yield pos[s: s + step], rows, out, old[sel], new[sel], fast
+                continue
+            rows = self._all_rows(int(sel.numel()))
+            st = _Sparse(st.unit.repeat_interleave(self.batch), st.vals.reshape(-1, *st.vals.shape[2:]))
+            rows, out, fast = self._propagate(node, st, rows, tail=tail)
+            yield pos[s: s + step], rows, out, old[sel], new[sel], fast
 
     def _multi_batches(self, cfgs: list[tuple[Fault, ...]], multis: list[int], chunk: int | None):
         groups: dict[tuple[int, str], list[tuple[int, int]]] = defaultdict(list)
@@ -947,14 +962,86 @@ class Injector:
         ``chunk``: configurations per stacked forward (default: sized to ~32 MiB per tensor).
         """
         cfgs = [as_config(c) for c in configs]
-        n, B = len(cfgs), self.batch
+        return self._collect(len(cfgs), self._batches(cfgs, chunk, tail=True))
+
+    @torch.no_grad()
+    def run_words(self, layer: Sequence[str], site: str, index: np.ndarray, bits: np.ndarray,
+                  kind: str = "bitflip", chunk: int | None = None) -> dict[str, np.ndarray]:
+        """:meth:`run` for single bit faults given as arrays, without building :class:`Fault`
+        objects: fault ``k`` hits bit ``bits[k]`` of word ``index[k]`` of the ``site`` (weight or
+        bias) of affine layer ``layer[k]`` with ``kind`` (bitflip, stuck0, stuck1). Same results,
+        row for row, as :meth:`run` on the equivalent faults (exact, see :class:`Injector`), plus
+        ``certified``: the fault was settled without a forward (its weight multiplies only exact
+        zeros and its new value is finite: the outputs are exactly the clean ones)."""
+        if site not in ("weight", "bias") or kind not in ("bitflip", "stuck0", "stuck1"):
+            raise HwrelError(f"run_words takes weight or bias bit faults, got site {site!r} kind {kind!r}")
+        index, bits = np.asarray(index, dtype=np.int64), np.asarray(bits, dtype=np.int64)
+        layer = np.asarray(layer)
+        if not (len(layer) == len(index) == len(bits)):
+            raise HwrelError(f"layer, index and bits differ in length: {len(layer)}, {len(index)}, {len(bits)}")
+        level = {"bitflip": 0, "stuck1": 1, "stuck0": 2}[kind]
+
+        def batches():  # noqa: ANN202
+            for name in sorted(set(layer.tolist()), key=lambda nm: self._affine.get(nm, -1)):
+                node = self._node_of(Fault(site, name, 0, kind, bit=0))
+                pos = np.nonzero(layer == name)[0]
+                fmt = self.storage[node].wfmt if site == "weight" else self.storage[node].bfmt
+                tensor = self.nodes[node].affine.weight if site == "weight" else self.nodes[node].affine.bias
+                if tensor is None:
+                    raise HwrelError(f"bias fault at layer {name}: the layer has no bias")
+                idx, b = index[pos], bits[pos]
+                bad = (idx < 0) | (idx >= tensor.numel())
+                if bad.any():
+                    raise HwrelError(f"{site} fault at layer {name}: index {int(idx[bad][0])} outside its "
+                                     f"{tensor.numel()} {site}s (shape {tuple(tensor.shape)})")
+                bad = (b < 0) | (b >= fmt.bits)
+                if bad.any():
+                    k = int(np.nonzero(bad)[0][0])
+                    raise HwrelError(f"{site} fault at layer {name} index {int(idx[k])}: bit {int(b[k])} beyond "
+                                     f"{fmt.name} (bits 0..{fmt.bits - 1})")
+                r = self._resolve_words(node, site, None, torch.from_numpy(idx),
+                                        torch.from_numpy(np.left_shift(1, b)), torch.full((len(idx),), level))
+                if site == "weight":  # zero inputs: the outputs stay exactly clean, no forward
+                    skip = (self._zero_inputs(node)[r.a] & torch.isfinite(r.new)).cpu().numpy()
+                    if skip.any():
+                        certified[pos[skip]] = True
+                        olds[pos[skip]], news[pos[skip]] = r.old.cpu().numpy()[skip], r.new.cpu().numpy()[skip]
+                        keep = torch.from_numpy(~skip).to(self.device)
+                        r = _Resolved(node, site, None, r.a[keep], r.old[keep], r.new[keep])
+                        pos = pos[~skip]
+                if len(pos):
+                    fixed = torch.ones(len(pos), dtype=torch.bool, device=self.device)
+                    yield from self._single_batches(r, pos, fixed, chunk, True)
+
+        n = len(index)
+        certified = np.zeros(n, dtype=bool)
+        olds, news = np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32)
+        res = self._collect(n, batches())
+        res["old_value"][certified], res["new_value"][certified] = olds[certified], news[certified]
+        res["certified"] = certified
+        return res
+
+    def _zero_inputs(self, node: int) -> Tensor:
+        """Flat bool per weight of affine ``node``: every input value it multiplies (every input,
+        every position) is exactly 0 in the clean run, so a finite faulty value there leaves every
+        output exactly clean (``w * 0 = 0``: the same sums; see :mod:`hwrel.inject.certify`)."""
+        if node not in self._zero_cache:
+            from hwrel.inject.certify import zero_input_weights
+
+            nd = self.nodes[node]
+            self._zero_cache[node] = zero_input_weights(nd, self.clean[nd.inputs[0]].abs())
+        return self._zero_cache[node]
+
+    def _collect(self, n: int, batches) -> dict[str, np.ndarray]:  # noqa: ANN001
+        """The metrics of :meth:`run` from the batches of :meth:`_batches`."""
+        B = self.batch
         res = {"old_value": np.full(n, np.nan, np.float32), "new_value": np.full(n, np.nan, np.float32),
                "max_abs_delta": np.zeros(n), "mismatch_rate": np.zeros(n), "nonfinite": np.zeros(n, bool)}
         if self.labels is not None:
             clean_ok = (self.clean_top1 == self.labels)
             res["accuracy"] = np.full(n, float(clean_ok.double().mean()))
         clean = self.clean[-1]
-        for pos, rows, out, old, new, fast in self._batches(cfgs, chunk, tail=True):
+        for pos, rows, out, old, new, fast in batches:
             Fn = len(pos)
             res["old_value"][pos] = old.float().cpu().numpy()
             res["new_value"][pos] = new.float().cpu().numpy()
@@ -1029,6 +1116,19 @@ class Injector:
             else:
                 raise HwrelError(f"random_faults supports bitflip, stuck0, stuck1 and crash, got {kind!r}")
         return out
+
+
+def campaign_chunk(net: Network, batch: int, configs: int) -> int:
+    """Configurations per campaign chunk (the unit a campaign samples, measures, writes and
+    resumes by) for ``configs`` configurations on ``batch`` inputs: a power of two, large enough
+    that a chunk's fixed costs (sampling, a Parquet part, the engine's per-call set-up) stay small
+    beside its forwards (about 2^33 activation floats of work: ``batch`` x the largest node per
+    configuration), small enough for at least 8 chunks (progress, shards), within 64..65536. The
+    engine still stacks configurations in its own, memory-sized batches inside a chunk."""
+    size = max(n.size for n in net.nodes)
+    work = 1 << max(6, min(16, int(math.log2(max(1.0, (1 << 33) / (max(1, batch) * size))))))
+    spread = 1 << max(6, int(math.log2(max(1.0, int(configs) / 8))))
+    return int(min(work, spread))
 
 
 def inject(model: nn.Module | Network, faults: Sequence[FaultConfig] | int, inputs: Tensor,

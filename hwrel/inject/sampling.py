@@ -303,8 +303,10 @@ def sample_chunk(space: SiteSpace, seed: int, chunk: int) -> ChunkFaults:
         rng = chunk_generator(seed, chunk)
         if spec.ber is not None:
             drawn = [ber_positions(rng, space.total, spec.ber) for _ in range(cs)]
-        elif spec.faults_per_config == 1:
-            drawn = list(rng.integers(0, space.total, size=(cs, 1), dtype=np.int64))
+        elif spec.faults_per_config == 1:  # one site per configuration: the same draws, as one array
+            one = rng.integers(0, space.total, size=(cs, 1), dtype=np.int64)[: len(ids), 0]
+            g, elem, bit = space.locate(one)
+            return ChunkFaults(chunk, ids, ids.copy(), g, elem, bit, _values(spec, rng, cs, len(one)))
         else:
             drawn = [np.sort(rng.choice(space.total, size=spec.faults_per_config, replace=False))
                      for _ in range(cs)]
@@ -314,16 +316,21 @@ def sample_chunk(space: SiteSpace, seed: int, chunk: int) -> ChunkFaults:
             if drawn else np.zeros(0, dtype=np.int64)
     flat = np.concatenate(flats).astype(np.int64) if len(flats) else np.zeros(0, dtype=np.int64)
     g, elem, bit = space.locate(flat)
-    value = np.full(len(flat), np.nan)
+    return ChunkFaults(chunk, ids, owner, g, elem, bit,
+                       _values(spec, None if spec.exhaustive else rng, cs, len(flat)))
+
+
+def _values(spec: CampaignSpec, rng: np.random.Generator | None, cs: int, n: int) -> np.ndarray:
+    """Byzantine values of a chunk's ``n`` faults (NaN for other kinds): ``+C`` when exhaustive,
+    else drawn after the sites, from the same chunk stream (a function of (seed, chunk))."""
+    value = np.full(n, np.nan)
     if spec.fault == "byzantine":
         c = float(spec.capacity)
-        if spec.exhaustive:
+        if rng is None:
             value[:] = c
         else:
-            # Drawn after the sites, from the same chunk stream: still a function of (seed, chunk).
-            full = rng.uniform(-c, c, size=cs * spec.faults_per_config)
-            value = full[: len(flat)]
-    return ChunkFaults(chunk, ids, owner, g, elem, bit, value)
+            value = rng.uniform(-c, c, size=cs * spec.faults_per_config)[:n]
+    return value
 
 
 def chunk_table(space: SiteSpace, faults: ChunkFaults) -> list[list[dict[str, Any]]]:

@@ -17,7 +17,6 @@ import math
 from statistics import NormalDist
 
 import numpy as np
-from scipy.stats import beta
 
 from hwrel.errors import HwrelError, check
 
@@ -82,6 +81,8 @@ def clopper_pearson_interval(k: int | np.ndarray, n: int | np.ndarray, confidenc
     a = 1.0 - _confidence(confidence)
     ka, na = _counts(k, n)
     with np.errstate(divide="ignore", invalid="ignore"):
+        from scipy.stats import beta  # on first use: scipy.stats takes most of a second to import
+
         lo = np.where(ka == 0, 0.0, beta.ppf(a / 2, np.maximum(ka, 1), na - ka + 1))
         hi = np.where(ka == na, 1.0, beta.ppf(1 - a / 2, ka + 1, np.maximum(na - ka, 1)))
     return _out(np.nan_to_num(lo, nan=0.0), k, n), _out(np.nan_to_num(hi, nan=1.0), k, n)
