@@ -250,6 +250,62 @@ def test_adversarial_crash_matches_exhaustive_sets() -> None:
     assert res.max_abs_delta >= best * (1 - 1e-6)
 
 
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.a1 = nn.Conv2d(1, 3, 3, padding=1), nn.ReLU()
+        self.c2, self.a2 = nn.Conv2d(3, 3, 3, padding=1), nn.ReLU()
+        self.fc = nn.Linear(3 * 5 * 5, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a1(self.c1(x))
+        return self.fc(torch.flatten(self.a2(self.c2(h)) + h, 1))
+
+
+@pytest.mark.parametrize("fault", ["crash", "byzantine"])
+def test_candidate_errors_start_at_the_failed_layer_and_equal_whole_forwards(fault: str) -> None:
+    """The search runs the layers before the failed one once per pool, not once per candidate:
+    every candidate's error equals a whole faulty forward from the input (float32 tolerance)."""
+    from hwrel.inject.adversarial import _NeuronSearch
+
+    torch.manual_seed(0)
+    net = Network.from_module(_Residual().eval(), (-1.0, 1.0), (1, 5, 5))
+    search = _NeuronSearch(net, fault, 0.7 if fault == "byzantine" else None)
+    pool = torch.rand(7, 1, 5, 5, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    ref = search.net.forward(pool)
+    node0, node1 = net.layers
+    sets = {node0: [4, 30], node1: [2]}
+    values = {node0: torch.tensor([0.7, -0.7]), node1: torch.tensor([0.7])}
+    cand = torch.tensor([0, 5, 11, 40, 74])
+    for node in (node0, node1):
+        got = search._try(pool, ref, sets, values, node, cand, -0.7)
+        for c, e in zip(cand.tolist(), got):
+            s2 = {**sets, node: sets[node] + [c]}
+            v2 = {**values, node: torch.cat([values[node], torch.tensor([-0.7])])}
+            want = float(search.errors(pool, s2, v2).max())
+            assert float(e) == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+
+def test_screening_keeps_the_first_order_best_candidates_and_measures_exactly() -> None:
+    torch.manual_seed(0)
+    net = Network.from_module(_Residual().eval(), (-1.0, 1.0), (1, 5, 5))
+    from hwrel.inject.adversarial import _NeuronSearch
+
+    search = _NeuronSearch(net, "crash", None, screen=6)
+    pool = torch.rand(5, 1, 5, 5, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    cand = torch.arange(75)
+    kept = search._screen(pool, {net.layers[0]: []}, {net.layers[0]: torch.zeros(0)}, net.layers[0], cand, 0.0)
+    assert len(kept) == 6 and set(kept.tolist()) <= set(cand.tolist())
+    assert len(search._screen(pool, {}, {}, net.layers[0], cand[:6], 0.0)) == 6  # few: all kept
+    res = worst_neuron_failures(net, [2, 1], steps=3, restarts=1, pool_size=4, seed=0, screen=6)
+    fails = {n: (torch.tensor(s), None) for n, s in zip(net.layers, res.failure_sets)}
+    assert res.max_abs_delta == pytest.approx(
+        float((faulty_forward(net.to(torch.float32), res.x, fails) - net.to(torch.float32).forward(res.x)).abs().max()),
+        rel=1e-6)
+    full = worst_neuron_failures(net, [2, 1], steps=3, restarts=1, pool_size=4, seed=0, screen=0)
+    assert full.max_abs_delta > 0 and res.max_abs_delta > 0
+
+
 def test_worst_weight_flips_measured() -> None:
     net = _small_net(0)
     res = worst_weight_flips(net, k=1, format="bf16", seed=0)

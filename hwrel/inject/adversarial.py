@@ -53,18 +53,45 @@ def faulty_forward(net: Network, x: Tensor, failures: Failures) -> Tensor:
     values)``, flat per-sample indices ``(m,)`` or per row ``(B, m)``; values broadcastable to
     ``(B, m)``, or None for crash (0). Exact: the same as writing the values into the activations
     of a copy and running forward."""
-    vals: list[Tensor] = []
-    for i, node in enumerate(net.nodes):
+    return _resume(net, [], failures, 0, x)
+
+
+def _fail(v: Tensor, failure: tuple[Tensor, Tensor | None]) -> Tensor:
+    """``v`` with the failed flat positions of each sample overwritten (0 for crash)."""
+    idx, fv = failure
+    flat = v.reshape(v.shape[0], -1)
+    idx = idx.to(torch.long).expand(flat.shape[0], idx.shape[-1])
+    src = torch.zeros(idx.shape, dtype=flat.dtype) if fv is None else \
+        torch.as_tensor(fv, dtype=flat.dtype).expand(idx.shape)
+    return flat.scatter(1, idx, src).reshape(v.shape)
+
+
+def _resume(net: Network, vals: list, failures: Failures, start: int, x: Tensor | None = None) -> Tensor:
+    """Run nodes ``start..`` from the values ``vals[:start]`` (entries no later node reads may be
+    None), applying ``failures`` on the way; the output node's value. The same operations, node by
+    node, as a forward from the input: a failure never changes the nodes before it."""
+    vals = list(vals)
+    for i in range(start, len(net.nodes)):
+        node = net.nodes[i]
         v = x if node.op == "input" else node.apply([vals[j] for j in node.inputs])
         if i in failures:
-            idx, fv = failures[i]
-            flat = v.reshape(v.shape[0], -1)
-            idx = idx.to(torch.long).expand(flat.shape[0], idx.shape[-1])
-            src = torch.zeros(idx.shape, dtype=flat.dtype) if fv is None else \
-                torch.as_tensor(fv, dtype=flat.dtype).expand(idx.shape)
-            v = flat.scatter(1, idx, src).reshape(v.shape)
+            v = _fail(v, failures[i])
         vals.append(v)
     return vals[-1]
+
+
+def _prefix(net: Network, x: Tensor, failures: Failures, upto: int) -> list:
+    """Node values ``0..upto`` on ``x`` with ``failures`` of the earlier nodes applied (node ``upto``
+    itself unfailed); values that no node after ``upto`` reads are dropped (None)."""
+    read_later = {j for node in net.nodes[upto + 1:] for j in node.inputs}
+    vals: list = []
+    for i in range(upto + 1):
+        node = net.nodes[i]
+        v = x if node.op == "input" else node.apply([vals[j] for j in node.inputs])
+        if i in failures and i < upto:
+            v = _fail(v, failures[i])
+        vals.append(v)
+    return [v if (j in read_later or j == upto) else None for j, v in enumerate(vals)]
 
 
 def _delta(ref: Tensor, out: Tensor) -> Tensor:
@@ -106,8 +133,8 @@ Values = dict[int, Tensor]  # node -> Byzantine values, (m,) or per row (B, m)
 
 
 class _NeuronSearch:
-    def __init__(self, net: Network, fault: str, capacity: float | None):
-        self.net, self.fault = net.to(torch.float32), fault
+    def __init__(self, net: Network, fault: str, capacity: float | None, screen: int = 0):
+        self.net, self.fault, self.screen = net.to(torch.float32), fault, screen
         self.c = float(capacity) if capacity is not None else 0.0
 
     def fails(self, sets: Sets, values: Values) -> Failures:
@@ -133,10 +160,11 @@ class _NeuronSearch:
                 taken = set(sets[node])
                 cand = torch.tensor([j for j in range(self.net.nodes[node].size) if j not in taken])
                 for v in choices:
-                    err = self._try(pool, ref, sets, values, node, cand, v)
+                    cv = self._screen(pool, sets, values, node, cand, v)
+                    err = self._try(pool, ref, sets, values, node, cv, v)
                     k = int(err.argmax())
                     if float(err[k]) > best[0]:
-                        best = (float(err[k]), node, int(cand[k]), v)
+                        best = (float(err[k]), node, int(cv[k]), v)
             _, node, j, v = best
             sets[node].append(j)
             values[node] = torch.cat([values[node], torch.tensor([v])])
@@ -144,21 +172,51 @@ class _NeuronSearch:
 
     def _try(self, pool: Tensor, ref: Tensor, sets: Sets, values: Values, node: int,
              cand: Tensor, v: float) -> Tensor:
-        """Per candidate neuron of ``node``: max pool error with it failed on top of ``sets``."""
+        """Per candidate neuron of ``node``: max pool error with it failed on top of ``sets``.
+        The nodes before ``node`` run once on the pool, not once per candidate."""
         out = torch.empty(len(cand))
-        per = max(1, 16384 // len(pool))
+        fails = self.fails(sets, values)
+        fails.pop(node, None)
+        pre = _prefix(self.net, pool, fails, node)
+        shared = torch.tensor(sets[node], dtype=torch.long)
+        fv = None if self.fault == "crash" else torch.cat([values[node], torch.tensor([v])])
+        p = len(pool)
+        per = max(1, 16384 // p)
         for a in range(0, len(cand), per):
             cc = cand[a:a + per]
-            m, p = len(cc), len(pool)
-            x = pool.repeat(m, *([1] * (pool.dim() - 1)))
-            fails = self.fails(sets, values)
-            shared = torch.tensor(sets[node], dtype=torch.long)
+            m = len(cc)
+            vals = [None if t is None else t.repeat(m, *([1] * (t.dim() - 1))) for t in pre]
             idx = torch.cat([shared.expand(m * p, -1), cc.repeat_interleave(p)[:, None]], 1)
-            fv = None if self.fault == "crash" else torch.cat([values[node], torch.tensor([v])])
-            fails[node] = (idx, fv)
-            err = _delta(ref.repeat(m, *([1] * (ref.dim() - 1))), faulty_forward(self.net, x, fails))
+            vals[node] = _fail(vals[node], (idx, fv))
+            err = _delta(ref.repeat(m, *([1] * (ref.dim() - 1))), _resume(self.net, vals, fails, node + 1))
             out[a:a + m] = err.reshape(m, p).amax(1)
         return out
+
+    def _screen(self, pool: Tensor, sets: Sets, values: Values, node: int, cand: Tensor, v: float) -> Tensor:
+        """At most ``self.screen`` of the candidate neurons, those whose failure (to value ``v``)
+        moves an output most to first order (``max |dF_o/da_j| * |v - a_j|`` over the pool); all
+        of them when there are not more. A heuristic ranking only: the kept ones are evaluated
+        exactly by :meth:`_try`."""
+        if self.screen <= 0 or len(cand) <= self.screen:
+            return cand
+        fails = self.fails(sets, values)
+        pre = _prefix(self.net, pool, fails, node)
+        with torch.enable_grad():
+            a = (_fail(pre[node], fails[node]) if node in fails else pre[node]).detach().requires_grad_(True)
+            vals = list(pre)
+            vals[node] = a
+            out = _resume(self.net, vals, fails, node + 1).reshape(len(pool), -1)
+            n_out = out.shape[1]
+            # one backward per output; for wide outputs, seeded random sign projections instead
+            dirs = torch.eye(n_out) if n_out <= 32 else \
+                torch.randint(0, 2, (16, n_out), generator=torch.Generator().manual_seed(0)).float() * 2 - 1
+            delta = (v - a.detach().reshape(len(pool), -1)).abs()
+            score = torch.zeros(delta.shape[1])
+            for k, d in enumerate(dirs):
+                (g,) = torch.autograd.grad((out * d).sum(), a, retain_graph=k < len(dirs) - 1)
+                score = torch.maximum(score, (g.reshape(len(pool), -1).abs() * delta).amax(0))
+        keep = score[cand].topk(self.screen).indices.sort().values
+        return cand[keep]
 
     @torch.no_grad()
     def improve(self, pool: Tensor, sets: Sets, values: Values, passes: int = 3) -> tuple[Sets, Values]:
@@ -179,11 +237,12 @@ class _NeuronSearch:
                     cand = torch.tensor([j for j in range(self.net.nodes[node].size) if j not in taken])
                     s2, v2 = {**sets, node: rest}, {**values, node: rest_v}
                     for v in choices:
-                        err = self._try(pool, ref, s2, v2, node, cand, v)
+                        cv = self._screen(pool, s2, v2, node, cand, v)
+                        err = self._try(pool, ref, s2, v2, node, cv, v)
                         k = int(err.argmax())
                         if float(err[k]) > cur * (1 + 1e-6):
                             cur = float(err[k])
-                            sets[node] = rest[:p] + [int(cand[k])] + rest[p:]
+                            sets[node] = rest[:p] + [int(cv[k])] + rest[p:]
                             values[node] = torch.cat([rest_v[:p], torch.tensor([v]), rest_v[p:]])
                             changed = True
                             break
@@ -226,7 +285,7 @@ class _NeuronSearch:
 def worst_neuron_failures(net: Network, failures: Sequence[int], fault: str = "crash",
                           capacity: float | None = None, inputs: Tensor | None = None,
                           steps: int = 50, restarts: int = 8, pool_size: int = 64,
-                          seed: int = 0) -> AdversarialResult:
+                          seed: int = 0, screen: int = 256) -> AdversarialResult:
     """Measured worst output error for ``failures[l]`` failed neurons in hidden layer ``l``.
 
     Heuristic search, two rounds of: candidate sets (greedy over a pool of inputs, plus
@@ -234,7 +293,9 @@ def worst_neuron_failures(net: Network, failures: Sequence[int], fault: str = "c
     the input from seeded restarts (the ascended inputs join the pool); the returned ``max_abs_delta`` is re-measured exactly at ``x``
     with ``failure_sets`` (and ``values``), in float32: a lower bound on the true worst case over
     the input box. ``inputs`` are extra candidate inputs (clamped to the box). Byzantine faults
-    need ``capacity`` (``|v| <= C``).
+    need ``capacity`` (``|v| <= C``). ``screen``: in a layer with more neurons than this, each
+    greedy or swap step evaluates exactly only the ``screen`` candidates that a first-order
+    estimate ranks highest (0: every neuron; the cost of a step grows with the candidates).
     """
     check(isinstance(net, Network), f"expected a hwrel Network, got {type(net).__name__}")
     check(fault in ("crash", "byzantine"), f"unknown neuron fault {fault!r}: use crash or byzantine")
@@ -246,7 +307,8 @@ def worst_neuron_failures(net: Network, failures: Sequence[int], fault: str = "c
         check(isinstance(v, int) and not isinstance(v, bool) and v >= 0, f"{name} must be an integer >= 0")
     counts = _check_failures(net, failures)
     g = torch.Generator().manual_seed(seed)
-    search = _NeuronSearch(net, fault, capacity)
+    check(isinstance(screen, int) and not isinstance(screen, bool) and screen >= 0, "screen must be an integer >= 0")
+    search = _NeuronSearch(net, fault, capacity, screen)
     lo, hi = _box(search.net)
     budget = {n: f for n, f in zip(net.layers, counts) if f > 0}
     pool = _pool(search.net, inputs, pool_size, g)
