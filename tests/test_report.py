@@ -302,3 +302,46 @@ def test_report_renders_in_a_real_browser(small_report, tmp_path):
     assert "MEETS" in info["summary_text"] and "tolerated bit flips" in info["summary_text"]
     assert info["min_summary_font"] >= 12
     assert (tmp_path / "shot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tolerance_search_equals_certifying_every_input_at_every_count():
+    """The tolerance search certifies each input only where no other failure count decided it
+    (monotone in f) and lets the domain-wide bound settle wide margins: its curve and tolerated
+    counts equal certifying every input afresh at every f."""
+    from hwrel import Network
+    from hwrel.bounds.api import Analyzer
+    from hwrel.bounds.certify import certified_from_bounds
+    from hwrel.bounds.faults import FaultModel
+    from hwrel.bounds.ibp import point_rounding
+
+    torch.manual_seed(3)
+    m = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(27, 12), nn.Tanh(),
+                      nn.Linear(12, 4)).eval()
+    with torch.no_grad():
+        m[5].weight.mul_(4.0)
+    net = Network.from_module(m, (0.0, 1.0), (1, 5, 5))
+    x = torch.rand(96, 1, 5, 5, generator=torch.Generator().manual_seed(0))
+    y = Analyzer(net).net.forward(x.double()).argmax(1)
+    y[:7] = (y[:7] + 1) % 4  # some wrong predictions
+    res = sections.fep_analysis(net, x, y, capacity=2.0, counts=(1,), max_accuracy_drop=0.2, random_sets=0,
+                                adversarial=None, seed=0)
+    an, x64 = Analyzer(net), x.double()
+    logits = an.net.forward(x64)
+    rho = point_rounding(an.net, x64)[-1][:, None]
+    for fm in (FaultModel("crash"), FaultModel("byzantine", 2.0)):
+        for k, name in enumerate(sections._layer_names(net)):
+            def acc(f: int) -> float:
+                vec = [0] * len(net.layers)
+                vec[k] = f
+                dom = an.all_methods(fm, vec, at_most=True)["best"] if f else 0.0
+                e = torch.minimum(an.interval(fm, an.counts(vec, fm), x64, x64, reference="exact"), dom + rho)
+                pred, cert = certified_from_bounds(logits, e)
+                return float(((pred == y) & cert).double().mean())
+            c = res.accuracy_curve
+            curve = c[(c.fault == fm.kind) & (c.layer_name == name)]
+            for r in curve.itertuples():
+                assert r.certified_accuracy == pytest.approx(acc(int(r.failures)), abs=1e-12), (fm.kind, name, r)
+            tol = res.tolerance[(res.tolerance.fault == fm.kind) & (res.tolerance.layer_name == name)].iloc[0]
+            size = net.layer_sizes()[k]
+            best = max(f for f in range(size + 1) if res.clean_accuracy - acc(f) <= 0.2 + 1e-12)
+            assert int(tol.tolerated) == best

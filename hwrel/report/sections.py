@@ -86,6 +86,21 @@ def fep_analysis(net: Network, x: Tensor, y: Tensor, *, capacity: float, counts:
     rho_out = point_rounding(an.net, x64)[-1][:, None]  # the clean float32 outputs' own rounding
     clean = float((logits.argmax(1) == y).double().mean())
     rows, tol_rows, curve = [], [], []
+    correct = logits.argmax(1) == y
+    methods: dict[tuple[str, int, int], dict[str, float]] = {}  # bounds rows and tolerance share them
+
+    def all_methods(fm: FaultModel, k: int, f: int) -> dict[str, float]:
+        if (fm.kind, k, f) not in methods:
+            vec = [0] * len(net.layers)
+            vec[k] = f
+            methods[fm.kind, k, f] = an.all_methods(fm, vec, at_most=True)
+        return methods[fm.kind, k, f]
+
+    # no failure: only the float32 rounding of the forward; the same for every layer and fault
+    zero = an.counts([0] * len(net.layers), faults[0])
+    _, cert0 = certified_from_bounds(logits, torch.minimum(an.interval(faults[0], zero, x64, x64, reference="exact"),
+                                                           rho_out))
+    cert0 = cert0 & correct
     for fm in faults:
         kind = fm.kind
         for k, node in enumerate(net.layers):
@@ -93,25 +108,38 @@ def fep_analysis(net: Network, x: Tensor, y: Tensor, *, capacity: float, counts:
             for f in counts:
                 if f > size:
                     continue
-                vec = [0] * len(net.layers)
-                vec[k] = f
-                res = an.all_methods(fm, vec, at_most=True)
+                res = all_methods(fm, k, f)
                 rows.append({"fault": kind, "layer": k + 1, "layer_name": names[k], "module": net.nodes[node].name,
                              "neurons": size, "failures": f, **res})
 
-            cache: dict[int, tuple[float, float]] = {}
+            cache: dict[int, tuple[float, float]] = {0: (clean - float(cert0.double().mean()), 0.0)}
+            # A certificate for at most f failures holds for fewer, and one that fails at f fails for
+            # more: each input is certified again only where no earlier f decided it.
+            certified_up_to = torch.where(cert0, 0, -1)  # largest f certified so far
+            refused_from = torch.where(cert0, size + 1, 0)  # smallest f not certified so far
 
             def cert_drop(f: int) -> tuple[float, float]:
                 if f not in cache:
                     vec = [0] * len(net.layers)
                     vec[k] = f
-                    dom = an.all_methods(fm, vec, at_most=True)["best"] if f else 0.0
-                    # per input against the exact clean network; the domain-wide bound (two float32
-                    # forwards) caps it with the clean forward's own rounding added
-                    e = torch.minimum(an.interval(fm, an.counts(vec, fm), x64, x64, reference="exact"),
-                                      dom + rho_out)
-                    pred, cert = certified_from_bounds(logits, e)
-                    cache[f] = (clean - float(((pred == y) & cert).double().mean()), dom)
+                    dom = all_methods(fm, k, f)["best"] if f else 0.0
+                    todo = (correct & (certified_up_to < f) & (refused_from > f)).nonzero().squeeze(1)
+                    if len(todo) and f:  # the domain-wide bound alone settles the inputs with wide margins
+                        _, by_dom = certified_from_bounds(logits[todo], (dom + rho_out[todo]).expand(-1, logits.shape[1]))
+                        certified_up_to[todo[by_dom]] = f
+                        todo = todo[~by_dom]
+                    if len(todo):
+                        xs = x64[todo]
+                        # per input against the exact clean network; the domain-wide bound (two float32
+                        # forwards) caps it with the clean forward's own rounding added
+                        e = torch.minimum(an.interval(fm, an.counts(vec, fm), xs, xs, reference="exact"),
+                                          dom + rho_out[todo])
+                        pred, cert = certified_from_bounds(logits[todo], e)
+                        cert = cert & (pred == y[todo])
+                        certified_up_to[todo[cert]] = f
+                        refused_from[todo[~cert]] = f
+                    good = correct & (certified_up_to >= f)
+                    cache[f] = (clean - float(good.double().mean()), dom)
                 return cache[f]
 
             def ok(f: int) -> bool:
