@@ -412,3 +412,49 @@ def test_cli_inject_says_general_path_and_bound_says_unsupported(vit_files: Path
         assert main(cmd) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and "bounds do not support" in err and "getattr" in err
+
+
+# --------------------------------------------------------------------------- replay (prefix reuse)
+
+class _Branchy(nn.Module):
+    """Data-dependent control flow (fx cannot trace it) and an in-place ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 7), nn.Linear(7, 3)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        h = self.act(self.a(x))
+        return self.b(h) if bool(h.sum() > -1e9) else -self.b(h)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_replay_runs_only_downstream_nodes_and_equals_full_forward(kind: str) -> None:
+    model, x = build(kind)
+    fast = GeneralInjector(model, x)
+    slow = GeneralInjector(model, x, replay=False)
+    assert fast.replay is not None and slow.replay is None
+    faults = fast.random_faults(25, seed=11) + fast.random_faults(8, site="neuron", kind="crash", seed=3)
+    placed = 0
+    for f in faults:
+        writes, acts = fast._prepare((f,))
+        placed += fast._seeds(writes, acts) is not None
+        assert same_bits(fast.outputs(f), slow.outputs(f)), f
+    assert placed >= 25  # every parameter fault, at least, starts from its own node
+    last = fast.replay.param_seeds(next(reversed(fast.params)))
+    assert len(fast.replay._dirty(frozenset(last))) < len(fast.replay.nodes) // 2  # a suffix, not all
+
+
+def test_untraceable_or_inplace_models_forward_whole_and_stay_exact() -> None:
+    torch.manual_seed(1)
+    model, x = _Branchy().eval(), torch.rand(6, 5)
+    inj = GeneralInjector(model, x)
+    assert inj.replay is None
+    stored = stored_reference(model, "fp32")
+    p = dict(stored.named_parameters())["a.weight"]
+    new = flipped(float(p.detach().view(-1)[4]), "fp32", (29,))
+    assert same_bits(inj.outputs(Fault("weight", "a.weight", 4, "bitflip", bit=29)),
+                     reference_output(stored, x, writes=[("a.weight", 4, new)]))
+    inplace = nn.Sequential(nn.Linear(5, 7), nn.ReLU(inplace=True), nn.Linear(7, 3)).eval()
+    assert GeneralInjector(inplace, x).replay is None

@@ -55,6 +55,7 @@ from hwrel.formats import (FloatFormat, Format, IntFormat, IntStorage, from_bits
                            range_restrict, to_bits)
 from hwrel.inject.faults import Fault, FaultConfig, as_config
 from hwrel.inject.metrics import Metric, resolve_metric
+from hwrel.inject.replay import GraphReplay
 
 FP32 = parse_format("fp32")
 _DTYPE_FORMATS = {torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -164,7 +165,7 @@ class GeneralInjector:
 
     def __init__(self, model: nn.Module, inputs: Tensor, labels: Tensor | None = None, *,
                  format: str | Format = "fp32", range_limit: float | None = None, metric: Any = None,
-                 buffers: bool = False, device: str | torch.device = "cpu") -> None:
+                 buffers: bool = False, replay: bool = True, device: str | torch.device = "cpu") -> None:
         check(isinstance(model, nn.Module), f"expected an nn.Module, got {type(model).__name__}")
         x = torch.as_tensor(inputs)
         check(x.dim() >= 1 and x.shape[0] > 0, f"inputs must be a non-empty batch, got shape {tuple(x.shape)}")
@@ -186,6 +187,11 @@ class GeneralInjector:
             self.clean = model_output(self.model(self.inputs))
         lab = None if labels is None else torch.as_tensor(labels).to(self.device)
         self.metric: Metric = resolve_metric(metric, self.inputs, self.clean, lab)
+        self.replay: GraphReplay | None = None
+        if replay:
+            with plain_forward():
+                self.replay = GraphReplay.build(self.model, self.inputs, self.clean, model_output)
+        self._seed_cache: dict[str, list[int] | int | None] = {}
 
     # --- storage -------------------------------------------------------------------------------
 
@@ -258,6 +264,9 @@ class GeneralInjector:
             except Exception:  # a model that needs its batch size: leading dims equal to B are batch
                 one = {}
         acts = {}
+        self._calls: dict[str, int] = {}
+        for mod, call, _ in full:
+            self._calls[mod] = max(self._calls.get(mod, 0), call + 1)
         for (mod, call, slot), shape in full.items():
             small = one.get((mod, call, slot))
             batched = len(shape) >= 1 and shape[0] == self.batch and (
@@ -381,17 +390,46 @@ class GeneralInjector:
                 return tuple(out)
             handles.append(mods[mod_name].register_forward_hook(hook))
         done: list[_Write] = []
+        seeds = self._seeds(writes, acts)
         try:
             for w in writes:
                 self._tensors[w.param].view(-1)[w.index] = w.new
                 done.append(w)
             with plain_forward():
+                if seeds is not None:
+                    return model_output(self.replay.run(seeds))
                 return model_output(self.model(self.inputs))
         finally:
             for w in reversed(done):  # restore the stored words bit for bit
                 self._tensors[w.param].view(-1)[w.index] = w.old
             for h in handles:
                 h.remove()
+
+    def _seeds(self, writes: list[_Write], acts: dict[str, dict[int, list[Fault]]]) -> set[int] | None:
+        """The replay's seed nodes of a configuration, or None: forward whole (no replay, or a
+        fault the replay cannot place: a parameter it does not see read, an activation of a
+        module the trace inlined or that runs several times)."""
+        if self.replay is None:
+            return None
+        seeds: set[int] = set()
+        for w in writes:
+            key = "p:" + w.param
+            if key not in self._seed_cache:
+                self._seed_cache[key] = self.replay.param_seeds(w.param) or None
+            got = self._seed_cache[key]
+            if got is None:
+                return None
+            seeds.update(got)
+        for mod, by_call in acts.items():
+            key = "m:" + mod
+            if key not in self._seed_cache:
+                once = self._calls.get(mod, 0) == 1
+                self._seed_cache[key] = self.replay.module_seed(mod) if once else None
+            got = self._seed_cache[key]
+            if got is None or set(by_call) != {0}:
+                return None
+            seeds.add(got)
+        return seeds
 
     # --- public API ----------------------------------------------------------------------------
 

@@ -64,7 +64,7 @@ class ClassifierMetric:
     def measure(self, faulty: Tensor, clean: Tensor) -> dict[str, float]:
         mx, bad, anybad = _rowwise(faulty, clean)
         top = faulty.argmax(-1)
-        changed = (top != clean.argmax(-1)) | bad
+        changed = (top != _top(self, clean)) | bad
         out = {"max_abs_delta": mx, "mismatch_rate": float(changed.double().mean()),
                "nonfinite": anybad}
         if self.labels is not None:
@@ -107,10 +107,10 @@ class NextTokenMetric:
               f"target tokens must lie in 0..{clean.shape[2] - 1}")
         object.__setattr__(self, "_clean_ce", self.cross_entropy(clean))
 
-    def cross_entropy(self, logits: Tensor) -> float:
+    def cross_entropy(self, logits: Tensor, checked: bool = False) -> float:
         """Mean next-token cross-entropy in nats (float64 log-softmax); ``inf`` with NaN/Inf logits."""
         z = logits[:, :-1]
-        if not bool(torch.isfinite(z).all()):
+        if not checked and not bool(torch.isfinite(z).all()):
             return math.inf
         lp = torch.log_softmax(z.double(), dim=-1)
         tg = self._targets().to(lp.device)
@@ -118,14 +118,23 @@ class NextTokenMetric:
 
     def measure(self, faulty: Tensor, clean: Tensor) -> dict[str, float]:
         mx, bad, anybad = _rowwise(faulty, clean)
-        changed = (faulty.argmax(-1) != clean.argmax(-1)) | bad
+        changed = (faulty.argmax(-1) != _top(self, clean)) | bad
         rate = float(changed.double().mean())
-        ce = self.cross_entropy(faulty)
+        ce = math.inf if anybad and bool(bad[:, :-1].any()) else self.cross_entropy(faulty, checked=True)
         return {"max_abs_delta": mx, "mismatch_rate": rate, "nonfinite": anybad, "agreement": 1.0 - rate,
                 "cross_entropy": ce, "cross_entropy_delta": ce - self._clean_ce}
 
 
 Metric = ClassifierMetric | NextTokenMetric
+
+
+def _top(metric: Metric, clean: Tensor) -> Tensor:
+    """The clean top-1 of ``clean``, computed once per metric and output tensor."""
+    got = metric.__dict__.get("_clean_top")
+    if got is None or got[0] is not clean:
+        got = (clean, clean.argmax(-1))
+        object.__setattr__(metric, "_clean_top", got)
+    return got[1]
 
 
 def resolve_metric(metric: Any, inputs: Tensor, clean: Tensor, labels: Tensor | None) -> Metric:
