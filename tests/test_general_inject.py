@@ -458,3 +458,58 @@ def test_untraceable_or_inplace_models_forward_whole_and_stay_exact() -> None:
                      reference_output(stored, x, writes=[("a.weight", 4, new)]))
     inplace = nn.Sequential(nn.Linear(5, 7), nn.ReLU(inplace=True), nn.Linear(7, 3)).eval()
     assert GeneralInjector(inplace, x).replay is None
+
+
+class _SoftmaxAttention(nn.Module):
+    """Attention written out: the scores and the softmax are operations, not module outputs."""
+
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, 4)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        return self.out((torch.softmax(scores, dim=-1) @ v).mean(1))
+
+
+def _fx_reference(stored: nn.Module, x: torch.Tensor, node: str, index: int, value: float) -> torch.Tensor:
+    """torch.fx's own Interpreter on a fresh trace, the value of ``node`` replaced at ``index``
+    of every sample."""
+    gm = torch.fx.symbolic_trace(copy.deepcopy(stored))
+
+    class Patch(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.name == node:
+                out = out.clone()
+                out[(slice(None), *np.unravel_index(index, tuple(out.shape[1:])))] = value
+            return out
+
+    prev = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            return Patch(gm).run(x)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(prev)
+
+
+@pytest.mark.parametrize("kind,node", [("vit", "add"), ("mobilenet", "add_1"), ("gpt", "mul_4"),
+                                       ("softmax", "softmax"), ("softmax", "truediv")])
+def test_faults_at_any_trace_node_equal_interpreter_reference(kind: str, node: str) -> None:
+    if kind == "softmax":
+        torch.manual_seed(0)
+        model, x = _SoftmaxAttention().eval(), torch.rand(5, 6, 8)
+    else:
+        model, x = build(kind)
+    inj = GeneralInjector(model, x)
+    assert f"fx:{node}" in inj.sites("node")
+    stored = stored_reference(model, "fp32")
+    size = inj.sites("node")[f"fx:{node}"]
+    for index in (0, size // 2, size - 1):
+        got = inj.outputs(Fault("neuron", f"fx:{node}", index, "stuck", value=2.5))
+        assert same_bits(got, _fx_reference(stored, x, node, index, 2.5)), index
+    # with a weight fault in the same configuration, and in a campaign
+    df = run_campaign(model, {"fault": "crash", "count": 6, "layer": f"fx:{node}"}, x, progress=False)
+    assert (df["layer"] == f"fx:{node}").all() and df.attrs["injection_path"] == "general"

@@ -192,6 +192,9 @@ class GeneralInjector:
             with plain_forward():
                 self.replay = GraphReplay.build(self.model, self.inputs, self.clean, model_output)
         self._seed_cache: dict[str, list[int] | int | None] = {}
+        self._nodes: dict[str, int] = {}  # "fx:<node>" activation sites -> replay node
+        if self.replay is not None:
+            self._node_sites()
 
     # --- storage -------------------------------------------------------------------------------
 
@@ -274,6 +277,24 @@ class GeneralInjector:
             name = _act_name(mod, call, slot)
             acts[name] = ActSite(name, mod, call, slot, shape[1:] if batched else shape, batched)
         return acts
+
+    def _node_sites(self) -> None:
+        """Every operation node of the trace with a floating tensor value, as ``fx:<node name>``."""
+        vals = self.replay.tensor_nodes()
+        one: dict[int, tuple[int, ...]] = {}
+        if self.batch > 1:
+            try:
+                with plain_forward():
+                    one = self.replay.node_shapes(self.inputs[:1])
+            except Exception:  # noqa: BLE001 - a model that needs its batch size
+                one = {}
+        for i, v in vals.items():
+            shape, small = tuple(v.shape), one.get(i)
+            batched = len(shape) >= 1 and shape[0] == self.batch and (
+                self.batch == 1 or small is None or (small[0] == 1 and small[1:] == shape[1:]))
+            name = "fx:" + self.replay.nodes[i].name
+            self.acts[name] = ActSite(name, name, 0, None, shape[1:] if batched else shape, batched)
+            self._nodes[name] = i
 
     # --- faults --------------------------------------------------------------------------------
 
@@ -371,7 +392,12 @@ class GeneralInjector:
     def _forward(self, writes: list[_Write], acts: dict[str, dict[int, list[Fault]]]) -> Tensor:
         handles = []
         mods = dict(self.model.named_modules()) if acts else {}
+        patches = {}
         for mod_name, by_call in acts.items():
+            if mod_name in self._nodes:
+                site = self.acts[mod_name]
+                patches[self._nodes[mod_name]] = (lambda t, site=site, fs=by_call[0]: self._apply_act(t, site, fs))
+                continue
             calls = [0]
 
             def hook(mod: nn.Module, inp: Any, out: Any, by_call=by_call, calls=calls, mod_name=mod_name) -> Any:
@@ -391,13 +417,18 @@ class GeneralInjector:
             handles.append(mods[mod_name].register_forward_hook(hook))
         done: list[_Write] = []
         seeds = self._seeds(writes, acts)
+        if patches and seeds is None:
+            check(all(m in self._nodes or self._seed_cache.get("m:" + m) is not None for m in acts),
+                  "faults at trace nodes (fx:...) cannot be combined with faults at module outputs "
+                  "the trace does not call as one module")
+            seeds = set(range(len(self.replay.nodes)))
         try:
             for w in writes:
                 self._tensors[w.param].view(-1)[w.index] = w.new
                 done.append(w)
             with plain_forward():
                 if seeds is not None:
-                    return model_output(self.replay.run(seeds))
+                    return model_output(self.replay.run(seeds, patches))
                 return model_output(self.model(self.inputs))
         finally:
             for w in reversed(done):  # restore the stored words bit for bit
@@ -421,6 +452,8 @@ class GeneralInjector:
                 return None
             seeds.update(got)
         for mod, by_call in acts.items():
+            if mod in self._nodes:
+                continue  # a patch of the replay, not a seed
             key = "m:" + mod
             if key not in self._seed_cache:
                 once = self._calls.get(mod, 0) == 1
@@ -466,9 +499,12 @@ class GeneralInjector:
 
     def sites(self, site: str) -> dict[str, int]:
         """Names and sizes of the sites of a kind (``weight``, ``bias``: parameters; ``neuron``:
-        module outputs), in model order."""
+        module outputs; ``node``: the trace's operation nodes, ``fx:<name>``, injected as neuron
+        faults), in model order."""
         if site == "neuron":
-            return {k: a.numel for k, a in self.acts.items()}
+            return {k: a.numel for k, a in self.acts.items() if k not in self._nodes}
+        if site == "node":
+            return {k: self.acts[k].numel for k in self._nodes}
         return {k: p.numel for k, p in self.params.items() if p.site == site}
 
     def random_faults(self, n: int, *, site: str = "weight", kind: str = "bitflip", seed: int = 0,

@@ -137,36 +137,44 @@ class GraphReplay:
                 dirty.add(i)
         return sorted(dirty)
 
-    def _suffix(self, seeds: frozenset[int]) -> tuple[Callable[..., Any], list[int]]:
+    def _suffix(self, seeds: frozenset[int], patched: tuple[int, ...]) -> tuple[Callable[..., Any], list[int]]:
         """Generated code for the dirty nodes (the same calls, no per-node interpretation): a
-        function of the clean values it reads, and their node indices."""
+        function of the clean values it reads (their node indices returned) and of one patch
+        function per patched node, applied to that node's value."""
         dirty = self._dirty(seeds)
         if self.out_node not in dirty:
-            return (lambda: self.clean[self.out_node]), []
+            return (lambda *_: self.clean[self.out_node]), []
         inside = set(dirty)
         ext = sorted({k for i in dirty for k in self.args[i] if k not in inside})
         g = fx.Graph()
         remap = {self.nodes[k]: g.placeholder(f"clean_{k}") for k in ext}
+        fns = {i: g.placeholder(f"patch_{i}") for i in patched}
         for i in dirty:
             n = self.nodes[i]
             if n.op == "output":
                 g.output(fx.node.map_arg(n.args[0], lambda a: remap[a]))
             else:
                 remap[n] = g.node_copy(n, lambda a: remap[a])
+                if i in fns:
+                    remap[n] = g.call_function(_call, (fns[i], remap[n]))
         return fx.GraphModule(self.gm, g), ext
 
-    def run(self, seeds: set[int]) -> Any:
+    def run(self, seeds: set[int], patches: dict[int, Callable[[Any], Any]] | None = None) -> Any:
         """The output with the seed nodes and everything downstream of them recomputed (by code
-        generated once per seed set, up to ``max_compiled`` sets; interpreted beyond)."""
+        generated once per seed set, up to ``max_compiled`` sets; interpreted beyond), the value
+        of each node in ``patches`` replaced by ``patches[node](value)``."""
+        patches = patches or {}
+        seeds = set(seeds) | set(patches)
         if not seeds:
             return self.clean[self.out_node]
-        key = frozenset(seeds)
+        patched = tuple(sorted(patches))
+        key = (frozenset(seeds), patched)
         cache = self.__dict__.setdefault("_compiled", {})
         if key in cache or len(cache) < self.max_compiled:
             if key not in cache:
-                cache[key] = self._suffix(key)
+                cache[key] = self._suffix(key[0], patched)
             fn, ext = cache[key]
-            return fn(*[self.clean[k] for k in ext])
+            return fn(*[self.clean[k] for k in ext], *[patches[i] for i in patched])
         env: dict[int, Any] = {}
         clean, pos = self.clean, self.pos
 
@@ -177,4 +185,29 @@ class GraphReplay:
         for i in range(min(seeds), len(self.nodes)):
             if i in seeds or any(k in env for k in self.args[i]):
                 env[i] = self._exec(self.nodes[i], get)
+                if i in patches:
+                    env[i] = patches[i](env[i])
         return env.get(self.out_node, clean[self.out_node])
+
+    def node_shapes(self, inputs: Tensor) -> dict[int, tuple[int, ...]]:
+        """Shapes of the tensor node values for other ``inputs`` (nothing cached)."""
+        env: list[Any] = []
+        keep, self.inputs = self.inputs, inputs
+        try:
+            for n in self.nodes:
+                env.append(self._exec(n, lambda a: env[self.pos[a]]))
+        finally:
+            self.inputs = keep
+        return {i: tuple(v.shape) for i, v in enumerate(env) if isinstance(v, Tensor)}
+
+    def tensor_nodes(self) -> dict[int, Tensor]:
+        """The operation nodes (functions and methods, not modules) whose clean value is a
+        non-empty floating tensor: activations that no module returns (softmax outputs,
+        attention scores, residual sums, products of two activations...)."""
+        return {i: v for i, (n, v) in enumerate(zip(self.nodes, self.clean))
+                if n.op in ("call_function", "call_method") and isinstance(v, Tensor)
+                and v.is_floating_point() and v.numel() > 0}
+
+
+def _call(fn: Callable[[Any], Any], value: Any) -> Any:
+    return fn(value)

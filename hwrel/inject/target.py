@@ -103,8 +103,9 @@ class GeneralSiteSpace:
               "injects weight, bias and neuron faults")
         groups = []
         names: list[str] = []
+        nodes = (spec.layer or "").startswith("fx:")  # one trace node, injected as neuron faults
         for site in spec.sites:
-            table = injector.sites(site)
+            table = injector.sites("node" if nodes and site == "neuron" else site)
             names += list(table)
             for name, numel in table.items():
                 if spec.layer is not None and name != spec.layer:
