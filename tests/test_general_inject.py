@@ -513,3 +513,41 @@ def test_faults_at_any_trace_node_equal_interpreter_reference(kind: str, node: s
     # with a weight fault in the same configuration, and in a campaign
     df = run_campaign(model, {"fault": "crash", "count": 6, "layer": f"fx:{node}"}, x, progress=False)
     assert (df["layer"] == f"fx:{node}").all() and df.attrs["injection_path"] == "general"
+
+
+def test_tied_embedding_and_head_are_one_site_hit_at_every_use() -> None:
+    model, x = build("gpt")
+    model.lm_head.weight = model.tok.weight  # weight tying, as GPT-2 does
+    inj = GeneralInjector(model, x)
+    assert "lm_head.weight" not in inj.params and inj.replay is not None
+    stored = stored_reference(model, "fp32")
+    row = int(x[1, 5])
+    for bit in (30, 27, 3):
+        index = 16 * row + 4
+        new = flipped(float(stored.tok.weight.detach().view(-1)[index]), "fp32", (bit,))
+        ref = reference_output(stored, x, writes=[("tok.weight", index, new)])
+        assert same_bits(inj.outputs(Fault("weight", "tok.weight", index, "bitflip", bit=bit)), ref)
+        assert same_bits(inj.outputs(Fault("weight", "tok.weight", index, "bitflip", bit=bit)),
+                         GeneralInjector(model, x, replay=False).outputs(Fault("weight", "tok.weight", index, "bitflip", bit=bit)))
+
+
+def test_tied_weights_on_parallel_branches_are_all_recomputed() -> None:
+    torch.manual_seed(2)
+    l1, l2 = nn.Linear(5, 4), nn.Linear(5, 4)
+    l2.weight = l1.weight  # one stored tensor, two modules on parallel branches
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2 = l1, l2
+
+        def forward(self, x):
+            return self.l1(x) * self.l2(x.flip(1))
+
+    model, x = Two().eval(), torch.rand(7, 5)
+    inj = GeneralInjector(model, x)
+    assert inj.replay is not None
+    stored = stored_reference(model, "fp32")
+    new = flipped(float(stored.l1.weight.detach().view(-1)[6]), "fp32", (28,))
+    ref = reference_output(stored, x, writes=[("l1.weight", 6, new)])
+    assert same_bits(inj.outputs(Fault("weight", "l1.weight", 6, "bitflip", bit=28)), ref)

@@ -211,6 +211,11 @@ class GeneralInjector:
         return t if self.range_limit is None else range_restrict(t, self.range_limit)
 
     def _store(self, buffers: bool) -> None:
+        by_id: dict[int, list[str]] = defaultdict(list)
+        for name, t in [*self.model.named_parameters(remove_duplicate=False),
+                        *self.model.named_buffers(remove_duplicate=False)]:
+            by_id[id(t)].append(name)
+        self._aliases = {names[0]: names for names in by_id.values()}  # a tied tensor's every name
         named = list(self.model.named_parameters())
         if buffers:
             named += [(n, b) for n, b in self.model.named_buffers() if b.is_floating_point()]
@@ -446,7 +451,9 @@ class GeneralInjector:
         for w in writes:
             key = "p:" + w.param
             if key not in self._seed_cache:
-                self._seed_cache[key] = self.replay.param_seeds(w.param) or None
+                seen = sorted({k for alias in self._aliases.get(w.param, [w.param])
+                               for k in self.replay.param_seeds(alias)})  # tied weights: every use
+                self._seed_cache[key] = seen or None
             got = self._seed_cache[key]
             if got is None:
                 return None
