@@ -551,3 +551,30 @@ def test_tied_weights_on_parallel_branches_are_all_recomputed() -> None:
     new = flipped(float(stored.l1.weight.detach().view(-1)[6]), "fp32", (28,))
     ref = reference_output(stored, x, writes=[("l1.weight", 6, new)])
     assert same_bits(inj.outputs(Fault("weight", "l1.weight", 6, "bitflip", bit=28)), ref)
+
+
+@pytest.mark.slow
+def test_torch_export_program_is_injected_at_its_aten_nodes(tmp_path: Path, capsys) -> None:
+    from hwrel.cli import main
+    from hwrel.loading import load_model
+
+    model, x = build("mobilenet")
+    ep = torch.export.export(model, (x,), dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=512)}})
+    torch.export.save(ep, str(tmp_path / "m.pt2"))
+    np.savez(tmp_path / "m.npz", x=x.numpy(), y=np.zeros(len(x), dtype=np.int64))
+    prog = load_model(str(tmp_path / "m.pt2")).module  # Hardswish: the program itself, not modules
+    inj = GeneralInjector(prog, x)
+    assert "fx:hardswish_default" in inj.sites("node") and inj.replay is not None
+    new = flipped(float(dict(prog.named_parameters())["head.weight"].detach().view(-1)[7]), "fp32", (30,))
+    ref = copy.deepcopy(prog)
+    with torch.no_grad():
+        dict(ref.named_parameters())["head.weight"].view(-1)[7] = new
+        want = ref(x)
+    assert same_bits(inj.outputs(Fault("weight", "head.weight", 7, "bitflip", bit=30)), want)
+    args = [str(tmp_path / "m.pt2"), "--data", str(tmp_path / "m.npz")]
+    assert main(["inject", *args, "--fault", "crash", "--count", "8", "--no-progress", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["injection_path"] == "general" and info["configs"] == 8
+    assert main(["bound", *args, "--failures", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "bounds do not support" in err

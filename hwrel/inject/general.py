@@ -77,6 +77,14 @@ def plain_forward() -> Iterator[None]:
             mha.set_fastpath_enabled(prev)
 
 
+def _eval(model: nn.Module) -> nn.Module:
+    """Eval mode (a torch.export program's module refuses ``eval()``: it is fixed at export)."""
+    try:
+        return model.eval()
+    except (NotImplementedError, RuntimeError):
+        return model
+
+
 def model_output(out: Any) -> Tensor:
     """The output tensor of a forward: a tensor, the first element of a tuple/list, or ``.logits``."""
     if isinstance(out, Tensor):
@@ -175,16 +183,23 @@ class GeneralInjector:
         if self.range_limit is not None:
             check(math.isfinite(self.range_limit) and self.range_limit > 0,
                   f"range_limit must be a positive finite number, got {range_limit!r}")
-        self.model = copy.deepcopy(model).eval().to(self.device)
+        self.model = _eval(copy.deepcopy(model)).to(self.device)
         self.inputs = x.to(self.device)
         self.batch = int(x.shape[0])
         self._tensors: dict[str, Tensor] = {}
         self._codes: dict[str, tuple[Tensor, Tensor]] = {}  # int storage: (flat codes, scale)
         self.params: dict[str, ParamSite] = {}
         self._store(buffers)
-        self.acts = self._probe()
-        with plain_forward():
-            self.clean = model_output(self.model(self.inputs))
+        try:
+            self.acts = self._probe()
+            with plain_forward():
+                self.clean = model_output(self.model(self.inputs))
+        except HwrelError:
+            raise
+        except Exception as exc:  # the user's forward: one line, no traceback
+            lines = str(exc).strip().splitlines()
+            raise HwrelError(f"the model's forward fails on inputs of shape {tuple(x.shape)} "
+                             f"({type(exc).__name__}: {lines[0] if lines else ''})") from None
         lab = None if labels is None else torch.as_tensor(labels).to(self.device)
         self.metric: Metric = resolve_metric(metric, self.inputs, self.clean, lab)
         self.replay: GraphReplay | None = None

@@ -106,6 +106,8 @@ class GeneralSiteSpace:
         nodes = (spec.layer or "").startswith("fx:")  # one trace node, injected as neuron faults
         for site in spec.sites:
             table = injector.sites("node" if nodes and site == "neuron" else site)
+            if site == "neuron" and not table:  # a torch.export program has no submodules: its nodes
+                table = injector.sites("node")
             names += list(table)
             for name, numel in table.items():
                 if spec.layer is not None and name != spec.layer:
