@@ -578,3 +578,31 @@ def test_torch_export_program_is_injected_at_its_aten_nodes(tmp_path: Path, caps
     assert main(["bound", *args, "--failures", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "bounds do not support" in err
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_same_rows(tmp_path: Path) -> None:
+    from hwrel.inject.executors import LocalExecutor
+
+    model, x = build("vit")
+    spec = {"count": 12, "chunk_size": 3}
+    one = run_campaign(model, spec, x, progress=False, seed=5)
+    two = LocalExecutor(workers=2, threads=1).run(model, spec, x, out=tmp_path / "r", seed=5, progress=False)
+    assert two.attrs["injection_path"] == "general"
+    assert two.reset_index(drop=True).equals(one)
+
+
+def test_a_model_workers_cannot_import_is_a_one_line_error() -> None:
+    from hwrel.inject.executors import LocalExecutor
+
+    class Local(nn.Module):  # defined in a function: no worker can import it
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return torch.sort(self.fc(x), dim=1).values
+
+    with pytest.raises(HwrelError, match="--workers 1") as e:
+        LocalExecutor(workers=2).run(Local().eval(), {"count": 4}, torch.rand(3, 4), progress=False)
+    assert "\n" not in str(e.value)

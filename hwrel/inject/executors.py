@@ -194,6 +194,10 @@ class Executor:
         net = _as_network(model, input_domain, input_shape if input_shape is not None or x.dim() < 2
                           else tuple(x.shape[1:]))
         y = None if labels is None else torch.as_tensor(labels)
+        if not self._in_process():
+            from hwrel.inject.target import check_sendable
+
+            check_sendable(net)  # the general path sends the module itself to the workers
         space = site_space(net, spec, x)  # validates layer, bit and sites before any worker starts
         n_chunks, total = space.num_chunks(), space.num_configs()
         plan_tasks(n_chunks, sh, shards, 1)  # a shard spec that does not divide: fail now

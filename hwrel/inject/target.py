@@ -57,6 +57,22 @@ def as_target(model: nn.Module | Network | GeneralModel, input_domain: Any = (0.
         return GeneralModel(model, f"{type(exc).__name__}: {_first_line(exc)}")
 
 
+def check_sendable(target: Network | GeneralModel) -> None:
+    """One-line error when worker processes cannot receive the model: the general path sends the
+    module itself, so its class must be importable there (a Network is plain tensors)."""
+    if not isinstance(target, GeneralModel):
+        return
+    import pickle
+
+    try:
+        pickle.dumps(target.module)
+    except Exception as exc:  # noqa: BLE001 - pickling user classes raises many types
+        cls = type(target.module)
+        raise HwrelError(f"model class {cls.__module__}.{cls.__qualname__} cannot be sent to worker "
+                         f"processes for the general injection path ({_first_line(exc)}); run it in "
+                         "one process (--workers 1) or make the class importable") from None
+
+
 def path_of(target: Network | GeneralModel) -> str:
     return "general" if isinstance(target, GeneralModel) else "engine"
 
