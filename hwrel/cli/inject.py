@@ -23,7 +23,10 @@ folder of Parquet chunks, or one .parquet file) as the campaign runs: run the sa
 to continue after an interruption. With --format intB a float model is quantized first: with
 Brevitas post-training quantization (hwrel.quantize.ptq, calibrated on a built-in model's training
 data or on --calibration, default the test data) when available, otherwise per-tensor symmetric round-to-nearest integer codes of every weight
-(biases stay fp32)."""
+(biases stay fp32). A model the fast engine has no rule for (attention, LayerNorm, embeddings,
+Hardswish, ...) runs on the exact general path: bit faults in every parameter (--layer names one,
+e.g. blocks.0.norm1.weight), crash/byzantine faults at every module output and at every operation
+of its torch.fx trace (--layer fx:softmax); the output says which path ran."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
