@@ -18,7 +18,9 @@ Fault sites (:class:`GeneralInjector`):
   the per-sample output and the fault hits every sample (outputs without a batch dimension, such
   as a position embedding of ``arange(T)``, are shared by all samples and indexed whole).
 
-Storage (``format``): every floating parameter is held in the format: float formats round it by
+Storage (``format``): a Brevitas layer's weight is held as its quantizer's integer codes (scale and
+zero point fixed; a fault replaces the quantizer's output value ``(code' - zero_point) * scale`` by a
+forward hook, as the fast engine's codes do). Every other floating parameter is held in the format: float formats round it by
 torch's cast (the clean model computes with the rounded values); an integer format ``intB``
 stores every ``weight`` site as per-tensor symmetric round-to-nearest codes with the scale fixed
 (:meth:`hwrel.formats.IntStorage.from_float`) and keeps ``bias`` sites in fp32; a parameter whose
@@ -133,6 +135,18 @@ class ActSite:
         return math.prod(self.shape)
 
 
+def _code_hook(writes: list["_Write"]):
+    """Forward hook on a Brevitas weight quantizer: its output's values at the faulty codes
+    replaced (scale, zero point and bit width kept)."""
+    def hook(mod: nn.Module, inp: Any, out: Any) -> Any:
+        val = out.value.clone()
+        flat = val.view(-1)
+        for w in writes:
+            flat[w.index] = w.new.to(val.dtype)
+        return type(out)(val, out.scale, out.zero_point, out.bit_width, out.signed, out.training)
+    return hook
+
+
 def _act_name(module: str, call: int, slot: int | None) -> str:
     return module + ("" if slot is None else f"[{slot}]") + ("" if call == 0 else f"@{call}")
 
@@ -153,6 +167,44 @@ class _Write:
     index: int
     old: Tensor  # 0-d, the parameter's dtype
     new: Tensor  # 0-d, the parameter's dtype
+    quant: str | None = None  # Brevitas: the weight quantizer whose output value is replaced
+
+
+@dataclass(frozen=True)
+class _QuantWeight:
+    """A Brevitas layer's integer weight codes as its quantizer computes them (scale and zero
+    point per element, held fixed under faults)."""
+
+    quantizer: str
+    codes: Tensor  # flat int64
+    scale: Tensor  # flat float32
+    zero_point: Tensor  # flat float32
+    value: Tensor  # flat float32, (code - zero_point) * scale
+    fmt: IntFormat
+
+
+def _brevitas_weights(model: nn.Module) -> dict[str, _QuantWeight]:
+    """``{weight name: codes}`` of every Brevitas layer whose quantizer gives integer codes."""
+    out = {}
+    for path, mod in model.named_modules():
+        if not (hasattr(mod, "weight_quant") and hasattr(mod, "quant_weight")
+                and isinstance(getattr(mod, "weight", None), nn.Parameter)):
+            continue
+        try:
+            with torch.no_grad():
+                qw = mod.quant_weight()
+            codes, value = qw.int(), qw.value
+        except Exception:  # noqa: BLE001 - a float (unquantized) weight quantizer: a float weight
+            continue
+        if qw.bit_width is None or not bool(torch.isfinite(value).all()):
+            continue
+        flat = (lambda t: torch.as_tensor(t, dtype=torch.float32).expand_as(value).reshape(-1).clone())  # noqa: E731
+        name = f"{path}.weight" if path else "weight"
+        out[name] = _QuantWeight(f"{path}.weight_quant" if path else "weight_quant",
+                                 codes.to(torch.int64).reshape(-1), flat(qw.scale), flat(qw.zero_point),
+                                 value.detach().float().reshape(-1).clone(),
+                                 IntFormat(int(qw.bit_width), bool(qw.signed)))
+    return out
 
 
 class GeneralInjector:
@@ -231,7 +283,13 @@ class GeneralInjector:
                         *self.model.named_buffers(remove_duplicate=False)]:
             by_id[id(t)].append(name)
         self._aliases = {names[0]: names for names in by_id.values()}  # a tied tensor's every name
-        named = list(self.model.named_parameters())
+        self._quant = _brevitas_weights(self.model)
+        for name, q in self._quant.items():  # stored as the quantizer's codes, scale fixed
+            t = dict(self.model.named_parameters())[name]
+            t.requires_grad_(False)
+            self._tensors[name] = t
+            self.params[name] = ParamSite(name, "weight", tuple(t.shape), q.fmt)
+        named = [(n, t) for n, t in self.model.named_parameters() if n not in self._quant]
         if buffers:
             named += [(n, b) for n, b in self.model.named_buffers() if b.is_floating_point()]
         with torch.no_grad():
@@ -341,6 +399,8 @@ class GeneralInjector:
         check(f.bits[-1] < fmt.bits, f"{where} index {f.index}: bit {f.bits[-1]} beyond {fmt.name} "
               f"(bits 0..{fmt.bits - 1})")
         mask = sum(1 << b for b in f.bits)
+        if name in self._quant:
+            return self._resolve_quant(name, f, mask)
         old = t.reshape(-1)[f.index].clone()
         stored = self._codes[name][0][f.index] if name in self._codes else old.cpu()
         raw = int(to_bits(fmt, stored))
@@ -353,6 +413,14 @@ class GeneralInjector:
             value = word
         new = self._restrict(value.reshape(())).to(device=t.device, dtype=t.dtype)
         return _Write(name, f.index, old, new)
+
+    def _resolve_quant(self, name: str, f: Fault, mask: int) -> _Write:
+        q, fmt = self._quant[name], self.params[name].fmt
+        raw = int(to_bits(fmt, q.codes[f.index]))
+        raw = raw ^ mask if f.kind == "bitflip" else raw | mask if f.kind == "stuck1" else raw & ~mask
+        code = from_bits(fmt, torch.tensor(raw)).to(torch.float32)
+        new = self._restrict((code - q.zero_point[f.index]) * q.scale[f.index])
+        return _Write(name, f.index, q.value[f.index].clone(), new.to(self.device), q.quantizer)
 
     def _check_act(self, f: Fault) -> ActSite:
         if f.layer not in self.acts:
@@ -411,7 +479,18 @@ class GeneralInjector:
 
     def _forward(self, writes: list[_Write], acts: dict[str, dict[int, list[Fault]]]) -> Tensor:
         handles = []
-        mods = dict(self.model.named_modules()) if acts else {}
+        quant: dict[str, list[_Write]] = defaultdict(list)
+        for w in writes:
+            if w.quant is not None:
+                quant[w.quant].append(w)
+        writes = [w for w in writes if w.quant is None]
+        seeds = self._seeds(writes, acts) if not quant else None
+        if seeds is None and any(m in self._nodes for m in acts):
+            check(all(m in self._nodes or self._seed_cache.get("m:" + m) is not None for m in acts),
+                  "faults at trace nodes (fx:...) cannot be combined with faults at module outputs "
+                  "the trace does not call as one module")
+            seeds = set(range(len(self.replay.nodes)))  # the whole trace, patched
+        mods = dict(self.model.named_modules()) if acts or quant else {}
         patches = {}
         for mod_name, by_call in acts.items():
             if mod_name in self._nodes:
@@ -435,13 +514,9 @@ class GeneralInjector:
                     out[slot] = self._apply_act(out[slot], self.acts[_act_name(mod_name, k, slot)], fs)
                 return tuple(out)
             handles.append(mods[mod_name].register_forward_hook(hook))
+        for qname, ws in quant.items():
+            handles.append(mods[qname].register_forward_hook(_code_hook(ws)))
         done: list[_Write] = []
-        seeds = self._seeds(writes, acts)
-        if patches and seeds is None:
-            check(all(m in self._nodes or self._seed_cache.get("m:" + m) is not None for m in acts),
-                  "faults at trace nodes (fx:...) cannot be combined with faults at module outputs "
-                  "the trace does not call as one module")
-            seeds = set(range(len(self.replay.nodes)))
         try:
             for w in writes:
                 self._tensors[w.param].view(-1)[w.index] = w.new
