@@ -404,10 +404,14 @@ def test_cli_inject_says_general_path_and_bound_says_unsupported(vit_files: Path
     info = json.loads(capsys.readouterr().out)
     assert info["injection_path"] == "general" and info["storage"] == "int-codes"
     assert info["configs"] == 12 and info["summary"][-1]["layer"] == "all"
-    for cmd in (["bound", *args, "--failures", "1,0"], ["tolerance", *args, "--epsilon", "1"]):
+    for cmd in (["bound", *args, "--failures", "1,0"], ["tolerance", *args, "--epsilon", "1"],
+                ["bitwidth", *args, "--max-accuracy-drop", "1%"], ["expected", *args, "-p", "0.01"],
+                ["seu", *args, "--accelerator", "eyeriss-v1", "--mission-hours", "1000"],
+                ["report", *args, "--out", str(vit_files / "rep")]):
         assert main(cmd) == 2
-        err = capsys.readouterr().err.strip()
-        assert err.count("\n") == 0 and "bounds do not support" in err and "getattr" in err
+        errs = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]  # report logs progress too
+        assert len(errs) == 1 and "bounds do not support" in errs[0] and "getattr" in errs[0], cmd
+    assert not (vit_files / "rep").exists()
 
 
 # --------------------------------------------------------------------------- replay (prefix reuse)
