@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from hwrel.errors import HwrelError
+from hwrel.errors import HwrelError, UnsupportedLayerError
 from hwrel.loading import LoadedModel, _first_line
 
 INPUT_KEYS = ("x", "inputs", "input", "X", "data", "features", "images")
@@ -253,6 +253,8 @@ class ModelData:
 
             try:
                 net = Network.from_module(self.module, self.input_domain, self.input_shape)
+            except UnsupportedLayerError as exc:
+                raise HwrelError(unsupported_message(self.name, str(exc))) from None
             except HwrelError as exc:
                 msg = str(exc)
                 if "input_shape is required" in msg:
@@ -263,6 +265,16 @@ class ModelData:
                                  f"{_first_line(exc)}") from None
             self._net["net"] = net
         return self._net["net"]
+
+
+def unsupported_message(name: str, msg: str) -> str:
+    """One line for an operation the bounds have no rule for (injection still runs on it)."""
+    first = msg.strip().splitlines()[0] if msg.strip() else msg
+    tail = " is not supported"
+    what = (f"the bounds do not support {first[: -len(tail)]} yet" if first.endswith(tail)
+            else f"the bounds do not support it yet ({first})")
+    return (f"model {name} cannot be analysed: {what}; fault injection (hwrel inject) runs on it "
+            "through its exact general path")
 
 
 def parse_domain(text: str | tuple | None) -> tuple[float, float] | None:

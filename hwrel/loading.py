@@ -186,7 +186,14 @@ def _load_export(path: Path) -> LoadedModel:
     shape = None
     if len(shapes) == 1 and all(isinstance(d, int) for d in shapes[0][1:]):
         shape = tuple(int(d) for d in shapes[0][1:])
-    module = modules_from_export(program.run_decompositions({}).module(), f"model file {path}")
+    from hwrel.errors import UnsupportedLayerError
+
+    try:
+        module = modules_from_export(program.run_decompositions({}).module(), f"model file {path}")
+    except UnsupportedLayerError:
+        # no module rule for some operation: the program itself, which fault injection runs
+        # (its exact general path); the bounds then name the operation they do not support
+        module = program.module()
     return LoadedModel(module, path.stem, "torch.export", path, None, shape)
 
 

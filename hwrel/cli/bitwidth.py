@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         check_writable(args.plot, "--plot")
     md = load(args)
+    md.network()  # a model the bounds have no rule for: one line naming the operation, before the work
     if md.train is not None and args.calibration is None and args.input_domain is None:
         data, where = md.model.reference, {}  # a built-in model: its test split, its training split calibrates
     else:

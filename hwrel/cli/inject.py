@@ -24,7 +24,10 @@ folder of Parquet chunks, or one .parquet file) as the campaign runs: run the sa
 to continue after an interruption. With --format intB a float model is quantized first: with
 Brevitas post-training quantization (hwrel.quantize.ptq, calibrated on a built-in model's training
 data or on --calibration, default the test data) when available, otherwise per-tensor symmetric round-to-nearest integer codes of every weight
-(biases stay fp32)."""
+(biases stay fp32). A model the fast engine has no rule for (attention, LayerNorm, embeddings,
+Hardswish, ...) runs on the exact general path: bit faults in every parameter (--layer names one,
+e.g. blocks.0.norm1.weight), crash/byzantine faults at every module output and at every operation
+of its torch.fx trace (--layer fx:softmax); the output says which path ran."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -94,20 +97,28 @@ def quantize_network(net: Network, fmt: IntFormat) -> Network:
     return replace(net, nodes=tuple(nodes))
 
 
-def _model(args: argparse.Namespace, fmt: Any) -> tuple[Network, torch.Tensor, torch.Tensor | None, str, Any]:
+def _model(args: argparse.Namespace, fmt: Any) -> tuple[Any, torch.Tensor, torch.Tensor | None, str, Any]:
+    from hwrel.inject.target import GeneralModel, as_target
+
     n_inputs = _num(args.inputs, "--inputs", int)
     check(n_inputs > 0, f"--inputs must be a positive integer, got {args.inputs!r}")
     md = load(args)
-    net = md.network()
+    # the fast engine where it has a rule for every operation, else the exact general path
+    net = as_target(md.module, md.input_domain, md.input_shape)
     how = "native"  # float weights in --format, or the model's own integer codes
-    if isinstance(fmt, IntFormat) and any(net.nodes[i].affine.codes is None for i in net.synapse_layers):
+    if isinstance(net, GeneralModel):
+        how = "int-codes" if isinstance(fmt, IntFormat) else how
+    elif isinstance(fmt, IntFormat) and any(net.nodes[i].affine.codes is None for i in net.synapse_layers):
         net, how = _quantize(md, net, fmt)
     if md.x is not None:
         x, y = md.x[:n_inputs], (md.y[:n_inputs] if md.y is not None else None)
     else:
+        check(md.input_shape is not None or not isinstance(net, GeneralModel),
+              f"model {md.name}: give --data (test inputs) or --input-shape for random inputs")
+        shape = tuple(md.input_shape) if isinstance(net, GeneralModel) else tuple(net.input_shape)
         g = torch.Generator().manual_seed(0)
-        lo, hi = net.input_lo.float(), net.input_hi.float()
-        x, y = lo + (hi - lo) * torch.rand(n_inputs, *net.input_shape, generator=g), None
+        lo, hi = md.input_domain if isinstance(net, GeneralModel) else (net.input_lo.float(), net.input_hi.float())
+        x, y = lo + (hi - lo) * torch.rand(n_inputs, *shape, generator=g), None
     return net, x, y, how, md
 
 
@@ -132,8 +143,9 @@ def _quantize(md: Any, net: Network, fmt: IntFormat) -> tuple[Network, str]:
 def run(args: argparse.Namespace) -> int:
     from hwrel.inject.campaign import summarize
     from hwrel.inject.executors import run_with_executor
-    from hwrel.inject.sampling import CampaignSpec, SiteSpace
+    from hwrel.inject.sampling import CampaignSpec
     from hwrel.inject.stats import margin_of_error
+    from hwrel.inject.target import path_of, site_space
 
     fmt = parse_format(args.format)
     spec = CampaignSpec(
@@ -154,10 +166,12 @@ def run(args: argparse.Namespace) -> int:
     if args.out:  # before the work, not after it
         check_writable(args.out, "--out", folder=not args.out.endswith((".parquet", ".csv")))
     net, x, y, how, md = _model(args, fmt)
-    space = SiteSpace(net, spec)  # validates layer and bit against the model before any work
+    space = site_space(net, spec, x)  # validates layer and bit against the model before any work
     if bitmap:
+        check(isinstance(net, Network), "an exhaustive bit map needs a model the fast engine has rules for; "
+              "this one runs on the general path (run a random campaign: drop --exhaustive)")
         return _bitmap(args, net, x, y, fmt, how, md, spec)
-    if args.chunk_size == "auto":
+    if args.chunk_size == "auto" and isinstance(net, Network):
         from hwrel.inject.engine import campaign_chunk
 
         spec = replace(spec, chunk_size=campaign_chunk(net, len(x), space.num_configs()))
@@ -168,7 +182,9 @@ def run(args: argparse.Namespace) -> int:
     moe = None
     if not spec.exhaustive and spec.ber is None and len(df):
         moe = margin_of_error(min(len(df), space.total), confidence, population=space.total)
-    info = {**model_info(md), "model": args.model, "storage": how, "spec": spec.to_dict(), "seed": seed,
+    path, refused = path_of(net), getattr(net, "reason", None)
+    info = {**model_info(md), "model": args.model, "storage": how, "injection_path": path,
+            "engine_refused": refused, "spec": spec.to_dict(), "seed": seed,
             "shard": args.shard, "configs": int(len(df)), "sites": space.total,
             "margin_of_error": moe, "confidence": confidence, "out": args.out,
             "summary": json.loads(summary.to_json(orient="records"))}
@@ -180,6 +196,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.model}: {spec.fault} on {', '.join(spec.sites)} ({fmt.name}, {how} storage), "
           f"{mode}, {len(df)} configurations over {space.total} sites, seed {seed}"
           + (f", shard {args.shard}" if args.shard else ""))
+    print(f"injection path: {path}" + (f" (exact general path; the fast engine has no rule for this model: "
+                                       f"{refused})" if refused else " (the fast engine)"))
     print(md.domain_note + ("" if y is not None else "; no labels, so no accuracy (give --data)"))
     if moe is not None:
         print(f"margin of error (worst case p=0.5, {confidence:.0%} confidence): +-{moe:.4f}")

@@ -140,8 +140,8 @@ def chunk_rows(faults: ChunkFaults, records: list[list[dict[str, Any]]],
         "faults": [json.dumps([{k: (list(v) if isinstance(v, tuple) else v) for k, v in x.items()}
                                for x in r], separators=(",", ":")) for r in records],
     }
-    for key in MEASURES:
-        if key == "accuracy" and not labels:
+    for key in [*MEASURES, *(k for k in measured if k not in MEASURES)]:  # + a metric's own columns
+        if key == "accuracy" and (not labels or key not in measured):  # LM targets: no accuracy
             continue
         arr = np.asarray(measured[key])
         check(arr.shape == (n,), f"engine returned {key} of shape {arr.shape}, expected ({n},)")
@@ -199,11 +199,22 @@ def _progress(total: int, initial: int, enabled: bool, desc: str):  # noqa: ANN2
                 disable=not enabled or not sys.stderr.isatty(), dynamic_ncols=True)
 
 
-def _as_network(model: nn.Module | Network, input_domain: Any, input_shape: Any) -> Network:
-    if isinstance(model, Network):
-        return model
-    check(isinstance(model, nn.Module), f"expected an nn.Module or hwrel Network, got {type(model).__name__}")
-    return Network.from_module(model, input_domain=input_domain, input_shape=input_shape)
+def _as_network(model: nn.Module | Network, input_domain: Any, input_shape: Any) -> Any:
+    """The model's Network (fast engine), or a GeneralModel where the engine has no rule
+    (:func:`hwrel.inject.target.as_target`: the one place that decides)."""
+    from hwrel.inject.target import as_target
+
+    return as_target(model, input_domain, input_shape)
+
+
+def _tag(df: pd.DataFrame, net: Any) -> pd.DataFrame:
+    """Say in ``df.attrs`` which path measured the rows (``"engine"`` or ``"general"``), and why
+    the engine refused the model when it did."""
+    from hwrel.inject.target import path_of
+
+    df.attrs["injection_path"] = path_of(net)
+    df.attrs["engine_refused"] = getattr(net, "reason", None)
+    return df
 
 
 class _Measure:
@@ -265,11 +276,14 @@ def run_campaign(model: nn.Module | Network, spec: CampaignSpec | dict[str, Any]
                  out: str | os.PathLike[str] | None = None, seed: int = 0,
                  shard: str | Sequence[int] | None = None, progress: bool = True,
                  input_domain: Any = (0.0, 1.0), input_shape: Sequence[int] | None = None,
-                 range_limit: float | None = None, device: str = "cpu",
+                 range_limit: float | None = None, device: str = "cpu", metric: Any = None,
                  **spec_fields: Any) -> pd.DataFrame:
     """Run (or continue) a campaign and return its rows, sorted by ``config_id``.
 
-    Exact: every row is measured by the injection engine; the configurations are a pure function
+    Exact: every row is measured by the injection engine, or, for a model the engine has no rule
+    for, by the exact general path (:mod:`hwrel.inject.general`; ``df.attrs["injection_path"]``
+    says which; ``metric``: its measure of harm, default auto, see
+    :func:`hwrel.inject.metrics.resolve_metric`); the configurations are a pure function
     of ``(seed, spec, model)`` (not of the shard, the chunk order or interruptions). ``out`` is a
     results folder, or a path ending in ``.parquet`` for a single results file; without ``out``
     nothing is written. With ``shard=(i, n)`` only that shard's chunks run and are returned.
@@ -280,28 +294,35 @@ def run_campaign(model: nn.Module | Network, spec: CampaignSpec | dict[str, Any]
     ok = isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and seed >= 0
     check(ok, f"seed must be an integer >= 0, got {seed!r}")
     sample_seed = int(seed)
-    net = _as_network(model, input_domain, input_shape)
     x = torch.as_tensor(inputs)
+    net = _as_network(model, input_domain, input_shape if input_shape is not None or x.dim() < 2
+                      else tuple(x.shape[1:]))
     y = None if labels is None else torch.as_tensor(labels)
     check(x.dim() >= 2 and len(x) > 0, f"inputs must be a non-empty batch, got shape {tuple(x.shape)}")
-    check(y is None or (y.dim() == 1 and len(y) == len(x)),
+    check(y is None or (y.dim() in (1, 2) and len(y) == len(x)),
           f"labels must be one per input ({len(x)}), got shape {None if y is None else tuple(y.shape)}")
-    space = SiteSpace(net, spec)
+    if isinstance(net, Network):
+        space, model_fp = SiteSpace(net, spec), network_fingerprint(net)
+        measure = _Measure(net, x, y, spec, {"range_limit": range_limit, "device": device})
+    else:
+        from hwrel.inject.target import general_parts
+
+        space, model_fp, measure = general_parts(net, spec, x, y, range_limit, device, metric)
     total, n_chunks = space.num_configs(), space.num_chunks()
     mine = [c for c in range(n_chunks) if sh is None or c % sh[1] == sh[0]]
     from hwrel import __version__
 
     manifest = {
         "format": MAGIC, "spec": spec.to_dict(), "spec_hash": spec.hash, "seed": int(seed),
-        "model_fingerprint": network_fingerprint(net), "data_fingerprint": data_fingerprint(x, y),
+        "model_fingerprint": model_fp, "data_fingerprint": data_fingerprint(x, y),
         "hwrel_version": __version__, "configs": total, "chunk_size": spec.chunk_size,
         "chunks": n_chunks, "sites": space.total, "range_limit": range_limit,
+        "injection_path": "engine" if isinstance(net, Network) else "general",
     }
-    measure = _Measure(net, x, y, spec, {"range_limit": range_limit, "device": device})
 
     def compute(chunk: int) -> pd.DataFrame:
         faults = sample_chunk(space, sample_seed, chunk)
-        if single_words(spec):
+        if single_words(spec) and isinstance(net, Network):  # the general path measures fault objects
             return word_rows(space, faults, measure.words(space, faults), y is not None)
         records = chunk_table(space, faults)
         measured = measure(_fault_objects(records))
@@ -316,7 +337,7 @@ def run_campaign(model: nn.Module | Network, spec: CampaignSpec | dict[str, Any]
             for c in mine:
                 frames.append(compute(c))
                 bar.update(len(frames[-1]))
-        return pd.concat(frames, ignore_index=True)
+        return _tag(pd.concat(frames, ignore_index=True), net)
 
     path = Path(out)
     single_file = path.suffix == ".parquet"
@@ -331,7 +352,7 @@ def run_campaign(model: nn.Module | Network, spec: CampaignSpec | dict[str, Any]
         have = set((df["config_id"] // spec.chunk_size).unique().tolist())
         check(need <= have, f"results file {path}: holds other chunks of this campaign (another "
               "shard?); choose another --out")
-        return df[(df["config_id"] // spec.chunk_size).isin(need)].reset_index(drop=True)
+        return _tag(df[(df["config_id"] // spec.chunk_size).isin(need)].reset_index(drop=True), net)
     store = ChunkStore(path.with_name(path.name + ".parts") if single_file else path, manifest)
     done = store.done()
     todo = [c for c in mine if c not in done]
@@ -345,7 +366,7 @@ def run_campaign(model: nn.Module | Network, spec: CampaignSpec | dict[str, Any]
         file_meta = dict(manifest, shard=None if sh is None else list(sh))
         write_parquet(path, result, file_meta)
         shutil.rmtree(store.folder, ignore_errors=True)
-    return result
+    return _tag(result, net)
 
 
 # ------------------------------------------------------------------------------ shards

@@ -79,11 +79,11 @@ def plan_tasks(n_chunks: int, shard: tuple[int, int] | None, tasks: int | None,
     return [(i + n * j, n * k) for j in range(k)]
 
 
-def _as_network(model: nn.Module | Network, input_domain: Any, input_shape: Any) -> Network:
-    if isinstance(model, Network):
-        return model
-    check(isinstance(model, nn.Module), f"expected an nn.Module or hwrel Network, got {type(model).__name__}")
-    return Network.from_module(model, input_domain=input_domain, input_shape=input_shape)
+def _as_network(model: nn.Module | Network, input_domain: Any, input_shape: Any) -> Any:
+    """Network or, where the engine has no rule, GeneralModel (:func:`hwrel.inject.target.as_target`)."""
+    from hwrel.inject.target import as_target
+
+    return as_target(model, input_domain, input_shape)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -183,17 +183,22 @@ class Executor:
         the end. Exact: the rows equal a single-process run's (same chunks, same engine).
         """
         from hwrel.inject.campaign import as_spec, parse_shard, run_campaign
-        from hwrel.inject.sampling import SiteSpace
+        from hwrel.inject.target import site_space
 
         spec = as_spec(spec, **spec_fields)
         sh = parse_shard(shard)
         ok = isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0
         check(ok, f"seed must be an integer >= 0, got {seed!r}")
         dev = self._check_device(device)
-        net = _as_network(model, input_domain, input_shape)
         x = torch.as_tensor(inputs)
+        net = _as_network(model, input_domain, input_shape if input_shape is not None or x.dim() < 2
+                          else tuple(x.shape[1:]))
         y = None if labels is None else torch.as_tensor(labels)
-        space = SiteSpace(net, spec)  # validates layer, bit and sites before any worker starts
+        if not self._in_process():
+            from hwrel.inject.target import check_sendable
+
+            check_sendable(net)  # the general path sends the module itself to the workers
+        space = site_space(net, spec, x)  # validates layer, bit and sites before any worker starts
         n_chunks, total = space.num_chunks(), space.num_configs()
         plan_tasks(n_chunks, sh, shards, 1)  # a shard spec that does not divide: fail now
 
