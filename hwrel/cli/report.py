@@ -27,8 +27,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
     p.add_argument("--quick", action="store_true",
-                   help="a quick draft: fewer inputs, failure sets, flips and bit widths (under 30 s on every "
-                        "reference model on an idle machine); the default profile is the one to sign")
+                   help="a quick draft: fewer inputs, failure sets, flips and bit widths, random failure "
+                        "sets only (about 10 s on the digits models; the CNNs take minutes, dominated by "
+                        "their Fep certificates); the default profile is the one to sign")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=run)
 

@@ -43,7 +43,9 @@ class ReportConfig:
     ``restarts=0`` still run the greedy set search). ``seu_campaign``: random single flips
     injected; ``seu_samples``: inputs they are measured on. ``bits``: widths swept.
     ``flip_search``: search the fewest bit flips breaking the budget (hwrel's search and the
-    progressive bit search baseline, at most ``flip_search_max`` flips each).
+    progressive bit search baseline, at most ``flip_search_max`` flips each). ``tolerance_curve``:
+    the certified accuracy at 1, 2, 4, ... failed neurons (False: only where the tolerance search
+    looked).
     """
 
     samples: int = 512
@@ -59,13 +61,14 @@ class ReportConfig:
     bits: tuple[int, ...] = tuple(range(2, 17))
     flip_search: bool = True
     flip_search_max: int = 64
+    tolerance_curve: bool = True
 
 
-QUICK = ReportConfig(samples=128, failure_counts=(1,), random_sets=8, adversarial_steps=2, adversarial_restarts=0,
+QUICK = ReportConfig(samples=64, failure_counts=(1,), random_sets=8, adversarial=False, adversarial_restarts=1,
                      adversarial_pool=4, adversarial_inputs=8, seu_campaign=100, seu_samples=64,
-                     bits=(4, 6, 8, 10, 12, 16), flip_search_max=16)
-"""``hwrel report --quick``: fewer inputs, failure sets, flips and widths (a draft in well under a
-minute on every reference model; the full profile is what to sign)."""
+                     bits=(4, 6, 8, 10, 12, 16), flip_search_max=16, tolerance_curve=False)
+"""``hwrel report --quick``: fewer inputs, failure sets, flips and widths, random failure sets only
+(no adversarial neuron search): a draft; the full profile is what to sign."""
 
 
 def _optional(module: str) -> Any:
@@ -326,7 +329,8 @@ def _analyse(name, module, ref, net, acc, x, y, calib, drop, hours, target, seed
                "pool_size": cfg.adversarial_pool, "inputs": cfg.adversarial_inputs}
     log.stage("fep", f"Fep bounds, tolerance and failure injection ({len(net.layers)} hidden layers)")
     res["fep"] = sections.fep_analysis(net, x, y, capacity=C, counts=cfg.failure_counts, max_accuracy_drop=drop,
-                                       random_sets=cfg.random_sets, adversarial=adv, seed=seed, log=log)
+                                       random_sets=cfg.random_sets, adversarial=adv, seed=seed, log=log,
+                                       full_curve=cfg.tolerance_curve)
     quantize = _optional("hwrel.quantize")
     res["bitwidth"] = None
     if quantize is not None and hasattr(quantize, "safe_bitwidth"):

@@ -72,8 +72,11 @@ def _random_worst(net32: Network, x: Tensor, node: int, f: int, fault: FaultMode
 
 def fep_analysis(net: Network, x: Tensor, y: Tensor, *, capacity: float, counts: tuple[int, ...],
                  max_accuracy_drop: float, random_sets: int, adversarial: dict[str, int] | None,
-                 seed: int, log: Callable[[str], None] = lambda s: None) -> FepResult:
+                 seed: int, log: Callable[[str], None] = lambda s: None, full_curve: bool = True) -> FepResult:
     """Bounds (sound), tolerance (certified accuracy drop within budget; sound) and measurements.
+
+    ``full_curve``: the certified-accuracy curve at 0, 1, 2, 4, ... failures up to the layer size
+    (until it reaches 0); False: only at the counts the tolerance search certified anyway.
 
     ``adversarial``: keyword arguments of :func:`hwrel.inject.adversarial.worst_neuron_failures`
     (steps, restarts, pool_size, inputs); ``None`` skips the search (random sets only)."""
@@ -162,9 +165,10 @@ def fep_analysis(net: Network, x: Tensor, y: Tensor, *, capacity: float, counts:
                              "certified_accuracy_1_failure": clean - cert_drop(1)[0]})
             f, floor = 0, False
             while f <= size:  # once the certified accuracy is 0, 0 is its (trivially sound) value beyond
-                acc = 0.0 if floor else clean - cert_drop(f)[0]
-                floor = floor or acc <= 0
-                curve.append({"fault": kind, "layer_name": names[k], "failures": f, "certified_accuracy": acc})
+                if full_curve or f in cache or f == 0:
+                    acc = 0.0 if floor else clean - cert_drop(f)[0]
+                    floor = floor or acc <= 0
+                    curve.append({"fault": kind, "layer_name": names[k], "failures": f, "certified_accuracy": acc})
                 f = 1 if f == 0 else 2 * f
     bounds = pd.DataFrame(rows)
     tolerance = pd.DataFrame(tol_rows)

@@ -34,7 +34,7 @@ def critical_bits_heatmap(result: SEUResult) -> Figure:
         inf[i, r.bit] = math.isinf(r.certified_damage)
         grid[i, r.bit] = r.certified_damage
         frac[i, r.bit] = r.vulnerable_fraction
-    fig = Figure(figsize=(max(7, 0.36 * width + 3), 0.5 * len(tensors) + 2.2))
+    fig = Figure(figsize=(max(7, 0.25 * width + 2.8), 0.5 * len(tensors) + 2.2))
     ax = fig.subplots()
     im = ax.imshow(_log10(np.where(inf, np.nan, grid)), aspect="auto", cmap="magma_r")
     for i, j in zip(*np.nonzero(inf)):
@@ -66,7 +66,7 @@ def mission_plot(result: SEUResult) -> Figure:
     series has its own colour, line style and marker; a probability of 0 is not drawn (log axis)
     and the legend says so."""
     c = result.mission_curve
-    fig = Figure(figsize=(8, 4.8))
+    fig = Figure(figsize=(8, 5.8))
     ax = fig.subplots()
     colors = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00")
     lines = ("-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)))
@@ -90,7 +90,7 @@ def mission_plot(result: SEUResult) -> Figure:
     ax.set_ylabel("probability")
     ax.grid(alpha=0.3)
     ax.set_title(mission_title(result))
-    ax.legend(framealpha=0.9)
+    ax.legend(loc="upper left", bbox_to_anchor=(0, -0.14), ncol=2, frameon=False)
     fig.tight_layout()
     return fig
 
