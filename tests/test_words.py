@@ -35,7 +35,7 @@ def test_run_words_equals_run(net_data, kind: str) -> None:  # noqa: ANN001
 
 @pytest.mark.parametrize("spec", [dict(fault="bitflip", count=300, chunk_size=128),
                                   dict(fault="stuck1", count=200, chunk_size=64, sites=("bias",)),
-                                  dict(fault="bitflip", exhaustive=True, bit=30, chunk_size=4096)])
+                                  dict(fault="bitflip", exhaustive=True, bit=23, sites=("bias",), chunk_size=64)])
 def test_word_rows_equal_chunk_rows(net_data, spec, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
     net, x, y = net_data
     fast = C.run_campaign(net, spec, x, y, seed=3, progress=False)

@@ -183,9 +183,11 @@ def run(args: argparse.Namespace) -> int:
     if not spec.exhaustive and spec.ber is None and len(df):
         moe = margin_of_error(min(len(df), space.total), confidence, population=space.total)
     path, refused = path_of(net), getattr(net, "reason", None)
+    certified = int(df["certified"].sum()) if "certified" in df else 0
     info = {**model_info(md), "model": args.model, "storage": how, "injection_path": path,
             "engine_refused": refused, "spec": spec.to_dict(), "seed": seed,
             "shard": args.shard, "configs": int(len(df)), "sites": space.total,
+            "certified_masked_without_forward": certified,
             "margin_of_error": moe, "confidence": confidence, "out": args.out,
             "summary": json.loads(summary.to_json(orient="records"))}
     if args.json:
@@ -201,6 +203,9 @@ def run(args: argparse.Namespace) -> int:
     print(md.domain_note + ("" if y is not None else "; no labels, so no accuracy (give --data)"))
     if moe is not None:
         print(f"margin of error (worst case p=0.5, {confidence:.0%} confidence): +-{moe:.4f}")
+    if certified:
+        print(f"certified masked without a forward: {certified} of {len(df)} (the weight multiplies only "
+              "exact zeros, e.g. padding: outputs exactly clean; column 'certified')")
     print(summary.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return 0
 
