@@ -304,6 +304,9 @@ def test_screening_keeps_the_first_order_best_candidates_and_measures_exactly() 
         rel=1e-6)
     full = worst_neuron_failures(net, [2, 1], steps=3, restarts=1, pool_size=4, seed=0, screen=0)
     assert full.max_abs_delta > 0 and res.max_abs_delta > 0
+    # no random restarts: the ascent starts from the pool's worst input (it used to crash on empty starts)
+    none = worst_neuron_failures(net, [1, 0], steps=2, restarts=0, pool_size=2, seed=0)
+    assert none.max_abs_delta > 0 and none.x.shape == (1, 1, 5, 5)
 
 
 def test_worst_weight_flips_measured() -> None:

@@ -328,7 +328,8 @@ def worst_neuron_failures(net: Network, failures: Sequence[int], fault: str = "c
             break
         new_x = []
         for _, sets, values, err in sorted(scored, key=lambda t: -t[0])[:max(1, restarts // 2)]:
-            starts = torch.cat([pool[err.argsort(descending=True)[:restarts]],
+            # restarts=0: the ascent still starts from the pool's worst input (never from nothing)
+            starts = torch.cat([pool[err.argsort(descending=True)[:max(1, restarts)]],
                                 lo + (hi - lo) * torch.rand(restarts, *net.input_shape, generator=g)])
             xs, vals = search.ascend(starts, sets, values, steps)
             for r in range(len(xs)):
