@@ -224,6 +224,10 @@ class SiteSpace:
                         pos = tuple(range(fmt.bits))
                     groups.append(SiteGroup(node.name, site, int(t.numel()), fmt.name, pos))
                 self.nodes.append(i)
+        self._index(groups)
+
+    def _index(self, groups: list) -> None:
+        """Keep the non-empty site groups and the tables that map flat site numbers to them."""
         self.groups = tuple(g for g in groups if g.size > 0)
         check(len(self.groups) > 0, "the campaign selects no fault sites")
         self.offsets = np.cumsum([0] + [g.size for g in self.groups]).astype(np.int64)

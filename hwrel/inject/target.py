@@ -140,13 +140,9 @@ class GeneralSiteSpace:
         if spec.layer is not None and spec.layer not in names:
             raise HwrelError(f"layer {spec.layer!r} not found; {'/'.join(spec.sites)} sites: "
                              f"{', '.join(names[:10])}{', ...' if len(names) > 10 else ''}")
-        self.groups = tuple(g for g in groups if g.size > 0)
-        check(len(self.groups) > 0, "the campaign selects no fault sites")
-        self.offsets = np.cumsum([0] + [g.size for g in self.groups]).astype(np.int64)
-        self.total = int(self.offsets[-1])
-        self._npos = np.array([len(x.positions) for x in self.groups], dtype=np.int64)
-        self._pos_start = np.cumsum(np.concatenate([[0], self._npos[:-1]])).astype(np.int64)
-        self._pos_table = np.concatenate([np.array(x.positions, dtype=np.int64) for x in self.groups])
+        from hwrel.inject.sampling import SiteSpace
+
+        SiteSpace._index(self, groups)  # type: ignore[arg-type]  # the same flat-number tables
 
     def locate(self, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         from hwrel.inject.sampling import SiteSpace
