@@ -40,6 +40,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+from _results import write_atomic  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 OUT = Path(__file__).parent / "results"
 HWREL = [sys.executable, "-m", "hwrel.cli"]
@@ -122,11 +123,7 @@ def startup() -> dict:
             "inject_overhead_beyond_torch_s": t_one - t_torch}
 
 
-def _write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+_write = write_atomic  # results files appear whole or not at all
 
 
 def main() -> None:

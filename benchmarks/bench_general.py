@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -44,6 +43,7 @@ from general_models import TinyGPT, TinyMobileNet, TinyViT  # noqa: E402
 
 from hwrel.inject.general import GeneralInjector, plain_forward  # noqa: E402
 from hwrel.inject.faults import Fault  # noqa: E402
+from _results import write_atomic  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 OUT = Path(__file__).parent / "results"
 
@@ -161,11 +161,7 @@ def bench(kind: str, n_faults: int, n_base: int, seed: int) -> dict:
             "ratio_vs_deepcopy": r_gen / r_deep, "agree_with_deepcopy": f"{agree}/{n_base}"}
 
 
-def _write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+_write = write_atomic  # results files appear whole or not at all
 
 
 def main() -> None:

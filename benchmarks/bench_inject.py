@@ -23,7 +23,6 @@ import copy
 import json
 import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from torch import nn
 
 import hwrel.models as M
 from hwrel.inject import Injector
+from _results import write_atomic  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 OUT = Path(__file__).parent / "results"
 BATCH = 256
@@ -167,11 +167,7 @@ def bench_brevitas(n_faults: int, n_base: int, seed: int) -> dict:
             "ratio_vs_brevitas_hook": r_h / r_hook, "agree_with_hook": f"{sum(ok)}/{len(ok)}"}
 
 
-def _write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+_write = write_atomic  # results files appear whole or not at all
 
 
 def main() -> None:
