@@ -3,8 +3,9 @@
 The model is traced with ``torch.fx`` (supported layers are leaves), so plain ``nn.Sequential``
 models and custom modules with residual additions both work. Each traced op maps to one node by an
 explicit rule table keyed by module type; anything else is an :class:`UnsupportedLayerError` that
-names the module's path and type. Batch norm is folded into the affine layer before it (inference
-semantics, running statistics). The user's model is deep-copied and put in eval mode, never changed.
+names the module's path and type. Inference batch norm (running statistics) is folded into a float
+Linear/Conv2d directly before it; anywhere else (after a quantized layer, an activation, ...) it is
+its own per-channel affine node. The user's model is deep-copied and put in eval mode, never changed.
 """
 from __future__ import annotations
 
@@ -115,6 +116,60 @@ def _fold_bn(name: str, aff: Affine, bn: nn.Module) -> Affine:
     bias = (bias - bn.running_mean.float()) * inv + beta
     _check_finite(name, weight, "folded weight")
     return Affine(aff.kind, weight, bias, aff.stride, aff.padding, aff.dilation, aff.groups, folded_bn=name,
+                  fold_magnitude=magnitude)
+
+
+def _batch_norm_node(b: "_Builder", n: fx.Node, m: nn.Module, name: str, src: int) -> int:
+    """Inference batch norm: folded into the float Linear/Conv2d directly before it (used nowhere
+    else), otherwise its own per-channel affine node (:func:`_bn_affine`): after a quantized layer
+    (folding would change its integer codes), after an activation, pooling or an addition."""
+    prev = b.nodes[src]
+    val = b.values[src]
+    two_d = isinstance(m, nn.BatchNorm2d)
+    if two_d and val.dim() != 4:
+        raise UnsupportedLayerError(f"layer {name} (BatchNorm2d) needs a (C, H, W) input, got {tuple(val.shape[1:])}")
+    if not two_d and val.dim() != 2:
+        raise UnsupportedLayerError(f"layer {name} (BatchNorm1d): only a flat (C,) input is supported, "
+                                    f"got {tuple(val.shape[1:])}")
+    if val.shape[1] != m.num_features:
+        raise UnsupportedLayerError(f"layer {name} ({type(m).__name__}): {m.num_features} features but its input "
+                                    f"has {val.shape[1]} channels")
+    if _no_running_stats(m):
+        raise UnsupportedLayerError(f"layer {name} ({type(m).__name__}): batch norm without running statistics")
+    users = list(n.args[0].users)  # type: ignore[union-attr]
+    if prev.op == "affine" and len(users) == 1 and not prev.affine.folded_bn and not prev.affine.batch_norm \
+            and prev.affine.codes is None:
+        b.replace_affine(src, _fold_bn(name, prev.affine, m))
+        return src
+    aff = _bn_affine(name, m)
+    if two_d:
+        return b.add(name, "affine", (src,), affine=aff)
+    c = int(m.num_features)
+    r = b.reshape(f"{name}.as_channels", src, (c, 1, 1))
+    a = b.add(name, "affine", (r,), affine=aff)
+    return b.reshape(f"{name}.flat", a, (c,))
+
+
+def _no_running_stats(bn: nn.Module) -> bool:
+    return bn.running_mean is None or bn.running_var is None
+
+
+def _bn_affine(name: str, bn: nn.Module) -> Affine:
+    """Inference batch norm as its own node: ``y_c = s_c x_c + t_c``, a depthwise 1x1 convolution
+    (``groups = C``, weight ``(C, 1, 1, 1)``), so every bound rule, the injector and the soft-error
+    analysis treat it as the affine layer it is (its ``C`` scales are its synapses, stored as
+    float32). ``fold_magnitude`` carries the model's own rounding of ``(x - mean) / sqrt(var + eps)
+    * gamma + beta`` (see :mod:`hwrel.bounds.fp32`)."""
+    mean = bn.running_mean.detach().float()
+    gamma = bn.weight.detach().float() if bn.affine else torch.ones_like(mean)
+    beta = bn.bias.detach().float() if bn.affine else torch.zeros_like(mean)
+    inv = gamma / torch.sqrt(bn.running_var.detach().float() + bn.eps)
+    shift = beta - mean * inv
+    _check_finite(name, inv, "batch norm scale")
+    _check_finite(name, shift, "batch norm shift")
+    magnitude = mean.abs() * inv.abs() + beta.abs()
+    c = mean.numel()
+    return Affine("conv2d", inv.reshape(c, 1, 1, 1).clone(), shift.clone(), groups=c, batch_norm=name,
                   fold_magnitude=magnitude)
 
 
@@ -282,19 +337,7 @@ def _module_node(b: _Builder, n: fx.Node, m: nn.Module, index: dict[fx.Node, int
     if isinstance(m, (nn.Linear, nn.Conv2d)):
         return b.add(name, "affine", (src,), affine=_affine_from(name, m))
     if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        prev = b.nodes[src]
-        users = [u for u in n.args[0].users]  # type: ignore[union-attr]
-        if prev.op != "affine" or len(users) != 1 or prev.affine.folded_bn:
-            raise UnsupportedLayerError(f"layer {name} ({type(m).__name__}): batch norm must directly follow "
-                                        "a Linear/Conv2d layer used nowhere else, to be folded")
-        if prev.affine.kind == "linear" and len(prev.shape) != 1:
-            raise UnsupportedLayerError(f"layer {name} ({type(m).__name__}): batch norm normalizes dimension 1 of "
-                                        f"a {tuple(prev.shape)} input, not the features of the Linear before it")
-        if isinstance(m, nn.BatchNorm2d) != (prev.affine.kind == "conv2d"):
-            raise UnsupportedLayerError(f"layer {name} ({type(m).__name__}) does not match the "
-                                        f"{prev.affine.kind} layer before it")
-        b.replace_affine(src, _fold_bn(name, prev.affine, m))
-        return src
+        return _batch_norm_node(b, n, m, name, src)
     act = _activation_from(name, m)
     if act is not None:
         return b.add(name, "act", (src,), act=act)

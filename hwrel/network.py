@@ -3,12 +3,14 @@
 ``Network.from_module`` extracts it once from a PyTorch or Brevitas module (see
 :mod:`hwrel.extract`); bounds, quantization, soft-error analysis and injection all read it, and
 nobody else walks ``nn.Module`` trees. The user's model is never modified: weights are copied
-(batch norm folded into them).
+(batch norm folded into a float layer directly before it, else its own per-channel affine node).
 
 Nodes, in topological order (``nodes[0]`` is the input, ``nodes[-1]`` the output):
 
 - ``input``
-- ``affine``: a linear map, dense or 2-D convolution, with bias (:class:`Affine`)
+- ``affine``: a linear map, dense or 2-D convolution, with bias (:class:`Affine`); an inference
+  batch norm that cannot be folded is one too, a depthwise 1x1 convolution ``y_c = s_c x_c + t_c``
+  (``Affine.batch_norm`` names it; a flat batch norm sits between two ``reshape`` nodes)
 - ``act``: an elementwise monotone activation (:class:`hwrel.activations.Activation`)
 - ``pool``: max or average pooling (:class:`Pool`)
 - ``reshape``: flatten or view, per-sample shape given
@@ -55,6 +57,7 @@ class Affine:
     bit_width: int | None = None
     signed: bool = True
     folded_bn: str | None = None
+    batch_norm: str | None = None  # this node is that inference batch norm (per-channel scale and shift)
     fold_magnitude: Tensor | None = None  # per channel: |intermediate values| of the folded batch norm
 
     def __call__(self, x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
@@ -296,6 +299,7 @@ class Network:
                 "max_abs_weight": a.max_abs_weight,
                 "storage": "float32" if a.bit_width is None else f"int{a.bit_width}" if a.signed else f"uint{a.bit_width}",
                 "folded_bn": a.folded_bn or "",
+                "batch_norm": a.batch_norm or "",
             })
         return pd.DataFrame(rows)
 
