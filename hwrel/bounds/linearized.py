@@ -144,16 +144,28 @@ def unfold(y: Tensor, kernel, dilation, padding, stride) -> Tensor:
 def unfold_input(node: Node, y: Tensor) -> Tensor:
     """The input windows of an affine node, ``(B, fan_in, P)``: what each output position reads.
 
-    A convolution's windows (``fan_in = in*kh*kw``); a Linear acting on the last dimension of a
-    ``(B, *lead, in)`` input reads one row per leading position (``P = prod(lead)``; a flat input
-    has ``P = 1``).
+    A convolution's windows (``in*kh*kw`` rows, all input channels; a grouped convolution's
+    output channel reads its group's block of them, see :func:`group_windows`); a Linear acting on
+    the last dimension of a ``(B, *lead, in)`` input reads one row per leading position
+    (``P = prod(lead)``; a flat input has ``P = 1``).
     """
     a = node.affine
     if a.kind == "linear":
         return y.reshape(y.shape[0], -1, y.shape[-1]).transpose(1, 2)
-    if a.groups != 1:
-        raise HwrelError(f"layer {node.name}: grouped convolutions are not supported by the linearized bound")
     return unfold(y, a.weight.shape[2:], a.dilation, a.padding, a.stride)
+
+
+def group_windows(node: Node, t: Tensor) -> Tensor:
+    """``t`` of shape ``(..., C_out, in*kh*kw)`` (per output channel, against every row of
+    :func:`unfold_input`) restricted to the rows each output channel reads: ``(..., C_out, fan_in)``
+    in the order of its weight. The identity unless the convolution is grouped."""
+    a = node.affine
+    if a.kind == "linear" or a.groups == 1:
+        return t
+    c_out, fan = a.weight.shape[0], a.fan_in
+    group = torch.arange(c_out, device=t.device) // (c_out // a.groups)
+    idx = group[:, None] * fan + torch.arange(fan, device=t.device)[None, :]  # (C_out, fan_in)
+    return t.gather(-1, idx.expand(*t.shape[:-2], c_out, fan))
 
 
 def output_positions(node: Node, g: Tensor) -> Tensor:
@@ -179,7 +191,7 @@ def conv_weight_grad(node: Node, y: Tensor, g: Tensor) -> Tensor:
     b, o = g.shape[:2]
     gp = output_positions(node, g.reshape(b * o, *g.shape[2:]))  # (B*O, out, P)
     c = gp.shape[1]
-    return torch.bmm(gp.reshape(b, o * c, -1), u.transpose(1, 2)).reshape(b, o, c, -1)
+    return group_windows(node, torch.bmm(gp.reshape(b, o * c, -1), u.transpose(1, 2)).reshape(b, o, c, -1))
 
 
 @dataclass

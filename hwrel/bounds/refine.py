@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hwrel.bounds.linearized import (KINKS, PAD_REL, TAPPED, act_residual, act_slope, injections,
-                                    is_flat_dense, output_positions, unfold_input)
+from hwrel.bounds.linearized import (KINKS, PAD_REL, TAPPED, act_residual, act_slope, group_windows,
+                                    injections, is_flat_dense, output_positions, unfold_input)
 from hwrel.bounds.perturb import WeightPerturbation
 from hwrel.network import Network
 
@@ -163,7 +163,8 @@ class NeuronRefiner:
             rw = p.weight_radius[k].flatten()
             g3 = output_positions(self.net.nodes[k], g)
             for r, a, b in spans:  # <|G|, R>, G = g x windows summed over positions, then |.|
-                total[a:b] += (g3[a:b] @ first[r].transpose(0, 1)).abs().flatten(1) @ rw
+                windows = group_windows(self.net.nodes[k], g3[a:b] @ first[r].transpose(0, 1))
+                total[a:b] += windows.abs().flatten(1) @ rw
         return total
 
     def unstable(self, i: int, s: Tensor, e: Tensor) -> Tensor:

@@ -10,6 +10,7 @@ import tempfile
 from hwrel.cli.common import add_model_args, check_writable, fraction, load, model_info
 from hwrel.device import resolve_device
 from hwrel.errors import HwrelError
+from hwrel.quantize.brevitas_ptq import already_quantized_note
 
 
 def _bits(text: str) -> list[int]:
@@ -70,6 +71,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         x, y = md.labelled("hwrel bitwidth")
         data, where = (x, y, md.calibration), {"input_domain": md.input_domain, "input_shape": md.input_shape}
+    note = already_quantized_note(md.module)
+    if note:
+        print(f"hwrel bitwidth: note: {note}", file=sys.stderr)
     res = quantize.safe_bitwidth(md.module, data, args.max_accuracy_drop, args.epsilon, per_layer=args.per_layer,
                                  verify=not args.no_verify, bits=args.bits, per_channel=args.per_channel,
                                  symmetric=not args.asymmetric, act_bits=act, adversarial=not args.no_adversarial,

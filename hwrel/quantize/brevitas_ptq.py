@@ -6,7 +6,9 @@ it, every Linear/Conv2d becomes a ``QuantLinear``/``QuantConv2d`` with round-to-
 with ``act_bits`` every hidden activation's output is quantized by a max-calibrated per-tensor
 quantizer. Weight scales are computed from the weights (Brevitas' ``Int8WeightPer*Float`` and
 ``ShiftedUint8WeightPer*Float`` with the bit width overridden), activation scales from calibration
-batches under ``calibration_mode``. The user's model is deep-copied, never changed.
+batches under ``calibration_mode``. The user's model is deep-copied, never changed. An already-quantized Brevitas
+model is first :func:`dequantize`-d: its QuantLinear/QuantConv2d become float layers holding the
+weights it computes with, re-quantized at the asked widths; its own activation quantizers stay.
 """
 from __future__ import annotations
 
@@ -58,6 +60,75 @@ def _set(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
 
 
+def _brevitas_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's Brevitas QuantLinear/QuantConv2d layers with quantized weights, by name."""
+    import sys
+
+    if "brevitas" not in sys.modules:  # a model with Brevitas layers was built with brevitas imported
+        return {}
+    import brevitas.nn as qnn
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, (qnn.QuantLinear, qnn.QuantConv2d))
+            and getattr(m, "is_weight_quant_enabled", True)}
+
+
+def quantized_widths(model: nn.Module) -> dict[str, str]:
+    """Per Brevitas weight-quantized layer of an already-quantized model: its storage (``int4``)."""
+    out = {}
+    for n, m in _brevitas_layers(model).items():
+        with torch.no_grad():
+            qw = m.quant_weight()
+        out[n] = f"{'int' if bool(qw.signed) else 'uint'}{int(qw.bit_width)}"
+    return out
+
+
+def already_quantized_note(model: nn.Module) -> str | None:
+    """One line on what the bit-width sweep does with an already-quantized (Brevitas) model, or None."""
+    widths = quantized_widths(model)
+    if not widths:
+        return None
+    own = ", ".join(f"{n} {w}" for n, w in widths.items())
+    return (f"the model is already quantized ({own} weights): its float reference is the weights it computes "
+            "with (batch norm folded in), re-quantized at each width; its own activation quantizers are kept")
+
+
+def dequantize(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every Brevitas QuantLinear/QuantConv2d replaced by a float
+    Linear/Conv2d holding the weights it computes with (``scale * (code - zero_point)``, exactly);
+    Brevitas activation quantizers are kept. The model itself is not changed."""
+    q = _brevitas_layers(model)
+    if not q:
+        return model
+    out = copy.deepcopy(model).eval()
+    for name, m in q.items():
+        with torch.no_grad():
+            w = m.quant_weight().value.detach().clone().float()
+        if isinstance(m, nn.Linear):
+            f: nn.Module = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+        else:
+            f = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
+                          m.groups, bias=m.bias is not None, padding_mode=m.padding_mode)
+        with torch.no_grad():
+            f.weight.copy_(w)
+            if m.bias is not None:
+                f.bias.copy_(m.bias.detach().float())
+        _set(out, name, f.eval())
+    return out
+
+
+class _Tracer(fx.Tracer):
+    """Brevitas modules stay leaves (tracing into them fails on their quantized tensors)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return type(m).__module__.startswith("brevitas.") or super().is_leaf_module(m, qualname)
+
+
+def _quant_acts() -> tuple[type, ...]:
+    import brevitas.nn as qnn
+
+    return (qnn.QuantReLU, qnn.QuantIdentity)
+
+
 def _quant_affine(m: nn.Module, weight: Tensor, bias: Tensor | None, wq, bits: int) -> nn.Module:
     import brevitas.nn as qnn
 
@@ -87,8 +158,10 @@ def ptq(model: nn.Module, calib_inputs: Tensor | None, bits: int | Mapping[str, 
 
     check(isinstance(model, nn.Module), f"expected an nn.Module, got {type(model).__name__}")
     wq, uact, iact = _quantizers(per_channel, symmetric)
+    model = dequantize(model)  # an already-quantized model: the weights it computes with, in float
     try:
-        gm = fx.symbolic_trace(copy.deepcopy(model).eval())
+        root = copy.deepcopy(model).eval()
+        gm = fx.GraphModule(root, _Tracer().trace(root))
     except Exception as exc:
         raise HwrelError(f"cannot trace {type(model).__name__} for quantization: {str(exc).splitlines()[0]}") from None
     modules = dict(gm.named_modules())
@@ -116,7 +189,7 @@ def ptq(model: nn.Module, calib_inputs: Tensor | None, bits: int | Mapping[str, 
                 raise UnsupportedLayerError(f"layer {node.target} ({type(m).__name__}): batch norm must directly "
                                             "follow a Linear/Conv2d used nowhere else to be folded before quantization")
             folded[src.target] = m
-        elif not isinstance(m, (nn.Linear, nn.Conv2d) + _PASS + _ACTS):
+        elif not isinstance(m, (nn.Linear, nn.Conv2d) + _PASS + _ACTS + _quant_acts()):
             raise UnsupportedLayerError(f"layer {node.target} ({type(m).__module__}.{type(m).__name__}) cannot be "
                                         "quantized by hwrel's Brevitas post-training quantization")
     check(bool(affine_names), "model has no Linear or Conv2d layer to quantize")

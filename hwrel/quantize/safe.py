@@ -44,6 +44,10 @@ def _inputs(model: Any, data: Any, input_domain, input_shape):
 
     ref = data if isinstance(data, ReferenceModel) else model if isinstance(model, ReferenceModel) else None
     module = model.module if isinstance(model, ReferenceModel) else model if isinstance(model, nn.Module) else None
+    if module is not None:
+        # already quantized (Brevitas): the weights it computes with are the float reference, so that a
+        # batch norm after a quantized layer folds as in the Brevitas re-quantization (see bq.dequantize)
+        module = bq.dequantize(module)
     if isinstance(model, Network):
         net = model
     elif module is not None:

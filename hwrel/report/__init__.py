@@ -335,6 +335,11 @@ def _analyse(name, module, ref, net, acc, x, y, calib, drop, hours, target, seed
     res["bitwidth"] = None
     if quantize is not None and hasattr(quantize, "safe_bitwidth"):
         log.stage("bitwidth", f"safe bit width: sweeping {len(cfg.bits)} widths (certified, adversarial, estimated, Brevitas PTQ)")
+        from hwrel.quantize.brevitas_ptq import already_quantized_note
+
+        res["bitwidth_note"] = already_quantized_note(module) if module is not None else None
+        if res["bitwidth_note"]:
+            log.stage("bitwidth", f"note: {res['bitwidth_note']}")
         res["bitwidth"] = quantize.safe_bitwidth(module, (x, y, calib), max_accuracy_drop=drop, per_layer=True,
                                                  bits=cfg.bits, input_domain=(float(net.input_lo.min()),
                                                                               float(net.input_hi.max())),
