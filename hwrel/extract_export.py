@@ -31,7 +31,9 @@ def guess_exported_shape(gm: fx.GraphModule) -> tuple[int, ...]:
         if n.op == "call_function" and n.target is torch.ops.aten.conv2d.default:
             raise HwrelError("input_shape is required for a convolutional model (e.g. input_shape=(1, 28, 28))")
         if n.op == "call_function" and n.target is torch.ops.aten.linear.default:
-            return (int(_fetch(gm, n.args[1].target).shape[1]),)
+            w = n.args[1]
+            val = w.meta.get("val") if w.op != "get_attr" else _fetch(gm, w.target)
+            return (int(val.shape[1]),)
     raise HwrelError("input_shape is required: the model has no linear layer to infer it from")
 
 
@@ -43,7 +45,7 @@ class _Shim:
         self.args = (src,)
 
 
-def _aten_module(gm: fx.GraphModule, n: fx.Node) -> tuple[nn.Module | None, fx.Node]:
+def _aten_module(gm: fx.GraphModule, n: fx.Node, consts: dict[fx.Node, Any]) -> tuple[nn.Module | None, fx.Node]:
     aten = torch.ops.aten
     t = n.target
     a = list(n.args)
@@ -52,7 +54,11 @@ def _aten_module(gm: fx.GraphModule, n: fx.Node) -> tuple[nn.Module | None, fx.N
     def attr(i: int, default: Any = None) -> Any:
         if i >= len(a) or a[i] is None:
             return default
-        return _fetch(gm, a[i].target) if isinstance(a[i], fx.Node) else a[i]
+        if isinstance(a[i], fx.Node):
+            if a[i] not in consts:
+                raise UnsupportedLayerError(f"operation {n.name} ({t}): argument {a[i].name} depends on the input")
+            return consts[a[i]]
+        return a[i]
 
     with torch.no_grad():
         if t is aten.linear.default:
@@ -131,14 +137,51 @@ def _exported_view(n: fx.Node, val: Tensor) -> tuple[int, ...]:
                                     f"{tuple(rest)}") from None
 
 
+def _constants(gm: fx.GraphModule) -> dict[fx.Node, Any]:
+    """Values of the nodes that do not depend on the input: weights (``get_attr``) and what the
+    program computes from them alone, e.g. a Brevitas layer's weight quantization (``abs``, ``round``,
+    ``clamp``, ``slice``, ``detach``...), evaluated once, exactly as the program would."""
+    consts: dict[fx.Node, Any] = {}
+
+    def val(a: Any) -> Any:
+        return consts[a] if isinstance(a, fx.Node) else a
+
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            consts[n] = _fetch(gm, n.target)
+        elif n.op == "call_function" and n.all_input_nodes and all(a in consts for a in n.all_input_nodes):
+            try:
+                with torch.no_grad():
+                    consts[n] = n.target(*fx.node.map_aggregate(n.args, val),
+                                         **fx.node.map_aggregate(n.kwargs, val))
+            except Exception:
+                continue  # left to the rules below, which name it if the input needs it
+    return consts
+
+
+def _is_noop_slice(n: fx.Node, val: Tensor) -> bool:
+    """``aten.slice.Tensor(x, dim, start, end, step)`` that keeps all of its dimension (the batch
+    dimension: any size, so ``end`` must be open)."""
+    a = list(n.args) + [None] * (5 - len(n.args))
+    dim, start, end, step = (0 if a[1] is None else a[1]), a[2], a[3], (1 if a[4] is None else a[4])
+    if not isinstance(dim, int) or step != 1 or start not in (None, 0):
+        return False
+    dim %= val.dim()
+    size = 2 ** 62 if dim == 0 else val.shape[dim]
+    return end is None or (isinstance(end, int) and end >= size)
+
+
 def extract_exported(gm: fx.GraphModule, shape: tuple[int, ...], lo: Tensor, hi: Tensor) -> Network:
     """Network of an exported program over the box ``[lo, hi]`` (already of ``shape``)."""
     aten = torch.ops.aten
     b = _Builder(shape)
     index: dict[fx.Node, int] = {}
     out = None
+    consts = _constants(gm)
     with torch.no_grad():
         for n in gm.graph.nodes:
+            if n in consts:
+                continue  # weights and computations on weights alone (read by their users)
             if n.op == "placeholder":
                 if any(v.op == "input" for v in b.nodes):
                     raise UnsupportedLayerError(f"model has several inputs ({n.name}); hwrel analyses one input")
@@ -157,12 +200,20 @@ def extract_exported(gm: fx.GraphModule, shape: tuple[int, ...], lo: Tensor, hi:
             elif n.target in (aten.view.default, aten.reshape.default):
                 src = index[n.args[0]]
                 index[n] = b.reshape(n.name, src, _exported_view(n, b.values[src]))
+            elif n.target in (aten.detach.default, aten.alias.default, aten.clone.default,
+                              aten.contiguous.default, aten.lift_fresh_copy.default):
+                index[n] = index[n.args[0]]  # the identity on values
+            elif n.target is aten.slice.Tensor:
+                if not _is_noop_slice(n, b.values[index[n.args[0]]]):
+                    raise UnsupportedLayerError(f"operation {n.name} (aten.slice.Tensor{tuple(n.args[1:])}) drops part "
+                                                "of its input; only slices that keep the whole tensor are supported")
+                index[n] = index[n.args[0]]
             elif n.target is operator.getitem:
                 if n.args[1] != 0 or n.args[0].target is not aten._native_batch_norm_legit_no_training.default:
                     raise UnsupportedLayerError(f"operation {n.name} (getitem {n.args[1]!r}) is not supported")
                 index[n] = index[n.args[0]]  # first output of batch norm variants
             else:
-                module, src = _aten_module(gm, n)
+                module, src = _aten_module(gm, n, consts)
                 if module is None:
                     raise UnsupportedLayerError(f"operation {n.name} ({n.target}) is not supported")
                 index[n] = _module_node(b, _Shim(n, src), module, index)  # type: ignore[arg-type]
