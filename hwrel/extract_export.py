@@ -137,7 +137,7 @@ def _exported_view(n: fx.Node, val: Tensor) -> tuple[int, ...]:
                                     f"{tuple(rest)}") from None
 
 
-def _constants(gm: fx.GraphModule) -> dict[fx.Node, Any]:
+def constants(gm: fx.GraphModule) -> dict[fx.Node, Any]:
     """Values of the nodes that do not depend on the input: weights (``get_attr``) and what the
     program computes from them alone, e.g. a Brevitas layer's weight quantization (``abs``, ``round``,
     ``clamp``, ``slice``, ``detach``...), evaluated once, exactly as the program would."""
@@ -159,6 +159,19 @@ def _constants(gm: fx.GraphModule) -> dict[fx.Node, Any]:
     return consts
 
 
+def identities() -> tuple[Any, ...]:
+    """aten ops that return their input's values unchanged."""
+    aten = torch.ops.aten
+    return (aten.detach.default, aten.alias.default, aten.clone.default, aten.contiguous.default,
+            aten.lift_fresh_copy.default)
+
+
+def check_noop_slice(n: fx.Node, val: Tensor) -> None:
+    if not _is_noop_slice(n, val):
+        raise UnsupportedLayerError(f"operation {n.name} (aten.slice.Tensor{tuple(n.args[1:])}) drops part of "
+                                    "its input; only slices that keep the whole tensor are supported")
+
+
 def _is_noop_slice(n: fx.Node, val: Tensor) -> bool:
     """``aten.slice.Tensor(x, dim, start, end, step)`` that keeps all of its dimension (the batch
     dimension: any size, so ``end`` must be open)."""
@@ -177,7 +190,7 @@ def extract_exported(gm: fx.GraphModule, shape: tuple[int, ...], lo: Tensor, hi:
     b = _Builder(shape)
     index: dict[fx.Node, int] = {}
     out = None
-    consts = _constants(gm)
+    consts = constants(gm)
     with torch.no_grad():
         for n in gm.graph.nodes:
             if n in consts:
@@ -200,13 +213,10 @@ def extract_exported(gm: fx.GraphModule, shape: tuple[int, ...], lo: Tensor, hi:
             elif n.target in (aten.view.default, aten.reshape.default):
                 src = index[n.args[0]]
                 index[n] = b.reshape(n.name, src, _exported_view(n, b.values[src]))
-            elif n.target in (aten.detach.default, aten.alias.default, aten.clone.default,
-                              aten.contiguous.default, aten.lift_fresh_copy.default):
+            elif n.target in identities():
                 index[n] = index[n.args[0]]  # the identity on values
             elif n.target is aten.slice.Tensor:
-                if not _is_noop_slice(n, b.values[index[n.args[0]]]):
-                    raise UnsupportedLayerError(f"operation {n.name} (aten.slice.Tensor{tuple(n.args[1:])}) drops part "
-                                                "of its input; only slices that keep the whole tensor are supported")
+                check_noop_slice(n, b.values[index[n.args[0]]])
                 index[n] = index[n.args[0]]
             elif n.target is operator.getitem:
                 if n.args[1] != 0 or n.args[0].target is not aten._native_batch_norm_legit_no_training.default:

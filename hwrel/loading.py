@@ -126,14 +126,17 @@ def modules_from_export(gm: nn.Module, where: str) -> nn.Module:
     import torch.fx as fx
 
     from hwrel.errors import UnsupportedLayerError
-    from hwrel.extract_export import _aten_module
+    from hwrel.extract_export import _aten_module, check_noop_slice, constants, identities
 
     aten = torch.ops.aten
     graph, root = fx.Graph(), nn.Module()
     env: dict[fx.Node, Any] = {}
     out = None
+    consts = constants(gm)
     with torch.no_grad():
         for n in gm.graph.nodes:
+            if n in consts:
+                continue  # weights and what is computed from them alone (Brevitas weight quantization)
             if n.op == "placeholder":
                 env[n] = graph.placeholder(n.name)
             elif n.op in ("get_attr", "call_module"):
@@ -145,6 +148,15 @@ def modules_from_export(gm: nn.Module, where: str) -> nn.Module:
                 continue  # the batch size: reshapes below keep the batch dimension instead
             elif n.target is operator.getitem:
                 env[n] = env[n.args[0]]  # the first output of a batch-norm variant
+            elif n.target in identities():
+                env[n] = env[n.args[0]]
+            elif n.target is aten.slice.Tensor:
+                val = n.args[0].meta.get("val")
+                if not isinstance(val, torch.Tensor):
+                    raise UnsupportedLayerError(f"{where}: operation {n.name} (aten.slice.Tensor) on an input "
+                                                "of unknown shape")
+                check_noop_slice(n, val)
+                env[n] = env[n.args[0]]
             elif n.target in (aten.add.Tensor,):
                 ins = [env[a] for a in n.args if isinstance(a, fx.Node)]
                 if len(ins) != 2 or n.kwargs.get("alpha", 1) != 1:
@@ -157,7 +169,7 @@ def modules_from_export(gm: nn.Module, where: str) -> nn.Module:
                 env[n] = (graph.call_function(torch.flatten, (src, 1)) if rest == [-1]
                           else graph.call_method("reshape", (src, -1, *rest)))
             else:
-                module, src = _aten_module(gm, n)
+                module, src = _aten_module(gm, n, consts)
                 if module is None:
                     raise UnsupportedLayerError(f"{where}: operation {n.name} ({n.target}) is not "
                                                 "supported")
