@@ -129,8 +129,8 @@ def _batch_norm_node(b: "_Builder", n: fx.Node, m: nn.Module, name: str, src: in
     if two_d and val.dim() != 4:
         raise UnsupportedLayerError(f"layer {name} (BatchNorm2d) needs a (C, H, W) input, got {tuple(val.shape[1:])}")
     if not two_d and val.dim() != 2:
-        raise UnsupportedLayerError(f"layer {name} (BatchNorm1d): only a flat (C,) input is supported, "
-                                    f"got {tuple(val.shape[1:])}")
+        raise UnsupportedLayerError(f"layer {name} (BatchNorm1d): normalizes dimension 1 of its input; only a "
+                                    f"flat (C,) input is supported, got {tuple(val.shape[1:])}")
     if val.shape[1] != m.num_features:
         raise UnsupportedLayerError(f"layer {name} ({type(m).__name__}): {m.num_features} features but its input "
                                     f"has {val.shape[1]} channels")

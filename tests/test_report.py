@@ -358,3 +358,21 @@ def test_quick_profile_says_so_and_shows_progress(tmp_path, capsys):
     assert "hwrel report digits-mlp-sigmoid --quick --accelerator eyeriss-v1" in md
     bw = pd.read_csv(out / "tables" / "bitwidth.csv")
     assert list(bw.bits) == list(QUICK.bits)
+
+
+def test_checksum_covers_zero_dim_buffers_and_changes_with_one_bit():
+    """A model with batch norm has 0-dim buffers (num_batches_tracked); the report's checksum must
+    hash them (it crashed at the end of `hwrel report mnist-resnet`) and must see a one-bit change."""
+    from hwrel.report.summary import model_checksum
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU()).eval()
+    assert m[1].num_batches_tracked.dim() == 0
+    a = model_checksum(m)
+    assert a == model_checksum(m) and re.fullmatch(r"[0-9a-f]{64}", a)
+    with torch.no_grad():
+        w = m[0].weight.view(-1)
+        w[0:1] = (w[0:1].view(torch.int32) ^ 1).view(torch.float32)
+    assert model_checksum(m) != a
+    m[1].num_batches_tracked += 1
+    assert model_checksum(m) not in (a,)
