@@ -376,3 +376,28 @@ def test_checksum_covers_zero_dim_buffers_and_changes_with_one_bit():
     assert model_checksum(m) != a
     m[1].num_batches_tracked += 1
     assert model_checksum(m) not in (a,)
+
+
+@pytest.mark.parametrize("fault", ["crash", "byzantine"])
+def test_random_failure_sets_batched_from_the_faulty_layer_equal_full_forwards(fault):
+    """The report's random failure-set measurement runs the layers before the failed one once; it
+    must equal one faulty forward from the input per set, bit for bit."""
+    from hwrel import Network
+    from hwrel.bounds.faults import FaultModel
+    from hwrel.inject.adversarial import faulty_forward
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 3, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(3 * 36, 5), nn.Tanh(), nn.Linear(5, 3)).eval()
+    net = Network.from_module(model, (0.0, 1.0), (1, 6, 6)).to(torch.float32)
+    x = torch.rand(7, 1, 6, 6)
+    fm = FaultModel(fault, 2.0) if fault == "byzantine" else FaultModel(fault)
+    for node in net.layers:
+        got = sections._random_worst(net, x, node, 2, fm, 9, torch.Generator().manual_seed(3))
+        g, want = torch.Generator().manual_seed(3), 0.0
+        ref = net.forward(x)
+        for _ in range(9):
+            idx = torch.randperm(net.nodes[node].size, generator=g)[:2]
+            vals = 2.0 * (2 * torch.randint(0, 2, (2,), generator=g).float() - 1) if fm.byzantine else None
+            want = max(want, float((faulty_forward(net, x, {node: (idx, vals)}) - ref).abs().max()))
+        assert got == want and want > 0, (node, got, want)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import pandas as pd
 
@@ -150,7 +150,8 @@ def _greedy(sw, start: int, meets) -> dict[int, int]:
 def safe_bitwidth(model: Any, data: Any, max_accuracy_drop: float | None = 0.01, epsilon: float | None = None, *,
                   per_layer: bool = False, verify: bool = True, bits: Sequence[int] = BITS, per_channel: bool = False,
                   symmetric: bool = True, act_bits: int | str | None = None, adversarial: bool = True,
-                  qat_epochs: int = 0, input_domain=None, input_shape=None, device=None) -> BitwidthResult:
+                  qat_epochs: int = 0, input_domain=None, input_shape=None, device=None,
+                  progress: Callable[[float, str], None] | None = None) -> BitwidthResult:
     """Smallest weight width (2..16) whose *certified* accuracy loss (or output error) meets the budget.
 
     ``data``: ``(x, y)``, ``(x, y, calibration_x)`` or a reference model (its test split; its
@@ -159,6 +160,8 @@ def safe_bitwidth(model: Any, data: Any, max_accuracy_drop: float | None = 0.01,
     table holds every kind of answer; ``verify`` runs Brevitas PTQ at every width (and
     ``qat_epochs`` of quantization-aware fine-tuning, reported as ``qat_accuracy``). ``device``:
     where the bounds and the search compute (``"cuda"`` for a GPU; Brevitas runs on the CPU).
+    ``progress(fraction, message)``: called after each step (sweep widths, per-layer trials) with
+    the fraction done (0..1, a rough guide from the reference models' timings).
 
     Weights only, certified accuracy comes from :meth:`Predictor.certified_flags` (each input
     bounded at the few widths that decide it) and ``certified_error`` from verification's
@@ -183,10 +186,14 @@ def safe_bitwidth(model: Any, data: Any, max_accuracy_drop: float | None = 0.01,
     check(not verify or module is not None, "verification needs an nn.Module (Brevitas quantizes modules)")
     from hwrel.models import ReferenceModel
 
+    say = progress or (lambda frac, msg: None)
+    sweep_share = 0.8 if per_layer else 1.0  # the per-layer greedy takes about the rest
     ref = data if isinstance(data, ReferenceModel) else model if isinstance(model, ReferenceModel) else None
     train = (ref.x_train, ref.y_train) if ref is not None else (x, y)
     table, sw, timings = sweep(module, net, x, y, calib, spec, bits, adversarial=adversarial, verify=verify,
-                               qat_epochs=qat_epochs, train=train, full_table=False, device=device)
+                               qat_epochs=qat_epochs, train=train, full_table=False, device=device,
+                               max_accuracy_drop=drop if act_bits is None else None,
+                               progress=(lambda frac, msg: say(frac * sweep_share, msg)))
     found = {k: smallest_meeting(list(table["bits"]), _ok(table, k, drop, epsilon)) if _COLUMNS[k][0] in table
              else None for k in KINDS}
     cb = found["certified"]
@@ -213,12 +220,25 @@ def safe_bitwidth(model: Any, data: Any, max_accuracy_drop: float | None = 0.01,
                     return c["certified_error"] <= epsilon
                 return sw.p.clean_accuracy - c["certified_accuracy"] <= drop + 1e-12
 
-        lb = _greedy(sw, cb, meets)
+        n_layers = len(sw.p.layers)
+        trials = {"n": 0, "kept": 0}
+
+        def meets_logged(trial):
+            ok = meets(trial)
+            trials["n"] += 1
+            trials["kept"] += ok
+            # a greedy lowers each layer a few bits at most: about 2 trials per layer and bit saved
+            frac = sweep_share + (1 - sweep_share) * min(0.95, trials["n"] / (4 * n_layers + trials["kept"] * 2))
+            say(frac, f"per-layer widths: trial {trials['n']} ({trials['kept']} bits saved so far)")
+            return ok
+
+        lb = _greedy(sw, cb, meets_logged)
         pl = {sw.names[i]: b for i, b in lb.items()}
         pl_bits, uni_bits = sw.p.stored_bits(lb), sw.p.stored_bits(cb)
         c = sw.certified(lb)
         pl_check = {"certified_accuracy": c["certified_accuracy"], "certified_error": c["certified_error"]}
         timings["per_layer_s"] = time.perf_counter() - t0
+        say(0.98, "per-layer widths: Brevitas check of the chosen widths" if verify else "per-layer widths chosen")
         if verify:
             t0 = time.perf_counter()
             pl_check.update(sw.measured(lb, c["_bound"]))

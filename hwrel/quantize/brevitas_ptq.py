@@ -22,6 +22,10 @@ from torch import Tensor, nn
 
 from hwrel.errors import HwrelError, UnsupportedLayerError, check
 
+# Brevitas says on import that an optional CUDA kernel is missing; hwrel never uses it, and the
+# line on every bitwidth / report run reads like a fault.
+warnings.filterwarnings("ignore", message="fast_hadamard_transform package not found")
+
 _PASS = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Flatten, nn.MaxPool2d, nn.AvgPool2d)
 _ACTS = (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.ReLU6, nn.Hardtanh, nn.Hardsigmoid, nn.LeakyReLU)
 

@@ -101,24 +101,37 @@ def _versions() -> dict[str, str]:
             "python": platform.python_version(), "platform": f"{platform.system()} {platform.machine()}"}
 
 
-# Share of the run each stage starts at (measured on digits-mlp; a guide for the eye, not a promise).
-STAGES = {"load": 0, "fep": 5, "bitwidth": 20, "seu": 72, "flips": 83, "write": 88, "done": 100}
+# Share of the run each stage starts at (measured on mnist-lenet; a guide for the eye, not a promise).
+STAGES = {"load": 0, "fep": 2, "bitwidth": 30, "seu": 88, "flips": 92, "write": 95, "done": 100}
 
 
 class _Progress:
-    """Progress lines on stderr: elapsed time, the stage's share of the run, the message."""
+    """Progress lines on stderr: elapsed time, the share of the run done, the message.
 
-    def __init__(self, enabled: bool):
-        self.enabled, self.t0, self.pct = enabled, time.perf_counter(), 0
+    ``stage`` starts a stage (always printed); ``part(fraction, message)`` reports progress within
+    it (fraction 0..1 of the stage, interpolated between its share and the next stage's), printed
+    at most once a second so long loops neither flood nor fall silent."""
+
+    def __init__(self, enabled: bool, min_interval: float = 1.0):
+        self.enabled, self.t0, self.pct, self.min_interval = enabled, time.perf_counter(), 0, min_interval
+        self.name, self.last = "load", -math.inf
 
     def stage(self, name: str, msg: str) -> None:
-        self.pct = STAGES[name]
+        self.name, self.pct = name, STAGES[name]
         self(msg)
+
+    def part(self, fraction: float, msg: str) -> None:
+        names = list(STAGES)
+        start = STAGES[self.name]
+        end = STAGES[names[min(names.index(self.name) + 1, len(names) - 1)]]
+        self.pct = max(self.pct, int(start + max(0.0, min(1.0, fraction)) * (end - start)))
+        if time.perf_counter() - self.last >= self.min_interval:
+            self(msg)
 
     def __call__(self, msg: str) -> None:
         if self.enabled:
-            print(f"hwrel report [{time.perf_counter() - self.t0:6.1f}s {self.pct:3d}%] {msg}", file=sys.stderr,
-                  flush=True)
+            self.last = time.perf_counter()
+            print(f"hwrel report [{self.last - self.t0:6.1f}s {self.pct:3d}%] {msg}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------- output folder
@@ -330,7 +343,7 @@ def _analyse(name, module, ref, net, acc, x, y, calib, drop, hours, target, seed
     log.stage("fep", f"Fep bounds, tolerance and failure injection ({len(net.layers)} hidden layers)")
     res["fep"] = sections.fep_analysis(net, x, y, capacity=C, counts=cfg.failure_counts, max_accuracy_drop=drop,
                                        random_sets=cfg.random_sets, adversarial=adv, seed=seed, log=log,
-                                       full_curve=cfg.tolerance_curve)
+                                       full_curve=cfg.tolerance_curve, progress=log.part)
     quantize = _optional("hwrel.quantize")
     res["bitwidth"] = None
     if quantize is not None and hasattr(quantize, "safe_bitwidth"):
@@ -343,7 +356,7 @@ def _analyse(name, module, ref, net, acc, x, y, calib, drop, hours, target, seed
         res["bitwidth"] = quantize.safe_bitwidth(module, (x, y, calib), max_accuracy_drop=drop, per_layer=True,
                                                  bits=cfg.bits, input_domain=(float(net.input_lo.min()),
                                                                               float(net.input_hi.max())),
-                                                 input_shape=net.input_shape)
+                                                 input_shape=net.input_shape, progress=log.part)
     else:
         res["missing"].append("safe bit width")
     seu_mod = _optional("hwrel.seu.analysis")
