@@ -1026,7 +1026,7 @@ class Injector:
         every position) is exactly 0 in the clean run, so a finite faulty value there leaves every
         output exactly clean (``w * 0 = 0``: the same sums; see :mod:`hwrel.inject.certify`)."""
         if node not in self._zero_cache:
-            from hwrel.inject.certify import zero_input_weights
+            from hwrel.inject.windows import zero_input_weights
 
             nd = self.nodes[node]
             self._zero_cache[node] = zero_input_weights(nd, self.clean[nd.inputs[0]].abs())
