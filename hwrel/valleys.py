@@ -132,10 +132,14 @@ VALLEYS: dict[str, Valley] = {
 
 
 def valley_image(v: Valley, fn: Callable[[Tensor], Tensor], lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
-    """Sound interval image of ``[lo, hi]`` (elementwise)."""
+    """Sound interval image of ``[lo, hi]`` (elementwise); the ends' values are widened by 8 ulps
+    of their dtype (``fn`` is not correctly rounded and need not be monotone to the last bit)."""
     a, b = fn(lo), fn(hi)
+    eps = 8 * torch.finfo(lo.dtype).eps if lo.is_floating_point() else 0.0
     top = torch.maximum(a, b)
+    top = top + eps * top.abs()
     bottom = torch.minimum(a, b)
+    bottom = bottom - eps * bottom.abs()
     near = (lo <= v.x_min + WINDOW) & (hi >= v.x_min - WINDOW)
     return torch.where(near, torch.clamp(bottom, max=v.v_min), bottom), top
 
