@@ -151,8 +151,9 @@ class _Sweep:
         todo = torch.nonzero(p.correct & ~cert & ~broken)[:, 0]
         certified = torch.nonzero(p.correct & cert)[:, 0]
         if check_certified and len(certified):  # evenly spread over the (seeded, shuffled) inputs
-            pick = torch.linspace(0, len(certified) - 1, min(check_certified, len(certified))).round().long()
-            todo = torch.cat([todo, certified[pick.unique()]])
+            k = min(check_certified, len(certified))
+            pick = torch.arange(k, device=certified.device) * len(certified) // k  # distinct, spread out
+            todo = torch.cat([todo, certified[pick]])
         dev = 0.0
         if len(todo):
             m, d = per_input_attack(p.net, p.x[todo], p.pred[todo], wr, {k: v[todo] for k, v in ar.items()}, steps)
