@@ -324,3 +324,24 @@ def test_bounds_of_chosen_inputs_are_those_inputs_bounds(mlp):
     perm = torch.cat([torch.tensor([0]), torch.randperm(len(x) - 1, generator=torch.Generator().manual_seed(0)) + 1])
     assert torch.allclose(p.sample_bounds(8, idx=perm), full[perm], rtol=1e-10, atol=0)
     assert torch.allclose(p.sample_bounds(8, idx=perm[:17]), full[perm[:17]], rtol=1e-10, atol=0)
+
+
+def test_sweep_skips_the_shared_attack_only_below_a_width_over_budget_and_reports_progress(sig):
+    """Below a width whose attacks already broke the budget the shared attack is skipped (NaN), which
+    cannot change the answer (broken inputs stay broken as the width falls); progress rises to 1."""
+    from hwrel.quantize.safe import _inputs, smallest_meeting, sweep
+
+    module, net, x, y, calib = _inputs(sig.module, sig, None, None)
+    bits, drop, seen = (3, 5, 7, 9, 12), 0.01, []
+    full, _, _ = sweep(module, net, x, y, calib, QuantSpec(), bits, verify=False, full_table=False)
+    fast, _, _ = sweep(module, net, x, y, calib, QuantSpec(), bits, verify=False, full_table=False,
+                       max_accuracy_drop=drop, progress=lambda f, m: seen.append(f))
+    over = full["clean_accuracy"] - full["adversarial_accuracy"] > drop
+    assert over.any() and not over.all()
+    first_over = int(full.loc[over, "bits"].max())
+    assert fast.loc[fast["bits"] < first_over, "adversarial_shared_accuracy"].isna().all()
+    assert fast.loc[fast["bits"] >= first_over, "adversarial_shared_accuracy"].notna().all()
+    ok = lambda t: list(t["clean_accuracy"] - t["adversarial_accuracy"] <= drop + 1e-12)  # noqa: E731
+    assert smallest_meeting(list(full["bits"]), ok(full)) == smallest_meeting(list(fast["bits"]), ok(fast))
+    assert (fast["certified_but_broken"] == 0).all()
+    assert seen == sorted(seen) and 0 < seen[0] and abs(seen[-1] - 1) < 1e-9
