@@ -1,8 +1,15 @@
 """Elementwise activations and the facts the bounds need about them.
 
-Every activation hwrel analyses is monotone non-decreasing, so the image of an interval is the
+Most activations hwrel analyses are monotone non-decreasing, so the image of an interval is the
 interval of the images, and its Lipschitz constant over an interval is the sup of its derivative
-there. Quantized activations (Brevitas ``QuantReLU``/``QuantIdentity``) are not Lipschitz: rounding
+there. The smooth gated ones (GELU exact and tanh, SiLU, Mish, Hardswish) are *valley-shaped*:
+non-increasing up to one minimum point ``x*`` and non-decreasing after it. Their interval image is
+``[min(phi(lo), phi(hi), m*), max(phi(lo), phi(hi))]`` where ``m*`` (a value padded below the
+minimum) enters whenever ``[lo, hi]`` comes within a margin of ``x*``; their local Lipschitz
+constant is ``sup |phi'|`` over ``[lo, hi]``, the max of ``|phi'|`` at the ends and at every
+extremum of ``phi'`` (computed once numerically, padded outward) within a margin of the interval.
+``lipschitz`` is always ``sup |phi'|`` over the real line, ``slope_lo <= phi'`` its global infimum
+(negative for the valley-shaped ones). Quantized activations (Brevitas ``QuantReLU``/``QuantIdentity``) are not Lipschitz: rounding
 to a grid of step ``s`` can move an output by up to one step more than its input moved, so they carry
 an additive slack ``quant_step`` (``|Q(a) - Q(b)| <= K |a - b| + s`` whenever ``a != b``).
 """
@@ -15,20 +22,23 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from hwrel.valleys import VALLEYS, valley_image, valley_slope
+
 INF = math.inf
 
 
 @dataclass(frozen=True)
 class Activation:
-    """An elementwise, monotone non-decreasing activation.
+    """An elementwise activation: monotone non-decreasing, or valley-shaped (see the module doc).
 
     Attributes:
         kind: name of the rule ("relu", "sigmoid", ...).
-        lipschitz: global Lipschitz constant ``K`` (sup of the derivative).
+        lipschitz: global Lipschitz constant ``K`` (sup of ``|phi'|``).
         lo, hi: range of the function (may be infinite).
         params: kind-specific parameters (negative slope, clip limits).
         quant_step: additive rounding slack of a quantized activation (0 for float ones).
         fn: the function itself, applied to tensors (exactly what the model computes).
+        slope_lo: a global lower bound on ``phi'`` (0 for the monotone ones).
     """
 
     kind: str
@@ -38,6 +48,12 @@ class Activation:
     params: tuple[float, ...] = ()
     quant_step: float = 0.0
     fn: Callable[[Tensor], Tensor] = field(default=lambda x: x, compare=False, repr=False)
+    slope_lo: float = 0.0
+
+    @property
+    def monotone(self) -> bool:
+        """Non-decreasing over the whole real line."""
+        return self.kind not in VALLEYS
 
     @property
     def bounded(self) -> bool:
@@ -52,13 +68,16 @@ class Activation:
         return self.fn(x)
 
     def image(self, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
-        """Sound and exact interval image: monotone, so ``[phi(lo), phi(hi)]``."""
+        """Sound interval image: ``[phi(lo), phi(hi)]`` if monotone (exact); valley-shaped: the
+        minimum value (padded down) joins when the interval reaches its minimum point."""
+        if self.kind in VALLEYS:
+            return valley_image(VALLEYS[self.kind], self.fn, lo, hi)
         if self.kind == "quant" and lo.dtype != torch.float32:
             return (self.fn(_outward32(lo, True)).to(lo.dtype), self.fn(_outward32(hi, False)).to(hi.dtype))
         return self.fn(lo), self.fn(hi)
 
     def slope_sup(self, lo: Tensor, hi: Tensor) -> Tensor:
-        """Sound upper bound on ``sup phi'`` over ``[lo, hi]``, elementwise (a local Lipschitz constant)."""
+        """Sound upper bound on ``sup |phi'|`` over ``[lo, hi]``, elementwise (a local Lipschitz constant)."""
         return _SLOPE_RULES[self.kind](self, lo, hi)
 
 
@@ -119,6 +138,7 @@ _SLOPE_RULES = {
     "sigmoid": _bell(_sigmoid_d),
     "tanh": _bell(_tanh_d),
 }
+_SLOPE_RULES.update({k: (lambda v: lambda act, lo, hi: valley_slope(v, lo, hi))(v) for k, v in VALLEYS.items()})
 
 
 # Constructors, one per supported activation.
@@ -158,6 +178,32 @@ def hardsigmoid() -> Activation:
 def hardtanh(min_val: float = -1.0, max_val: float = 1.0) -> Activation:
     return Activation("hardtanh", 1.0, min_val, max_val, (min_val, max_val),
                       fn=lambda x: torch.clamp(x, min_val, max_val))
+
+
+def _valley(kind: str, fn: Callable[[Tensor], Tensor]) -> Activation:
+    v = VALLEYS[kind]
+    return Activation(kind, v.lipschitz, v.v_min, INF, fn=fn, slope_lo=v.slope_lo)
+
+
+def gelu(approximate: str = "none") -> Activation:
+    """GELU, exact (``x Phi(x)``) or its tanh approximation, as ``torch.nn.functional.gelu`` computes it."""
+    if approximate == "tanh":
+        return _valley("gelu_tanh", lambda x: torch.nn.functional.gelu(x, approximate="tanh"))
+    if approximate != "none":
+        raise ValueError(f"GELU approximate={approximate!r}: expected 'none' or 'tanh'")
+    return _valley("gelu", torch.nn.functional.gelu)
+
+
+def silu() -> Activation:
+    return _valley("silu", torch.nn.functional.silu)
+
+
+def mish() -> Activation:
+    return _valley("mish", torch.nn.functional.mish)
+
+
+def hardswish() -> Activation:
+    return _valley("hardswish", torch.nn.functional.hardswish)
 
 
 def quantized(fn: Callable[[Tensor], Tensor], lipschitz: float, lo: float, hi: float,

@@ -39,7 +39,7 @@ def _brevitas():  # noqa: ANN202
 _SKIP = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
 _LEAVES: tuple[type, ...] = (
     nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU,
-    nn.Sigmoid, nn.Hardsigmoid, nn.Tanh, nn.Hardtanh, nn.Flatten, nn.MaxPool2d, nn.AvgPool2d,
+    nn.Sigmoid, nn.Hardsigmoid, nn.Tanh, nn.Hardtanh, nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish, nn.Flatten, nn.MaxPool2d, nn.AvgPool2d,
     nn.AdaptiveAvgPool2d,
 ) + _SKIP
 
@@ -189,6 +189,16 @@ def _activation_from(name: str, m: nn.Module) -> A.Activation | None:
         return A.hardsigmoid()
     if isinstance(m, nn.Tanh):
         return A.tanh()
+    if isinstance(m, nn.GELU):
+        if m.approximate not in ("none", "tanh"):
+            raise UnsupportedLayerError(f"layer {name} (GELU): approximate={m.approximate!r} is not supported")
+        return A.gelu(m.approximate)
+    if isinstance(m, nn.SiLU):
+        return A.silu()
+    if isinstance(m, nn.Hardswish):
+        return A.hardswish()
+    if isinstance(m, nn.Mish):
+        return A.mish()
     if isinstance(m, nn.Hardtanh):  # also ReLU6's base, but ReLU6 matched first
         return A.hardtanh(float(m.min_val), float(m.max_val))
     qnn = _brevitas()
@@ -453,6 +463,14 @@ def _function_node(b: _Builder, n: fx.Node, index: dict[fx.Node, int]) -> int:
         return b.reshape(name, src, _flat_shape(name, b.values[src], start, end))
     if rule in ("relu", "sigmoid", "tanh") and len(tensor_args) == 1:
         return b.add(name, "act", (index[tensor_args[0]],), act=getattr(A, rule)())
+    gated = {F.silu: A.silu, F.hardswish: A.hardswish, F.mish: A.mish}
+    if target in gated and len(tensor_args) == 1 and not n.kwargs.get("inplace", False):
+        return b.add(name, "act", (index[tensor_args[0]],), act=gated[target]())
+    if target is F.gelu and len(tensor_args) == 1:
+        approx = n.kwargs.get("approximate", "none")
+        if approx not in ("none", "tanh"):
+            raise UnsupportedLayerError(f"operation {name} (gelu): approximate={approx!r} is not supported")
+        return b.add(name, "act", (index[tensor_args[0]],), act=A.gelu(approx))
     if target is getattr and n.args[1] == "shape" and all(_is_batch_size(u) for u in n.users):
         return index[tensor_args[0]]  # x.shape[0] as a view's batch dimension (checked there)
     if target is operator.getitem and _is_batch_size(n):

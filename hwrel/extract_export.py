@@ -98,9 +98,15 @@ def _aten_module(gm: fx.GraphModule, n: fx.Node, consts: dict[fx.Node, Any]) -> 
                                     "export the model after model.eval()")
     simple = {aten.relu.default: nn.ReLU, aten.sigmoid.default: nn.Sigmoid, aten.tanh.default: nn.Tanh,
               aten.hardsigmoid.default: nn.Hardsigmoid, aten.dropout.default: nn.Identity,
+              aten.silu.default: nn.SiLU, aten.hardswish.default: nn.Hardswish, aten.mish.default: nn.Mish,
               aten.clone.default: nn.Identity, aten.alias.default: nn.Identity}
     if t in simple:
         return simple[t](), src
+    if t is aten.gelu.default:
+        approx = n.kwargs.get("approximate", n.args[1] if len(n.args) > 1 else "none")
+        if approx not in ("none", "tanh"):
+            raise UnsupportedLayerError(f"operation {n.name} (gelu): approximate={approx!r} is not supported")
+        return nn.GELU(approximate=approx), src
     if t is aten.hardtanh.default:
         lo_, hi_ = attr(1, -1.0), attr(2, 1.0)
         return (nn.ReLU6() if (lo_, hi_) == (0.0, 6.0) else nn.Hardtanh(lo_, hi_)), src

@@ -20,6 +20,9 @@ Algorithms*, 2002, sections 2-3), with the unit roundoff ``u = 2^-24``:
   ``gamma_(n+1) (sum |w_i x_i| + |b|)`` of its exact value, ``gamma_n = n u / (1 - n u)``;
 - tanh and sigmoid are within 8 ulps of their output (PyTorch's vectorized kernels are within a
   few); clamps, ReLU and max are exact; one add or multiply rounds once;
+- the gated activations ``x g(x)`` (GELU, GELU-tanh, SiLU, Mish, Hardswish) are within
+  ``16 u (|x| + |phi(x)|)``: the gate ``g`` (at most ~1.1) is within a few ulps of 1 absolutely,
+  times ``|x|``, plus the final product's rounding;
 - an inference batch norm evaluated after its convolution (hwrel folds it) adds a few roundings of
   its intermediate values (``Affine.fold_magnitude``).
 
@@ -36,6 +39,8 @@ U = 2.0 ** -24
 SAFETY = 2.0
 TINY = 2.0 ** -126
 ACT_ULPS = {"sigmoid": 8.0, "tanh": 8.0, "leaky_relu": 1.0, "hardsigmoid": 2.0}
+# gated activations x g(x): their rounding scales with |x| + |phi(x)| (input plus output magnitude)
+GATED_ULPS = {"gelu": 16.0, "gelu_tanh": 16.0, "silu": 16.0, "mish": 16.0, "hardswish": 16.0}
 
 
 def gamma(n: int) -> float:
@@ -62,6 +67,9 @@ def local_rounding(node, mags: list[Tensor], out_mag: Tensor | None = None,
         if a.fold_magnitude is not None:
             r = r + gamma(8) * _per_channel(a, a.fold_magnitude, s)
         return r
+    if op == "act" and node.act.kind in GATED_ULPS:
+        m = out_mag if out_mag is not None else mags[0]
+        return SAFETY * GATED_ULPS[node.act.kind] * U * (mags[0] + m) + TINY
     if op == "act":
         ulps = ACT_ULPS.get(node.act.kind, 0.0)
         if ulps == 0.0:
@@ -94,6 +102,8 @@ def scalar_rounding(node, mags: list[float], out_mag: float, weight_radius: floa
         if a.fold_magnitude is not None:
             r += gamma(8) * float(a.fold_magnitude.max())
         return r
+    if op == "act" and node.act.kind in GATED_ULPS:
+        return SAFETY * GATED_ULPS[node.act.kind] * U * (mags[0] + out_mag) + TINY
     if op == "act":
         ulps = ACT_ULPS.get(node.act.kind, 0.0)
         if ulps == 0.0:

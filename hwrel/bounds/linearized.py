@@ -40,6 +40,7 @@ from hwrel.bounds.fp32 import local_rounding
 from hwrel.bounds.perturb import WeightPerturbation
 from hwrel.errors import HwrelError
 from hwrel.network import Network, Node
+from hwrel.valleys import VALLEYS
 
 PAD_REL = 2.0 ** -20
 # nodes whose output gets a gradient: where something enters beyond the tangent (residuals,
@@ -63,6 +64,8 @@ KINKS = {
 def act_slope(act: Activation, s: Tensor) -> Tensor:
     """The tangent slope ``D`` used at nominal pre-activation ``s`` (the residual bound matches it)."""
     k = act.kind
+    if k in VALLEYS:
+        return VALLEYS[k].d1(s)
     if k == "identity":
         return torch.ones_like(s)
     if k == "relu":
@@ -87,7 +90,8 @@ def act_residual(act: Activation, s: Tensor, e: Tensor, e_out: Tensor) -> Tensor
     """Sound ``rho >= |phi(s + d) - phi(s) - D(s) d|`` for every ``|d| <= e``.
 
     Piecewise linear: zero unless a kink lies within ``e`` of ``s``, then at most (slope jump) x (how
-    far past the kink). Smooth: ``min(sup|phi''| e^2 / 2, e * max(D, K - D))`` (``0 <= phi' <= K``).
+    far past the kink). Smooth: ``min(sup|phi''| e^2 / 2, e * max(D - L, K - D))`` (``L <= phi' <= K``,
+    ``L = slope_lo``, 0 for the monotone ones); Hardswish, whose ``phi'`` jumps, only the second term.
     Quantized activations have no tangent: the residual is the whole output error ``e_out``.
     """
     k = act.kind
@@ -96,6 +100,13 @@ def act_residual(act: Activation, s: Tensor, e: Tensor, e_out: Tensor) -> Tensor
         for at, jump in KINKS[k](act):
             rho = rho + jump * torch.clamp(e - (s - at).abs(), min=0)
         return rho
+    if k in VALLEYS:
+        d = act_slope(act, s)
+        first = e * torch.maximum(d - act.slope_lo, act.lipschitz - d)
+        curv = VALLEYS[k].curvature
+        if math.isfinite(curv):
+            first = torch.minimum(curv / 2 * e * e, first)
+        return first + 1e-12 * e
     if k in _CURVATURE:
         d = act_slope(act, s)
         first = e * torch.maximum(d, act.lipschitz - d)
