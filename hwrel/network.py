@@ -11,7 +11,7 @@ Nodes, in topological order (``nodes[0]`` is the input, ``nodes[-1]`` the output
 - ``affine``: a linear map, dense or 2-D convolution, with bias (:class:`Affine`); an inference
   batch norm that cannot be folded is one too, a depthwise 1x1 convolution ``y_c = s_c x_c + t_c``
   (``Affine.batch_norm`` names it; a flat batch norm sits between two ``reshape`` nodes)
-- ``act``: an elementwise monotone activation (:class:`hwrel.activations.Activation`)
+- ``act``: an elementwise activation, monotone or valley-shaped (:class:`hwrel.activations.Activation`)
 - ``pool``: max or average pooling (:class:`Pool`)
 - ``reshape``: flatten or view, per-sample shape given
 - ``add``: residual addition of its inputs
