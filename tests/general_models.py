@@ -54,8 +54,23 @@ class InvertedResidual(nn.Module):
         return x + y if self.use_res else y
 
 
+class SqueezeExcite(nn.Module):
+    """MobileNetV3's channel gate: ``x * hardsigmoid(fc(pool(x)))``, a product of two activations
+    (the fast engine and the bounds have no rule for it, so this model takes the general path)."""
+
+    def __init__(self, channels: int, squeeze: int = 4):
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, squeeze, 1)
+        self.fc2 = nn.Conv2d(squeeze, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = F.adaptive_avg_pool2d(x, 1)
+        return x * F.hardsigmoid(self.fc2(F.relu(self.fc1(s))))
+
+
 class TinyMobileNet(nn.Module):
-    """MobileNetV2-style: depthwise convolutions, ReLU6 and Hardswish, BatchNorm, residuals."""
+    """MobileNetV2/V3-style: depthwise convolutions, ReLU6 and Hardswish, BatchNorm, residuals,
+    a squeeze-excite gate."""
 
     def __init__(self, classes: int = 10, channels: int = 1):
         super().__init__()
@@ -63,11 +78,12 @@ class TinyMobileNet(nn.Module):
                                   nn.Hardswish())
         self.blocks = nn.Sequential(InvertedResidual(8, 8, 1), InvertedResidual(8, 12, 2),
                                     InvertedResidual(12, 12, 1, act=nn.Hardswish))
+        self.se = SqueezeExcite(12)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Linear(12, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pool(self.blocks(self.stem(x))).flatten(1))
+        return self.head(self.pool(self.se(self.blocks(self.stem(x)))).flatten(1))
 
 
 class RMSNorm(nn.Module):

@@ -563,7 +563,7 @@ def test_torch_export_program_is_injected_at_its_aten_nodes(tmp_path: Path, caps
     ep = torch.export.export(model, (x,), dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=512)}})
     torch.export.save(ep, str(tmp_path / "m.pt2"))
     np.savez(tmp_path / "m.npz", x=x.numpy(), y=np.zeros(len(x), dtype=np.int64))
-    prog = load_model(str(tmp_path / "m.pt2")).module  # Hardswish: the program itself, not modules
+    prog = load_model(str(tmp_path / "m.pt2")).module  # squeeze-excite: the program itself, not modules
     inj = GeneralInjector(prog, x)
     assert "fx:hardswish_default" in inj.sites("node") and inj.replay is not None
     new = flipped(float(dict(prog.named_parameters())["head.weight"].detach().view(-1)[7]), "fp32", (30,))
