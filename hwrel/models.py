@@ -281,6 +281,7 @@ class _Recipe:
     lr: float
     batch_size: int
     seed: int = 0
+    task: str = "classification"
 
 
 _RECIPES: dict[str, _Recipe] = {r.name: r for r in (
@@ -624,7 +625,8 @@ def describe(*, cache_dir: str | os.PathLike[str] | None = None) -> pd.DataFrame
             if record is not None and isinstance(record.get("test_accuracy"), float):
                 acc, source = record["test_accuracy"], "cached"
         rows.append({
-            "name": recipe.name, "description": recipe.description, "dataset": recipe.dataset,
+            "name": recipe.name, "task": recipe.task, "description": recipe.description,
+            "dataset": recipe.dataset,
             "parameters": n_params, "input_shape": recipe.input_shape,
             "input_domain": INPUT_DOMAIN, "weights": source,
             "test_accuracy": float(acc) if acc is not None else math.nan,

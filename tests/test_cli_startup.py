@@ -33,7 +33,7 @@ def test_models_fast_path_equals_the_full_table(capsys: pytest.CaptureFixture[st
     full = models.describe().to_dict(orient="records")
     assert [r["name"] for r in rows] == models.names()
     for fast, ref in zip(rows, full):
-        for key in ("name", "description", "dataset", "parameters", "input_domain", "weights", "test_accuracy"):
+        for key in ("name", "task", "description", "dataset", "parameters", "input_domain", "weights", "test_accuracy"):
             assert fast[key] == ref[key], key
         assert tuple(fast["input_shape"]) == tuple(ref["input_shape"])
     for name in models.names():

@@ -16,7 +16,10 @@ from hwrel.cli import main
 from hwrel.errors import HwrelError
 
 TARGETS = {"digits-mlp-sigmoid": 0.93, "digits-mlp": 0.95, "mnist-lenet": 0.93,
-           "mnist-resnet": 0.93}
+           "mnist-resnet": 0.93, "mnist-mobilenet": 0.90, "mnist-vit": 0.85}
+# Trained in full by the suite (seconds each). The others take about a minute each on 2 cores:
+# the suite checks their shipped weights and a one-epoch run of their recipe instead.
+FULLY_TRAINED = ["digits-mlp-sigmoid", "digits-mlp", "mnist-lenet", "mnist-resnet"]
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +29,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained(cache: Path) -> dict[str, models.ReferenceModel]:
-    return {name: models.load(name, cache_dir=cache, retrain=True) for name in models.names()}
+    return {name: models.load(name, cache_dir=cache, retrain=True) for name in FULLY_TRAINED}
 
 
 @pytest.fixture
@@ -46,7 +49,7 @@ def test_names_cover_the_targets() -> None:
     assert models.names() == list(TARGETS)
 
 
-@pytest.mark.parametrize("name", list(TARGETS))
+@pytest.mark.parametrize("name", FULLY_TRAINED)
 def test_model_trains_to_target(trained: dict[str, models.ReferenceModel], name: str) -> None:
     ref = trained[name]
     assert ref.name == name and not ref.module.training
@@ -233,7 +236,7 @@ def test_describe_and_cli_json(trained: dict[str, models.ReferenceModel], cache:
         assert [r["name"] for r in rows] == models.names()
         for r in rows:
             assert r["input_domain"] == [0.0, 1.0]
-            if expected is None:
+            if expected is None or r["name"] not in expected:
                 assert r["test_accuracy"] is None and r["weights"] == "not trained yet"
             else:
                 assert r["test_accuracy"] == expected[r["name"]].test_accuracy
@@ -274,7 +277,7 @@ def test_shipped_weights_load_without_training_or_cache(monkeypatch: pytest.Monk
     assert [p.name for p in tmp_path.iterdir()] in ([], ["data"])
 
 
-@pytest.mark.parametrize("name", list(TARGETS))
+@pytest.mark.parametrize("name", FULLY_TRAINED)
 def test_training_code_still_reproduces_the_shipped_weights(
         trained: dict[str, models.ReferenceModel], name: str) -> None:
     """The kept training code trains models of the shipped quality: a recipe change that is not
@@ -323,3 +326,26 @@ def test_cli_retrain_writes_weights_files(tmp_path: Path, capsys: pytest.Capture
     assert rows[0]["test_accuracy"] == rows[0]["test_accuracy_before"] >= TARGETS["digits-mlp-sigmoid"]
     assert main(["models", "--retrain", "no-such-model", "--weights-dir", str(tmp_path)]) == 2
     assert "unknown model 'no-such-model'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", [n for n in TARGETS if n not in FULLY_TRAINED])
+def test_larger_models_ship_target_quality_and_their_recipe_trains_deterministically(
+        name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped weights reach the target; one epoch of the recipe (on a quarter of the data)
+    runs, is deterministic and leaves the global RNG alone, and has the shipped state's layout."""
+    import dataclasses
+
+    shipped = models.load(name)
+    assert shipped.weights == "shipped" and shipped.test_accuracy >= TARGETS[name]
+    assert (len(shipped.x_train), len(shipped.x_test)) == (4000, 1000)
+    recipe = dataclasses.replace(models._recipe(name), epochs=1)
+    x, y = shipped.x_train[:1000], shipped.y_train[:1000]
+    before = torch.get_rng_state()
+    a, b = models._train(recipe, x, y), models._train(recipe, x, y)
+    assert torch.equal(before, torch.get_rng_state())
+    assert _same_state(a, b)
+    sa, ss = a.state_dict(), shipped.module.state_dict()
+    assert sa.keys() == ss.keys() and all(sa[k].shape == ss[k].shape for k in sa)
+    assert not _same_state(a, shipped.module)
+    # the accuracy recorded in the file is the one measured now
+    assert models.describe().set_index("name").loc[name, "test_accuracy"] == shipped.test_accuracy

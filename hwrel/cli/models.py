@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     for row in rows:
         acc = row["test_accuracy"]
         records.append({
-            "name": row["name"], "description": row["description"], "dataset": row["dataset"],
+            "name": row["name"], "task": row["task"], "description": row["description"], "dataset": row["dataset"],
             "parameters": int(row["parameters"]), "input_shape": list(row["input_shape"]),
             "input_domain": list(row["input_domain"]), "weights": row["weights"],
             "test_accuracy": None if math.isnan(acc) else float(acc),
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
               "input_domain": f"[{r['input_domain'][0]:g}, {r['input_domain'][1]:g}]",
               "test_accuracy": "-" if r["test_accuracy"] is None else f"{r['test_accuracy']:.4f}"}
              for r in records]
-    print(_table(shown, ["name", "description", "dataset", "parameters", "input_shape", "input_domain",
+    print(_table(shown, ["name", "task", "description", "dataset", "parameters", "input_shape", "input_domain",
                          "weights", "test_accuracy"]))
     return 0
 
