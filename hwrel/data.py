@@ -377,7 +377,11 @@ def prepare(model: LoadedModel, data: Any = None, *, calibration: Any = None,
                                  f"{(x.shape[0], x.shape[1] - 1)}, got {tuple(y.shape)}")
             bad = (y < 0) | (y >= outputs)
             if bool(bad.any()):
-                row = int(bad.nonzero()[0][0])
+                first = bad.nonzero()[0]
+                row = int(first[0])
+                if lm:
+                    raise HwrelError(f"{where}: label {int(y[tuple(first)])} (input {row}) is not a token "
+                                     f"of model {model.name}, whose vocabulary is 0..{outputs - 1}")
                 raise HwrelError(f"{where}: label {int(y[row])} (input {row}) is not a class of "
                                  f"model {model.name}, whose {outputs} outputs are classes "
                                  f"0..{outputs - 1}")

@@ -16,7 +16,8 @@ from hwrel.cli import main
 from hwrel.errors import HwrelError
 
 TARGETS = {"digits-mlp-sigmoid": 0.93, "digits-mlp": 0.95, "mnist-lenet": 0.93,
-           "mnist-resnet": 0.93, "mnist-mobilenet": 0.90, "mnist-vit": 0.85}
+           "mnist-resnet": 0.93, "mnist-mobilenet": 0.90, "mnist-vit": 0.85,
+           "text-gpt": 0.45}  # text-gpt: next-character top-1 on held-out text
 # Trained in full by the suite (seconds each). The others take about a minute each on 2 cores:
 # the suite checks their shipped weights and a one-epoch run of their recipe instead.
 FULLY_TRAINED = ["digits-mlp-sigmoid", "digits-mlp", "mnist-lenet", "mnist-resnet"]
@@ -337,7 +338,13 @@ def test_larger_models_ship_target_quality_and_their_recipe_trains_deterministic
 
     shipped = models.load(name)
     assert shipped.weights == "shipped" and shipped.test_accuracy >= TARGETS[name]
-    assert (len(shipped.x_train), len(shipped.x_test)) == (4000, 1000)
+    if name == "text-gpt":  # 64-token windows; labels are the next tokens
+        assert shipped.x_test.dtype == torch.int64 and shipped.x_train.shape[1:] == (64,)
+        assert torch.equal(shipped.y_test, shipped.x_test[:, 1:])
+        assert len(shipped.x_test) >= 60 and len(shipped.x_train) >= 1000
+        assert 0 <= int(shipped.x_test.min()) and int(shipped.x_test.max()) <= 95
+    else:
+        assert (len(shipped.x_train), len(shipped.x_test)) == (4000, 1000)
     recipe = dataclasses.replace(models._recipe(name), epochs=1)
     x, y = shipped.x_train[:1000], shipped.y_train[:1000]
     before = torch.get_rng_state()
@@ -349,3 +356,15 @@ def test_larger_models_ship_target_quality_and_their_recipe_trains_deterministic
     assert not _same_state(a, shipped.module)
     # the accuracy recorded in the file is the one measured now
     assert models.describe().set_index("name").loc[name, "test_accuracy"] == shipped.test_accuracy
+
+
+def test_reference_text_is_checked_and_encoded_to_a_fixed_vocabulary(monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+
+    text = models.reference_text()
+    assert hashlib.sha256(text.encode()).hexdigest() == models.TEXT_SHA256
+    ids = models.encode_text("ab\n~\u00e9")
+    assert ids.tolist() == [ord("a") - 31, ord("b") - 31, 0, 95, ord("?") - 31]
+    monkeypatch.setattr(models, "TEXT_SHA256", "0" * 64)
+    with pytest.warns(UserWarning, match="SHA-256"):
+        models.reference_text()

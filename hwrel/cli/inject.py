@@ -185,7 +185,8 @@ def run(args: argparse.Namespace) -> int:
     path, refused = path_of(net), getattr(net, "reason", None)
     certified = int(df["certified"].sum()) if "certified" in df else 0
     info = {**model_info(md), "model": args.model, "storage": how, "injection_path": path,
-            "engine_refused": refused, "spec": spec.to_dict(), "seed": seed,
+            "engine_refused": refused, "metric": "next-token" if "agreement" in df else "classifier",
+            "spec": spec.to_dict(), "seed": seed,
             "shard": args.shard, "configs": int(len(df)), "sites": space.total,
             "certified_masked_without_forward": certified,
             "margin_of_error": moe, "confidence": confidence, "out": args.out,
@@ -201,6 +202,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"injection path: {path}" + (f" (exact general path; the fast engine has no rule for this model: "
                                        f"{refused})" if refused else " (the fast engine)"))
     print(md.domain_note + ("" if y is not None else "; no labels, so no accuracy (give --data)"))
+    if "agreement" in df:
+        print("language model: harm is next-token top-1 agreement with the clean model (sdc: a configuration "
+              "that changed any prediction) and the cross-entropy change in nats per token (exp: perplexity ratio)")
     if moe is not None:
         print(f"margin of error (worst case p=0.5, {confidence:.0%} confidence): +-{moe:.4f}")
     if certified:

@@ -449,7 +449,10 @@ def summarize(df: pd.DataFrame, by: Sequence[str] = ("layer", "bit"), confidence
     ``sdc_rate`` and its Wilson interval ``sdc_lo``/``sdc_hi`` at ``confidence`` (valid for random
     or exhaustive configurations); the mean ``mismatch_rate`` (fraction of (configuration, input)
     pairs with a changed class); ``nonfinite_rate``; mean and max of ``max_abs_delta``; and the mean
-    ``accuracy`` when measured. Estimates, not bounds."""
+    ``accuracy`` when measured; for a language model (next-token metric) the mean ``agreement``
+    (next-token top-1 agreement with the clean model) and the median ``cross_entropy_delta``
+    (nats per token, faulty minus clean; ``exp`` of it is the perplexity ratio; the median, as one
+    non-finite output makes the mean infinite). Estimates, not bounds."""
     need = {"config_id", "max_abs_delta", "mismatch_rate", "nonfinite"} | set(by)
     missing = need - set(df.columns)
     check(not missing, f"results lack columns {', '.join(sorted(missing))}")
@@ -460,8 +463,9 @@ def summarize(df: pd.DataFrame, by: Sequence[str] = ("layer", "bit"), confidence
     cols = {"mismatch_rate": df["mismatch_rate"].to_numpy(np.float64),
             "nonfinite": df["nonfinite"].to_numpy().astype(bool).astype(np.float64),
             "max_abs_delta": df["max_abs_delta"].to_numpy(np.float64)}
-    if "accuracy" in df:
-        cols["accuracy"] = df["accuracy"].to_numpy(np.float64)
+    for extra in ("accuracy", "agreement", "cross_entropy_delta"):
+        if extra in df:
+            cols[extra] = df[extra].to_numpy(np.float64)
 
     def agg(sel: Any) -> dict[str, Any]:
         mr, nf, mad = cols["mismatch_rate"][sel], cols["nonfinite"][sel], cols["max_abs_delta"][sel]
@@ -473,6 +477,11 @@ def summarize(df: pd.DataFrame, by: Sequence[str] = ("layer", "bit"), confidence
                "mean_max_abs_delta": _mean(mad), "max_max_abs_delta": float(mad.max()) if n else float("nan")}
         if "accuracy" in cols:
             row["accuracy"] = _mean(cols["accuracy"][sel])
+        if "agreement" in cols:
+            row["agreement"] = _mean(cols["agreement"][sel])
+        if "cross_entropy_delta" in cols:
+            row["median_cross_entropy_delta"] = float(np.median(cols["cross_entropy_delta"][sel])) if n \
+                else float("nan")
         return row
 
     rows = []
