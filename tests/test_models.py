@@ -236,7 +236,7 @@ def test_describe_and_cli_json(trained: dict[str, models.ReferenceModel], cache:
         rows = json.loads(capsys.readouterr().out)
         assert [r["name"] for r in rows] == models.names()
         for r in rows:
-            assert r["input_domain"] == [0.0, 1.0]
+            assert r["input_domain"] == list(models._recipe(r["name"]).input_domain)
             if expected is None or r["name"] not in expected:
                 assert r["test_accuracy"] is None and r["weights"] == "not trained yet"
             else:

@@ -20,7 +20,8 @@ from hwrel.seu.flips import FlipModel, flip_bounds
 from hwrel.seu.mapping import map_model
 
 matplotlib.use("Agg")
-MODELS = models.names()
+# the models the bounds cover (mnist-vit and text-gpt run on the general injection path only)
+MODELS = [n for n in models.names() if n not in ("mnist-vit", "text-gpt")]
 REL = 1e-9  # float64 rounding of the faulty forward, relative to the output scale
 
 
