@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hwrel.models import InvertedResidual  # the reference MobileNet's block
+
 
 class TinyViT(nn.Module):
     """Patches by reshape/permute, class token, learned position embedding,
@@ -39,21 +41,6 @@ class TinyViT(nn.Module):
         return self.head(self.norm(x)[:, 0])
 
 
-class InvertedResidual(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int, expand: int = 4, act: type = nn.ReLU6):
-        super().__init__()
-        mid = cin * expand
-        self.use_res = stride == 1 and cin == cout
-        self.block = nn.Sequential(
-            nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), act(),
-            nn.Conv2d(mid, mid, 3, stride, 1, groups=mid, bias=False), nn.BatchNorm2d(mid), act(),
-            nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.block(x)
-        return x + y if self.use_res else y
-
-
 class SqueezeExcite(nn.Module):
     """MobileNetV3's channel gate: ``x * hardsigmoid(fc(pool(x)))``, a product of two activations
     (the fast engine and the bounds have no rule for it, so this model takes the general path)."""
@@ -76,8 +63,8 @@ class TinyMobileNet(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(channels, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8),
                                   nn.Hardswish())
-        self.blocks = nn.Sequential(InvertedResidual(8, 8, 1), InvertedResidual(8, 12, 2),
-                                    InvertedResidual(12, 12, 1, act=nn.Hardswish))
+        self.blocks = nn.Sequential(InvertedResidual(8, 8, 1, 4, nn.ReLU6), InvertedResidual(8, 12, 2, 4, nn.ReLU6),
+                                    InvertedResidual(12, 12, 1, 4, nn.Hardswish))
         self.se = SqueezeExcite(12)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Linear(12, classes)
