@@ -252,6 +252,19 @@ def build_report(model_spec_or_module: Any = DEFAULT_MODEL, accelerator: str = D
     out_path = Path(out) if out is not None else Path("reports") / f"{_slug(name)}-{acc.name}"
     tmp = _prepare_out(out_path, force)
     try:
+        opts = model_options(data=data, calibration=calibration, architecture=architecture,
+                             architecture_args=architecture_args, label_column=label_column,
+                             input_domain=input_domain, input_shape=input_shape, trust_pickle=trust_pickle)
+        if opts is not None and cfg == QUICK:
+            opts = ["--quick", *opts]
+        cmd = command or _command(model_spec_or_module, name, acc.name, out, drop, mission_hours, target, seed,
+                                  opts)
+        general = _general_target(md)
+        if general is not None:  # no certified analysis: measured figures on the exact general path
+            _general_report(general, md, name, acc, x, y, calib, drop, mission_hours, target, seed, cfg, log, tmp,
+                            out_path, cmd)
+            log.stage("done", f"done: {out_path / 'index.html'}")
+            return out_path
         net = md.network()
         if not net.layers:
             raise HwrelError(f"model {name} cannot be analysed: it has no hidden layer (no neuron can fail)")
@@ -271,12 +284,6 @@ def build_report(model_spec_or_module: Any = DEFAULT_MODEL, accelerator: str = D
                                   + (f", {min(len(x), cfg.seu_samples)} for the SEU analysis)"
                                      if results.get("seu") is not None else ")"))
         log.stage("write", "writing the report")
-        opts = model_options(data=data, calibration=calibration, architecture=architecture,
-                             architecture_args=architecture_args, label_column=label_column,
-                             input_domain=input_domain, input_shape=input_shape, trust_pickle=trust_pickle)
-        if opts is not None and cfg == QUICK:
-            opts = ["--quick", *opts]
-        cmd = command or _command(model_spec_or_module, name, acc.name, out, drop, mission_hours, target, seed, opts)
         report = _assemble(results, name, acc, net, cmd, seed, cfg, sections, render)
         render.write_report(report, tmp)
         umask = os.umask(0o022)
@@ -291,6 +298,60 @@ def build_report(model_spec_or_module: Any = DEFAULT_MODEL, accelerator: str = D
         print(f"hwrel report: BOUND VIOLATIONS FOUND ({results['checks_violated']}); see the report",
               file=sys.stderr, flush=True)
     return out_path
+
+
+def _general_target(md: Any) -> Any:
+    """The model's :class:`hwrel.inject.target.GeneralModel` when the bounds have no rule for one of
+    its operations (then only measured analyses run), else None (the certified report)."""
+    from hwrel.inject.target import GeneralModel, as_target
+
+    try:
+        md.network()
+        return None
+    except HwrelError:
+        found = as_target(md.module, md.input_domain, md.input_shape)
+        if not isinstance(found, GeneralModel):
+            raise
+        return found
+
+
+def _general_report(general: Any, md: Any, name: str, acc: Any, x: Any, y: Any, calib: Any, drop: float,
+                    hours: float, target: str | None, seed: int, cfg: ReportConfig, log: _Progress, tmp: Path,
+                    out_path: Path, cmd: str) -> None:
+    """Analyse on the general path and write the report into ``tmp``, then move it to ``out_path``."""
+    from hwrel.report import general as gen
+    from hwrel.report import general_sections, render, sections
+    from hwrel.report.summary import model_checksum
+
+    g = torch.Generator().manual_seed(seed)
+    if x.shape[0] > cfg.samples:
+        keep = torch.randperm(x.shape[0], generator=g)[:cfg.samples].sort().values
+        x, y = x[keep], y[keep]
+    lo, hi = (float(v) for v in md.input_domain)
+    if bool(((x < lo - 1e-6) | (x > hi + 1e-6)).any()):
+        raise HwrelError("data: some inputs lie outside the model's input domain")
+    res = gen.analyse(name, general, acc, x, y, calib, drop=drop, hours=hours, target_name=target, seed=seed,
+                      cfg=cfg, log=log, input_domain=(lo, hi), input_shape=md.input_shape,
+                      quantize=_optional("hwrel.quantize") is not None)
+    res["checksum"] = model_checksum(md.module)
+    res["data_source"] = (f"{md.data_source or 'the given test data'} ({len(x)} inputs analysed, "
+                          f"{res['seu'].samples} for the SEU analysis)")
+    log.stage("write", "writing the report")
+    prov = None
+    if len(res["seu"].memories):
+        from hwrel.report.provenance import rate_provenance
+        from hwrel.seu.rates import parse_target
+
+        prov = general_sections.provenance(rate_provenance(acc, res["seu"].memories,
+                                                           parse_target(target) if target else None), acc)
+    generated = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    reproduce = sections.reproduce_section(cmd, seed, _versions(), asdict(cfg))
+    report = general_sections.assemble(res, name, acc, _versions(), generated, prov, reproduce)
+    render.write_report(report, tmp)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    _move_into_place(tmp, out_path)
 
 
 def model_options(**given: Any) -> list[str] | None:
