@@ -6,6 +6,11 @@ Analyses that are missing from this installation leave a section saying "not ava
 version"; every certified number is put beside a fault-injection measurement and the report says
 loudly if any bound was exceeded. The folder appears complete or not at all: it is written into a
 temporary folder beside the target and renamed into place.
+
+A model the bounds have no rule for (an operation :meth:`hwrel.network.Network.from_module`
+refuses: attention, LayerNorm, squeeze-excite gates...) still gets a report: every certified
+section says "not applicable: <the bounds' one-line reason>", and the measured analyses run on the
+exact general injection path (:mod:`hwrel.report.general`).
 """
 from __future__ import annotations
 
@@ -330,9 +335,13 @@ def _general_report(general: Any, md: Any, name: str, acc: Any, x: Any, y: Any, 
     lo, hi = (float(v) for v in md.input_domain)
     if bool(((x < lo - 1e-6) | (x > hi + 1e-6)).any()):
         raise HwrelError("data: some inputs lie outside the model's input domain")
-    res = gen.analyse(name, general, acc, x, y, calib, drop=drop, hours=hours, target_name=target, seed=seed,
-                      cfg=cfg, log=log, input_domain=(lo, hi), input_shape=md.input_shape,
-                      quantize=_optional("hwrel.quantize") is not None)
+    try:
+        res = gen.analyse(name, general, acc, x, y, calib, drop=drop, hours=hours, target_name=target, seed=seed,
+                          cfg=cfg, log=log, input_domain=(lo, hi), input_shape=md.input_shape,
+                          quantize=_optional("hwrel.quantize") is not None)
+    except HwrelError as exc:  # e.g. a forward that fails on the data: not even measurable
+        raise HwrelError(f"model {name} cannot be analysed: {gen.bounds_reason(general.reason)}, and on the "
+                         f"general injection path: {str(exc).splitlines()[0]}") from None
     res["checksum"] = model_checksum(md.module)
     res["data_source"] = (f"{md.data_source or 'the given test data'} ({len(x)} inputs analysed, "
                           f"{res['seu'].samples} for the SEU analysis)")
@@ -465,7 +474,8 @@ def _assemble(res, name, acc, net, cmd, seed, cfg: ReportConfig, sections, rende
             "test accuracy (analysed inputs)": f"{res['clean_accuracy']:.2%} on {len(res['x'])} inputs",
             "accelerator": f"{acc.name}: {acc.title}",
             "formats": ", ".join(acc.formats) + (f" (model stored as {seu.format})" if seu is not None else ""),
-            "technology": f"{acc.technology_node_nm:g} nm" + (f", {acc.clock_mhz:g} MHz" if acc.clock_mhz else "")}
+            "technology": f"{acc.technology_node_nm:g} nm" + (f", {acc.clock_mhz:g} MHz" if acc.clock_mhz else ""),
+            "injection path": "fast engine (exact, `hwrel.inject.engine`; the bounds cover every operation)"}
     if seu is not None:
         info["stored parameter bits"] = f"{seu.total_bits:,}"
     heat = mission = scatter = None

@@ -289,10 +289,9 @@ def analyse(name: str, target: Any, acc: Any, x: Tensor, y: Tensor, calib: Tenso
     reason = bounds_reason(target.reason)
     module = target.module
     log.stage("fep", f"certified analyses not applicable ({reason}); measuring only")
-    with torch.no_grad():
-        clean = float((_forward(module, x).argmax(1) == y).double().mean())
     fmt = acc.formats[0]
-    params = parameter_table(module, x, fmt, acc)
+    params = parameter_table(module, x, fmt, acc)  # one forward first: a failing one is a one-line error
+    clean = float((_forward(module, x).argmax(1) == y).double().mean())
     res: dict[str, Any] = {"x": x, "y": y, "reason": reason, "engine_refused": target.reason, "hours": float(hours),
                            "max_accuracy_drop": drop, "clean_accuracy": clean, "params": params,
                            "missing": [], "checks_violated": 0, "bitwidth": None}
