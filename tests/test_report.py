@@ -98,7 +98,7 @@ def test_module_that_cannot_be_analysed(tmp_path):
     tests/test_report_general.py.)"""
     x = torch.rand(10, 4)
     with pytest.raises(HwrelError, match=r"cannot be analysed: it has no hidden layer") as e:
-        build_report(nn.Linear(4, 3), out=tmp_path / "rep", data=(x, torch.zeros(10, dtype=torch.long)),
+        build_report(nn.Sequential(nn.Linear(4, 3)), out=tmp_path / "rep", data=(x, torch.zeros(10, dtype=torch.long)),
                      progress=False)
     assert "\n" not in str(e.value)
     assert list(tmp_path.iterdir()) == []  # the temporary folder is gone too
