@@ -77,7 +77,9 @@ class MeasuredSEU:
     ``vulnerable``: flips that changed the decision on at least one evaluated input (or made an
     output non-finite), the same definition as the fast engine's measured fraction. ``memories``:
     per memory, its parameter bits and the FIT estimate ``fit_measured`` (raw rate x bits x measured
-    fraction, FIT per 1e9 h), ``fit_measured_hi`` with the interval's upper end, with SECDED."""
+    fraction, FIT per 1e9 h), ``fit_measured_hi`` with the interval's upper end, with SECDED.
+    ``stored_accuracy``: the clean model as stored, ``float_accuracy``: as trained, both on the
+    ``samples`` evaluated inputs."""
 
     format: str
     path: str
@@ -90,6 +92,7 @@ class MeasuredSEU:
     ci: tuple[float, float]
     budget_breaking: int
     stored_accuracy: float
+    float_accuracy: float
     memories: pd.DataFrame
     per_tensor: pd.DataFrame
     per_bit: pd.DataFrame
@@ -132,6 +135,7 @@ def measured_seu(target: Any, acc: Any, x: Tensor, y: Tensor, params: pd.DataFra
 
     stored_acc = float((GeneralInjector(target.module, xs, format=fmt, replay=False).clean.argmax(1) == ys)
                        .double().mean())
+    float_acc = float((_forward(target.module, xs).argmax(1) == ys).double().mean())
     breaking = int((stored_acc - df["accuracy"].to_numpy() > max_accuracy_drop + 1e-12).sum())
     alt = rates.altitude_factor(0.0)
     ts = hours if hours > 0 else 1.0
@@ -167,6 +171,7 @@ def measured_seu(target: Any, acc: Any, x: Tensor, y: Tensor, params: pd.DataFra
     return MeasuredSEU(format=fmt, path=path, engine_refused=df.attrs.get("engine_refused"), samples=len(xs),
                        campaign_size=len(df), total_bits=total_bits, vulnerable=k, vulnerable_fraction=frac,
                        ci=(float(lo), float(hi)), budget_breaking=breaking, stored_accuracy=stored_acc,
+                       float_accuracy=float_acc,
                        memories=mems, per_tensor=rates_by(["layer"]), per_bit=rates_by(["format", "bit"]),
                        campaign=df[keep_cols].rename(columns={"layer": "tensor"}),
                        fit=float(mems["fit_measured"].sum()), fit_hi=float(mems["fit_measured_hi"].sum()),

@@ -38,7 +38,8 @@ def executive(name: str, acc: Any, reason: str, clean: float, n: int, seu: Measu
             ("injection path", f"{seu.path} (exact); fast engine: {seu.engine_refused or 'not used'}", math.nan, "",
              "exact", "seu"),
             ("test accuracy as stored", f"{seu.stored_accuracy:.2%} with parameters stored as {seu.format} "
-             f"({seu.samples} inputs)", seu.stored_accuracy, "fraction", "measured", "seu"),
+             f"(float: {seu.float_accuracy:.2%} on the same {seu.samples} inputs)", seu.stored_accuracy, "fraction",
+             "measured", "seu"),
             ("tolerated bit flips (certified)", na, math.nan, "flips", "not applicable", "seu"),
             ("vulnerable fraction of stored bits (measured)",
              f"{seu.vulnerable_fraction:.4%} (95% CI {lo:.4%} .. {hi:.4%}; {seu.vulnerable} of {seu.campaign_size} "
@@ -114,6 +115,8 @@ def seu(s: MeasuredSEU | None, reason: str) -> Section:
     facts = Facts((
         ("storage format", f"{s.format} (integer formats: weight sites as codes, bias sites fp32)"),
         ("stored parameter bits", f"{s.total_bits:,}"),
+        ("test accuracy as stored (measured)", f"{s.stored_accuracy:.2%} (float: {s.float_accuracy:.2%}) on the "
+                                               f"{s.samples} evaluated inputs"),
         ("certified tolerated flips (any bits)", not_applicable(reason)),
         ("fewest flips breaking the budget (adversarial search)",
          not_applicable("the adversarial bit-flip search needs the fast engine")),
