@@ -148,3 +148,15 @@ def test_model_with_an_unsupported_operation_gets_a_measured_report(tmp_path):
     md = (out / "report.md").read_text(encoding="utf-8")
     assert "not applicable: the bounds do not support operation sort" in md
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"]  # no temporary folder left
+
+
+def test_language_model_report_measures_next_tokens(tmp_path):
+    """A causal LM ((B, T) tokens, (B, T - 1) next-token labels): next-token accuracy, and the
+    campaign's own measures (agreement, cross-entropy) instead of a class accuracy."""
+    model, tokens = general_models.build("gpt")
+    out = build_report(model, out=tmp_path / "rep", data=(tokens, tokens[:, 1:]), config=TINY, progress=False)
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert "not applicable: the bounds do not support" in md and "next-token top-1" in md
+    per_tensor = pd.read_csv(out / "tables" / "seu_tensors.csv")
+    assert "max_cross_entropy_delta" in per_tensor and int(per_tensor["flips"].sum()) == TINY.seu_campaign
+    assert "not measured: a language model's campaign" in md

@@ -78,6 +78,8 @@ class MeasuredSEU:
     output non-finite), the same definition as the fast engine's measured fraction. ``memories``:
     per memory, its parameter bits and the FIT estimate ``fit_measured`` (raw rate x bits x measured
     fraction, FIT per 1e9 h), ``fit_measured_hi`` with the interval's upper end, with SECDED.
+    ``budget_breaking``: flips whose measured accuracy drop exceeds the budget (None for a
+    language model, whose campaign measures next-token agreement and cross-entropy instead).
     ``stored_accuracy``: the clean model as stored, ``float_accuracy``: as trained, both on the
     ``samples`` evaluated inputs."""
 
@@ -90,7 +92,7 @@ class MeasuredSEU:
     vulnerable: int
     vulnerable_fraction: float
     ci: tuple[float, float]
-    budget_breaking: int
+    budget_breaking: int | None
     stored_accuracy: float
     float_accuracy: float
     memories: pd.DataFrame
@@ -133,10 +135,10 @@ def measured_seu(target: Any, acc: Any, x: Tensor, y: Tensor, params: pd.DataFra
     frac = k / len(df) if len(df) else math.nan
     from hwrel.inject.general import GeneralInjector
 
-    stored_acc = float((GeneralInjector(target.module, xs, format=fmt, replay=False).clean.argmax(1) == ys)
-                       .double().mean())
-    float_acc = float((_forward(target.module, xs).argmax(1) == ys).double().mean())
-    breaking = int((stored_acc - df["accuracy"].to_numpy() > max_accuracy_drop + 1e-12).sum())
+    stored_acc = accuracy(GeneralInjector(target.module, xs, format=fmt, replay=False).clean, ys)
+    float_acc = accuracy(_forward(target.module, xs), ys)
+    breaking = (int((stored_acc - df["accuracy"].to_numpy() > max_accuracy_drop + 1e-12).sum())
+                if "accuracy" in df else None)  # a language model's campaign measures agreement, not accuracy
     alt = rates.altitude_factor(0.0)
     ts = hours if hours > 0 else 1.0
     mem_rows = []
@@ -154,8 +156,10 @@ def measured_seu(target: Any, acc: Any, x: Tensor, y: Tensor, params: pd.DataFra
 
     def rates_by(col: list[str]) -> pd.DataFrame:
         g = df.groupby(col, sort="bit" in col)
+        extra = {"min_accuracy": ("accuracy", "min")} if "accuracy" in df else \
+            {"max_cross_entropy_delta": ("cross_entropy_delta", "max")}
         t = g.agg(flips=("vulnerable", "size"), vulnerable=("vulnerable", "sum"),
-                  max_abs_delta=("max_abs_delta", "max"), min_accuracy=("accuracy", "min")).reset_index()
+                  max_abs_delta=("max_abs_delta", "max"), **extra).reset_index()
         lo_, hi_ = wilson_interval(t["vulnerable"].to_numpy(), t["flips"].to_numpy(), 0.95)
         at = list(t.columns).index("vulnerable") + 1
         t.insert(at, "vulnerable_fraction", t["vulnerable"] / t["flips"])
@@ -167,7 +171,8 @@ def measured_seu(target: Any, acc: Any, x: Tensor, y: Tensor, params: pd.DataFra
         return t.rename(columns={"layer": "tensor"})
 
     keep_cols = [c for c in ("config_id", "layer", "index", "bit", "format", "old_value", "new_value",
-                             "max_abs_delta", "mismatch_rate", "nonfinite", "accuracy", "vulnerable") if c in df]
+                             "max_abs_delta", "mismatch_rate", "nonfinite", "accuracy", "cross_entropy_delta",
+                             "vulnerable") if c in df]
     return MeasuredSEU(format=fmt, path=path, engine_refused=df.attrs.get("engine_refused"), samples=len(xs),
                        campaign_size=len(df), total_bits=total_bits, vulnerable=k, vulnerable_fraction=frac,
                        ci=(float(lo), float(hi)), budget_breaking=breaking, stored_accuracy=stored_acc,
@@ -229,6 +234,14 @@ def round_weights(module: nn.Module, bits: int) -> nn.Module:
     return q
 
 
+def accuracy(out: Tensor, y: Tensor) -> float:
+    """Top-1 accuracy: of the class (``(B, classes)`` scores, ``(B,)`` labels), or of the next token
+    (a causal LM's ``(B, T, vocab)`` logits, ``(B, T - 1)`` targets: positions ``0..T-2``)."""
+    if out.dim() == 3 and y.dim() == 2:
+        return float((out[:, :-1].argmax(-1) == y).double().mean())
+    return float((out.argmax(1) == y).double().mean())
+
+
 def _forward(model: nn.Module, x: Tensor, batch: int = 512) -> Tensor:
     from hwrel.inject.general_sites import model_output, plain_forward
 
@@ -247,7 +260,7 @@ def measured_bitwidth(module: nn.Module, x: Tensor, y: Tensor, calib: Tensor | N
 
     say = progress or (lambda f, m: None)
     ref = _forward(module, x)
-    acc0 = float((ref.argmax(1) == y).double().mean())
+    acc0 = accuracy(ref, y)
     note = None
     quantizer: Callable[[int], nn.Module]
     try:
@@ -270,7 +283,7 @@ def measured_bitwidth(module: nn.Module, x: Tensor, y: Tensor, calib: Tensor | N
             warnings.simplefilter("ignore")
             out = _forward(quantizer(b), x)
         finite = bool(torch.isfinite(out).all())
-        acc = float((out.argmax(1) == y).double().mean())
+        acc = accuracy(out, y)
         rows.append({"bits": b, "measured_accuracy": acc, "measured_accuracy_drop": acc0 - acc,
                      "measured_max_abs_delta": float((out - ref).abs().max()) if finite else math.inf,
                      "meets_budget_measured": acc0 - acc <= max_accuracy_drop + 1e-12,
@@ -296,8 +309,9 @@ def analyse(name: str, target: Any, acc: Any, x: Tensor, y: Tensor, calib: Tenso
     log.stage("fep", f"certified analyses not applicable ({reason}); measuring only")
     fmt = acc.formats[0]
     params = parameter_table(module, x, fmt, acc)  # one forward first: a failing one is a one-line error
-    clean = float((_forward(module, x).argmax(1) == y).double().mean())
-    res: dict[str, Any] = {"x": x, "y": y, "reason": reason, "engine_refused": target.reason, "hours": float(hours),
+    clean = accuracy(_forward(module, x), y)
+    note = " (next-token top-1 over every position)" if y.dim() == 2 else ""
+    res: dict[str, Any] = {"x": x, "y": y, "reason": reason, "accuracy_note": note, "engine_refused": target.reason, "hours": float(hours),
                            "max_accuracy_drop": drop, "clean_accuracy": clean, "params": params,
                            "missing": [], "checks_violated": 0, "bitwidth": None}
     if quantize:
@@ -318,7 +332,7 @@ def analyse(name: str, target: Any, acc: Any, x: Tensor, y: Tensor, calib: Tenso
         "model": name, "input shape": tuple(input_shape) if input_shape is not None else tuple(x.shape[1:]),
         "input domain": f"[{input_domain[0]:g}, {input_domain[1]:g}]",
         "parameters": f"{n_par:,} (as trained, float32: {32 * n_par:,} bits)",
-        "test accuracy (analysed inputs)": f"{clean:.2%} on {len(x)} inputs",
+        "test accuracy (analysed inputs)": f"{clean:.2%} on {len(x)} inputs{note}",
         "certified analyses": not_applicable(reason),
         "injection path": "general (exact; the fast engine has no rule for this model)",
         "accelerator": f"{acc.name}: {acc.title}",

@@ -25,12 +25,13 @@ def _na(section_id: str, title: str, reason: str, what: str) -> Section:
 
 
 def executive(name: str, acc: Any, reason: str, clean: float, n: int, seu: MeasuredSEU | None,
-              bw: MeasuredBitwidth | None, checksum: str, data_source: str, generated: str) -> ExecutiveSummary:
+              bw: MeasuredBitwidth | None, checksum: str, data_source: str, generated: str,
+              accuracy_note: str = "") -> ExecutiveSummary:
     na = not_applicable(reason)
     rows: list[tuple[str, str, float, str, str, str]] = [
         ("certified analyses (Fep, tolerance, certified bit width, certified flips, ISO 26262)", na, math.nan, "",
          "not applicable", "fep"),
-        ("test accuracy (float)", f"{clean:.2%} on {n} inputs", clean, "fraction", "measured", "summary")]
+        ("test accuracy (float)", f"{clean:.2%} on {n} inputs{accuracy_note}", clean, "fraction", "measured", "summary")]
     headline = f"Certified analyses {na}. Only measured figures below (exact general injection path)"
     if seu is not None:
         lo, hi = seu.ci
@@ -123,7 +124,10 @@ def seu(s: MeasuredSEU | None, reason: str) -> Section:
         ("vulnerable fraction, certified (upper bound)", not_applicable(reason)),
         ("vulnerable fraction, measured", f"{s.vulnerable_fraction:.4%} (95% CI {lo:.4%} .. {hi:.4%}, "
                                           f"{s.campaign_size} random single flips on {s.samples} inputs)"),
-        ("flips beyond the accuracy budget (measured)", f"{s.budget_breaking} of {s.campaign_size}"),
+        ("flips beyond the accuracy budget (measured)",
+         f"{s.budget_breaking} of {s.campaign_size}" if s.budget_breaking is not None else
+         "not measured: a language model's campaign measures next-token agreement and cross-entropy "
+         "(see the tables)"),
         ("FIT without ECC (estimate: measured fraction x raw rates)",
          f"{s.fit:.4g} (95% CI upper end {s.fit_hi:.4g})"),
         ("FIT with SECDED ECC (estimate)", f"{s.fit_with_ecc:.4g}"),
@@ -134,8 +138,8 @@ def seu(s: MeasuredSEU | None, reason: str) -> Section:
     ))
     return Section("seu", title, (
         Text(PATH_LINE.format(why=s.engine_refused or reason)),
-        Text("A flip is vulnerable when it changes the decision on at least one evaluated input (or makes an output "
-             "non-finite); the fraction is measured by random single flips of the stored bits, uniform over every "
+        Text("A flip is vulnerable when it changes the decision (the top-1 class, or a language model's top-1 next "
+             "token) on at least one evaluated input (or makes an output non-finite); the fraction is measured by random single flips of the stored bits, uniform over every "
              "stored bit of every parameter tensor.", "note"),
         facts,
         Table("seu_tensors", "Measured vulnerable flips per parameter tensor", s.per_tensor),
@@ -161,7 +165,7 @@ def assemble(res: dict[str, Any], name: str, acc: Any, versions: dict[str, str],
     reason = res["reason"]
     s, bw = res["seu"], res["bitwidth"]
     exe = executive(name, acc, reason, res["clean_accuracy"], len(res["x"]), s, bw, res["checksum"],
-                    res["data_source"], generated)
+                    res["data_source"], generated, res.get("accuracy_note", ""))
     secs = [exe.section(), summary(res["info"], res["params"], res["memories"]),
             _na("fep", "Neuron failures (Forward Error Propagation)", reason,
                 "Fep bounds, certified tolerance and certified accuracy"),
