@@ -155,7 +155,8 @@ def test_report_contents(small_report):
     text = check_html(small_report)
     assert "Bound violations: none" in text and "BOUND VIOLATIONS" not in text
     for needle in ("hwrel", "torch", "brevitas", "python", "seed", "hwrel report digits-mlp --accelerator eyeriss-v1",
-                   "FIT with SECDED ECC", "asil-b", "recommended uniform width", "Tolerated failures per layer"):
+                   "FIT with SECDED ECC", "asil-b", "recommended uniform width", "Tolerated failures per layer",
+                   "injection path</td><td>fast engine"):
         assert needle in text, needle
     tables = {p.stem: pd.read_csv(p) for p in (small_report / "tables").glob("*.csv")}
     b = tables["fep_bounds"]
