@@ -160,3 +160,19 @@ def test_language_model_report_measures_next_tokens(tmp_path):
     per_tensor = pd.read_csv(out / "tables" / "seu_tensors.csv")
     assert "max_cross_entropy_delta" in per_tensor and int(per_tensor["flips"].sum()) == TINY.seu_campaign
     assert "not measured: a language model's campaign" in md
+
+
+@pytest.mark.slow
+def test_cli_report_on_the_built_in_vit(tmp_path, capsys):
+    """`hwrel report mnist-vit --quick`: the command of the task, end to end (about 15 s on 2 cores)."""
+    from hwrel.cli import main
+
+    out = tmp_path / "rvit"
+    assert main(["report", "mnist-vit", "--quick", "--out", str(out), "--force", "--quiet"]) == 0
+    assert capsys.readouterr().out.strip() == str(out / "index.html")
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert "not applicable: the bounds do not support operation permute (tensor method .permute) yet" in md
+    assert "hwrel report mnist-vit --quick --accelerator eyeriss-v1" in md  # the command that reproduces it
+    assert "weight rounding (per-channel symmetric" in md and "LayerNorm" in md  # Brevitas refused, said why
+    summary = pd.read_csv(out / "tables" / "summary.csv")
+    assert "certified" not in set(summary["kind"])
