@@ -80,6 +80,10 @@ class MeasuredSEU:
     fraction, FIT per 1e9 h), ``fit_measured_hi`` with the interval's upper end, with SECDED.
     ``budget_breaking``: flips whose measured accuracy drop exceeds the budget (None for a
     language model, whose campaign measures next-token agreement and cross-entropy instead).
+    ``mission_failure_probability`` (``_with_ecc``: every memory SECDED): over the mission, with the
+    CI upper end of the fraction and no certified flip tolerance (k = 0: a single upset fails
+    with the vulnerable fraction's probability, two or more in the mission always count as a
+    failure; :func:`hwrel.seu.mission.failure_probability`), an estimate.
     ``stored_accuracy``: the clean model as stored, ``float_accuracy``: as trained, both on the
     ``samples`` evaluated inputs."""
 
@@ -102,6 +106,8 @@ class MeasuredSEU:
     fit: float
     fit_hi: float
     fit_with_ecc: float
+    mission_failure_probability: float
+    mission_failure_probability_with_ecc: float
     target: str | None
     target_max_fit: float | None
 
@@ -142,16 +148,24 @@ def measured_seu(target: Any, acc: Any, x: Tensor, y: Tensor, params: pd.DataFra
     alt = rates.altitude_factor(0.0)
     ts = hours if hours > 0 else 1.0
     mem_rows = []
+    reach = reach_ecc = fit_hi_ecc = 0.0
     for name, bits in params.groupby("memory", sort=False)["bits"].sum().items():
         m = acc.memory(name)
         fit = memory_fit(m, bits, frac, frac, alt, ts, False)[0]
-        fit_hi = memory_fit(m, bits, float(hi), float(hi), alt, ts, False)[0]
+        fit_hi, _, r = memory_fit(m, bits, float(hi), float(hi), alt, ts, False)
         fit_ecc = memory_fit(m, bits, frac, frac, alt, ts, True)[0]
+        f_e, _, r_e = memory_fit(m, bits, float(hi), float(hi), alt, ts, True)
+        reach, reach_ecc, fit_hi_ecc = reach + r, reach_ecc + r_e, fit_hi_ecc + f_e
         mem_rows.append({"memory": name, "off_chip": m.off_chip, "protection": m.protection.describe(),
                          "bits": int(bits), "ser_fit_per_mbit": m.ser_fit_per_mbit,
                          "fit_raw": m.ser_fit_per_mbit * alt * bits / 1e6, "vulnerable_fraction_measured": frac,
                          "fit_measured": fit, "fit_measured_hi": fit_hi, "fit_measured_with_ecc": fit_ecc})
     mems = pd.DataFrame(mem_rows)
+    from hwrel.seu.mission import failure_probability
+
+    # k = 0: no flip count is certified, so every window with two or more upsets counts as a failure
+    p_fail = failure_probability(reach, float(mems["fit_measured_hi"].sum()), hours, None, 0)
+    p_fail_ecc = failure_probability(reach_ecc, fit_hi_ecc, hours, None, 0)
     tgt = rates.parse_target(target_name) if target_name is not None else None
 
     def rates_by(col: list[str]) -> pd.DataFrame:
@@ -181,6 +195,7 @@ def measured_seu(target: Any, acc: Any, x: Tensor, y: Tensor, params: pd.DataFra
                        campaign=df[keep_cols].rename(columns={"layer": "tensor"}),
                        fit=float(mems["fit_measured"].sum()), fit_hi=float(mems["fit_measured_hi"].sum()),
                        fit_with_ecc=float(mems["fit_measured_with_ecc"].sum()),
+                       mission_failure_probability=p_fail, mission_failure_probability_with_ecc=p_fail_ecc,
                        target=tgt.name if tgt else None, target_max_fit=tgt.max_fit if tgt else None)
 
 

@@ -20,13 +20,19 @@ PATH_LINE = ("Injection path: **general** (exact: every flip is a forward of the
              "value written in, `hwrel.inject.general`); the fast engine has no rule for this model: {why}.")
 
 
+def _mission(s: MeasuredSEU, hours: float) -> str:
+    return (f"{s.mission_failure_probability:.3e} over {hours:g} h without ECC, "
+            f"{s.mission_failure_probability_with_ecc:.3e} with SECDED (fraction at its CI upper end; no flip "
+            "count certified, so every window with two or more upsets counts as a failure)")
+
+
 def _na(section_id: str, title: str, reason: str, what: str) -> Section:
     return Section(section_id, title, (Text(f"{what}: {not_applicable(reason)}.", "note"),))
 
 
 def executive(name: str, acc: Any, reason: str, clean: float, n: int, seu: MeasuredSEU | None,
               bw: MeasuredBitwidth | None, checksum: str, data_source: str, generated: str,
-              accuracy_note: str = "") -> ExecutiveSummary:
+              accuracy_note: str = "", hours: float = 0.0) -> ExecutiveSummary:
     na = not_applicable(reason)
     rows: list[tuple[str, str, float, str, str, str]] = [
         ("certified analyses (Fep, tolerance, certified bit width, certified flips, ISO 26262)", na, math.nan, "",
@@ -57,8 +63,8 @@ def executive(name: str, acc: Any, reason: str, clean: float, n: int, seu: Measu
                          seu.fit_hi / seu.target_max_fit, "FIT / limit", "estimate given the rates", "seu"))
         rows.append(("fewest flips breaking the budget (search)", not_applicable(
             "the adversarial bit-flip search needs the fast engine"), math.nan, "flips", "not applicable", "seu"))
-        rows.append(("mission failure probability", not_applicable(
-            "it needs a certified flip tolerance; " + reason), math.nan, "probability", "not applicable", "seu"))
+        rows.append(("mission failure probability (estimate)", _mission(seu, hours), seu.mission_failure_probability,
+                     "probability", "estimate given the rates", "seu"))
     rows.append(("safe bit width (certified)", na, math.nan, "bits", "not applicable", "bitwidth"))
     if bw is not None:
         shown = (f"{bw.measured_bits} bits" if bw.measured_bits is not None else "none in the sweep")
@@ -108,7 +114,7 @@ def bitwidth(bw: MeasuredBitwidth | None, reason: str) -> Section:
     return Section("bitwidth", title, tuple(blocks))
 
 
-def seu(s: MeasuredSEU | None, reason: str) -> Section:
+def seu(s: MeasuredSEU | None, reason: str, hours: float) -> Section:
     title = "Soft errors (SEU) in accelerator memory"
     if s is None:
         return _na("seu", title, reason, "SEU analysis")
@@ -131,7 +137,7 @@ def seu(s: MeasuredSEU | None, reason: str) -> Section:
         ("FIT without ECC (estimate: measured fraction x raw rates)",
          f"{s.fit:.4g} (95% CI upper end {s.fit_hi:.4g})"),
         ("FIT with SECDED ECC (estimate)", f"{s.fit_with_ecc:.4g}"),
-        ("mission failure probability", not_applicable("it needs a certified flip tolerance; " + reason)),
+        ("mission failure probability (estimate)", _mission(s, hours)),
         ("verdict", "no target given" if s.target is None else
          f"estimate {'meets' if s.meets_target else 'DOES NOT MEET'} {s.target} (max {s.target_max_fit:g} FIT) "
          "by the FIT at the measured fraction's 95% CI upper end; not a certificate"),
@@ -165,11 +171,11 @@ def assemble(res: dict[str, Any], name: str, acc: Any, versions: dict[str, str],
     reason = res["reason"]
     s, bw = res["seu"], res["bitwidth"]
     exe = executive(name, acc, reason, res["clean_accuracy"], len(res["x"]), s, bw, res["checksum"],
-                    res["data_source"], generated, res.get("accuracy_note", ""))
+                    res["data_source"], generated, res.get("accuracy_note", ""), res["hours"])
     secs = [exe.section(), summary(res["info"], res["params"], res["memories"]),
             _na("fep", "Neuron failures (Forward Error Propagation)", reason,
                 "Fep bounds, certified tolerance and certified accuracy"),
-            bitwidth(bw, reason), seu(s, reason)]
+            bitwidth(bw, reason), seu(s, reason, res["hours"])]
     if prov_section is not None:
         secs.append(prov_section)
     secs += [_na("iso26262", "ISO 26262-5 hardware metrics (estimates)", reason,
