@@ -7,7 +7,8 @@ certified flips, ISO metrics and validation, and measures what injection and pla
 - :func:`measured_seu`: random single bit flips of the stored parameters (the accelerator's storage
   format) injected by the exact general path (:func:`hwrel.inject.campaign.run_campaign`); the
   vulnerable fraction (flips that change a decision on an evaluated input) with its Wilson
-  interval, and a FIT estimate from it. Estimates, not bounds.
+  interval, and FIT and mission-failure estimates from it (no flip count certified: k = 0).
+  Estimates, not bounds.
 - :func:`measured_bitwidth`: accuracy of weight-quantized copies at each width (Brevitas PTQ where it
   can quantize the model, else per-channel symmetric round-to-nearest of every Linear/Conv weight and
   attention input projection). Measured on the test inputs: an estimate, not a certificate.
@@ -19,7 +20,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
@@ -207,7 +207,8 @@ class MeasuredBitwidth:
 
     ``method``: what quantized the copies; ``note``: why Brevitas PTQ did not (or None);
     ``measured_bits``: the smallest swept width from which every wider swept width's measured
-    accuracy drop is within the budget (None if none is); ``quantized``: the weight tensors rounded (others kept float)."""
+    accuracy drop is within the budget (None if none is); ``quantized``: the weight tensors rounded
+    (every other parameter kept float)."""
 
     method: str
     note: str | None
@@ -326,7 +327,8 @@ def analyse(name: str, target: Any, acc: Any, x: Tensor, y: Tensor, calib: Tenso
     params = parameter_table(module, x, fmt, acc)  # one forward first: a failing one is a one-line error
     clean = accuracy(_forward(module, x), y)
     note = " (next-token top-1 over every position)" if y.dim() == 2 else ""
-    res: dict[str, Any] = {"x": x, "y": y, "reason": reason, "accuracy_note": note, "engine_refused": target.reason, "hours": float(hours),
+    res: dict[str, Any] = {"x": x, "y": y, "reason": reason, "accuracy_note": note,
+                           "engine_refused": target.reason, "hours": float(hours),
                            "max_accuracy_drop": drop, "clean_accuracy": clean, "params": params,
                            "missing": [], "checks_violated": 0, "bitwidth": None}
     if quantize:

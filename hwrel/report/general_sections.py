@@ -37,7 +37,8 @@ def executive(name: str, acc: Any, reason: str, clean: float, n: int, seu: Measu
     rows: list[tuple[str, str, float, str, str, str]] = [
         ("certified analyses (Fep, tolerance, certified bit width, certified flips, ISO 26262)", na, math.nan, "",
          "not applicable", "fep"),
-        ("test accuracy (float)", f"{clean:.2%} on {n} inputs{accuracy_note}", clean, "fraction", "measured", "summary")]
+        ("test accuracy (float)", f"{clean:.2%} on {n} inputs{accuracy_note}", clean, "fraction", "measured",
+         "summary")]
     headline = f"Certified analyses {na}. Only measured figures below (exact general injection path)"
     if seu is not None:
         lo, hi = seu.ci
@@ -145,7 +146,8 @@ def seu(s: MeasuredSEU | None, reason: str, hours: float) -> Section:
     return Section("seu", title, (
         Text(PATH_LINE.format(why=s.engine_refused or reason)),
         Text("A flip is vulnerable when it changes the decision (the top-1 class, or a language model's top-1 next "
-             "token) on at least one evaluated input (or makes an output non-finite); the fraction is measured by random single flips of the stored bits, uniform over every "
+             "token) on at least one evaluated input (or makes an output non-finite); the fraction is measured by "
+             "random single flips of the stored bits, uniform over every "
              "stored bit of every parameter tensor.", "note"),
         facts,
         Table("seu_tensors", "Measured vulnerable flips per parameter tensor", s.per_tensor),
