@@ -15,7 +15,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Run every analysis on MODEL mapped onto an accelerator (Fep bounds and tolerance, "
                     "safe bit width, SEU/FIT/mission), validate each certified number by fault injection, "
                     f"and write reports/<model>-<accelerator>/. Without MODEL: {DEFAULT_MODEL} on "
-                    f"{DEFAULT_ACCELERATOR}.")
+                    f"{DEFAULT_ACCELERATOR}. A model the bounds do not support (attention, LayerNorm, ...) gets "
+                    "the measured analyses only (exact general injection path); every certified section says "
+                    "why it is not applicable.")
     add_model_args(p, default=DEFAULT_MODEL)
     p.add_argument("--accelerator", default=DEFAULT_ACCELERATOR,
                    help=f"accelerator name (see `hwrel accelerators`) or a .toml file (default {DEFAULT_ACCELERATOR})")

@@ -6,6 +6,11 @@ Analyses that are missing from this installation leave a section saying "not ava
 version"; every certified number is put beside a fault-injection measurement and the report says
 loudly if any bound was exceeded. The folder appears complete or not at all: it is written into a
 temporary folder beside the target and renamed into place.
+
+A model the bounds have no rule for (an operation :meth:`hwrel.network.Network.from_module`
+refuses: attention, LayerNorm, squeeze-excite gates...) still gets a report: every certified
+section says "not applicable: <the bounds' one-line reason>", and the measured analyses run on the
+exact general injection path (:mod:`hwrel.report.general`).
 """
 from __future__ import annotations
 
@@ -252,6 +257,19 @@ def build_report(model_spec_or_module: Any = DEFAULT_MODEL, accelerator: str = D
     out_path = Path(out) if out is not None else Path("reports") / f"{_slug(name)}-{acc.name}"
     tmp = _prepare_out(out_path, force)
     try:
+        opts = model_options(data=data, calibration=calibration, architecture=architecture,
+                             architecture_args=architecture_args, label_column=label_column,
+                             input_domain=input_domain, input_shape=input_shape, trust_pickle=trust_pickle)
+        if opts is not None and cfg == QUICK:
+            opts = ["--quick", *opts]
+        cmd = command or _command(model_spec_or_module, name, acc.name, out, drop, mission_hours, target, seed,
+                                  opts)
+        general = _general_target(md)
+        if general is not None:  # no certified analysis: measured figures on the exact general path
+            _general_report(general, md, name, acc, x, y, calib, drop, mission_hours, target, seed, cfg, log, tmp,
+                            out_path, cmd)
+            log.stage("done", f"done: {out_path / 'index.html'}")
+            return out_path
         net = md.network()
         if not net.layers:
             raise HwrelError(f"model {name} cannot be analysed: it has no hidden layer (no neuron can fail)")
@@ -271,12 +289,6 @@ def build_report(model_spec_or_module: Any = DEFAULT_MODEL, accelerator: str = D
                                   + (f", {min(len(x), cfg.seu_samples)} for the SEU analysis)"
                                      if results.get("seu") is not None else ")"))
         log.stage("write", "writing the report")
-        opts = model_options(data=data, calibration=calibration, architecture=architecture,
-                             architecture_args=architecture_args, label_column=label_column,
-                             input_domain=input_domain, input_shape=input_shape, trust_pickle=trust_pickle)
-        if opts is not None and cfg == QUICK:
-            opts = ["--quick", *opts]
-        cmd = command or _command(model_spec_or_module, name, acc.name, out, drop, mission_hours, target, seed, opts)
         report = _assemble(results, name, acc, net, cmd, seed, cfg, sections, render)
         render.write_report(report, tmp)
         umask = os.umask(0o022)
@@ -291,6 +303,64 @@ def build_report(model_spec_or_module: Any = DEFAULT_MODEL, accelerator: str = D
         print(f"hwrel report: BOUND VIOLATIONS FOUND ({results['checks_violated']}); see the report",
               file=sys.stderr, flush=True)
     return out_path
+
+
+def _general_target(md: Any) -> Any:
+    """The model's :class:`hwrel.inject.target.GeneralModel` when the bounds have no rule for one of
+    its operations (then only measured analyses run), else None (the certified report)."""
+    from hwrel.inject.target import GeneralModel, as_target
+
+    try:
+        md.network()
+        return None
+    except HwrelError:
+        found = as_target(md.module, md.input_domain, md.input_shape)
+        if not isinstance(found, GeneralModel):
+            raise
+        return found
+
+
+def _general_report(general: Any, md: Any, name: str, acc: Any, x: Any, y: Any, calib: Any, drop: float,
+                    hours: float, target: str | None, seed: int, cfg: ReportConfig, log: _Progress, tmp: Path,
+                    out_path: Path, cmd: str) -> None:
+    """Analyse on the general path and write the report into ``tmp``, then move it to ``out_path``."""
+    from hwrel.report import general as gen
+    from hwrel.report import general_sections, render, sections
+    from hwrel.report.summary import model_checksum
+
+    g = torch.Generator().manual_seed(seed)
+    if x.shape[0] > cfg.samples:
+        keep = torch.randperm(x.shape[0], generator=g)[:cfg.samples].sort().values
+        x, y = x[keep], y[keep]
+    lo, hi = (float(v) for v in md.input_domain)
+    if bool(((x < lo - 1e-6) | (x > hi + 1e-6)).any()):
+        raise HwrelError("data: some inputs lie outside the model's input domain")
+    try:
+        res = gen.analyse(name, general, acc, x, y, calib, drop=drop, hours=hours, target_name=target, seed=seed,
+                          cfg=cfg, log=log, input_domain=(lo, hi), input_shape=md.input_shape,
+                          quantize=_optional("hwrel.quantize") is not None)
+    except HwrelError as exc:  # e.g. a forward that fails on the data: not even measurable
+        raise HwrelError(f"model {name} cannot be analysed: {gen.bounds_reason(general.reason)}, and on the "
+                         f"general injection path: {str(exc).splitlines()[0]}") from None
+    res["checksum"] = model_checksum(md.module)
+    res["data_source"] = (f"{md.data_source or 'the given test data'} ({len(x)} inputs analysed, "
+                          f"{res['seu'].samples} for the SEU analysis)")
+    log.stage("write", "writing the report")
+    prov = None
+    if len(res["seu"].memories):
+        from hwrel.report.provenance import rate_provenance
+        from hwrel.seu.rates import parse_target
+
+        prov = general_sections.provenance(rate_provenance(acc, res["seu"].memories,
+                                                           parse_target(target) if target else None), acc)
+    generated = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    reproduce = sections.reproduce_section(cmd, seed, _versions(), asdict(cfg))
+    report = general_sections.assemble(res, name, acc, _versions(), generated, prov, reproduce)
+    render.write_report(report, tmp)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    _move_into_place(tmp, out_path)
 
 
 def model_options(**given: Any) -> list[str] | None:
@@ -404,7 +474,8 @@ def _assemble(res, name, acc, net, cmd, seed, cfg: ReportConfig, sections, rende
             "test accuracy (analysed inputs)": f"{res['clean_accuracy']:.2%} on {len(res['x'])} inputs",
             "accelerator": f"{acc.name}: {acc.title}",
             "formats": ", ".join(acc.formats) + (f" (model stored as {seu.format})" if seu is not None else ""),
-            "technology": f"{acc.technology_node_nm:g} nm" + (f", {acc.clock_mhz:g} MHz" if acc.clock_mhz else "")}
+            "technology": f"{acc.technology_node_nm:g} nm" + (f", {acc.clock_mhz:g} MHz" if acc.clock_mhz else ""),
+            "injection path": "fast engine (exact, `hwrel.inject.engine`; the bounds cover every operation)"}
     if seu is not None:
         info["stored parameter bits"] = f"{seu.total_bits:,}"
     heat = mission = scatter = None

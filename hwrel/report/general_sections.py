@@ -1,0 +1,196 @@
+"""The report's sections for a model the bounds do not support: measured figures, and "not applicable".
+
+Same section ids and order as the certified report (:func:`hwrel.report._assemble`), so the page
+reads the same; every section that needs the bounds says ``not applicable: <reason>`` (the bounds'
+own one-line reason, naming the node and operation) and shows no number in place of a bound.
+Everything shown is measured on the test inputs or estimated from measurements, and says so.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pandas as pd
+
+from hwrel.report.general import MeasuredBitwidth, MeasuredSEU, not_applicable
+from hwrel.report.render import Facts, Report, Section, Table, Text
+from hwrel.report.summary import ExecutiveSummary
+
+PATH_LINE = ("Injection path: **general** (exact: every flip is a forward of the model with the faulty stored "
+             "value written in, `hwrel.inject.general`); the fast engine has no rule for this model: {why}.")
+
+
+def _mission(s: MeasuredSEU, hours: float) -> str:
+    return (f"{s.mission_failure_probability:.3e} over {hours:g} h without ECC, "
+            f"{s.mission_failure_probability_with_ecc:.3e} with SECDED (fraction at its CI upper end; no flip "
+            "count certified, so every window with two or more upsets counts as a failure)")
+
+
+def _na(section_id: str, title: str, reason: str, what: str) -> Section:
+    return Section(section_id, title, (Text(f"{what}: {not_applicable(reason)}.", "note"),))
+
+
+def executive(name: str, acc: Any, reason: str, clean: float, n: int, seu: MeasuredSEU | None,
+              bw: MeasuredBitwidth | None, checksum: str, data_source: str, generated: str,
+              accuracy_note: str = "", hours: float = 0.0) -> ExecutiveSummary:
+    na = not_applicable(reason)
+    rows: list[tuple[str, str, float, str, str, str]] = [
+        ("certified analyses (Fep, tolerance, certified bit width, certified flips, ISO 26262)", na, math.nan, "",
+         "not applicable", "fep"),
+        ("test accuracy (float)", f"{clean:.2%} on {n} inputs{accuracy_note}", clean, "fraction", "measured",
+         "summary")]
+    headline = f"Certified analyses {na}. Only measured figures below (exact general injection path)"
+    if seu is not None:
+        lo, hi = seu.ci
+        rows += [
+            ("injection path", f"{seu.path} (exact); fast engine: {seu.engine_refused or 'not used'}", math.nan, "",
+             "exact", "seu"),
+            ("test accuracy as stored", f"{seu.stored_accuracy:.2%} with parameters stored as {seu.format} "
+             f"(float: {seu.float_accuracy:.2%} on the same {seu.samples} inputs)", seu.stored_accuracy, "fraction",
+             "measured", "seu"),
+            ("tolerated bit flips (certified)", na, math.nan, "flips", "not applicable", "seu"),
+            ("vulnerable fraction of stored bits (measured)",
+             f"{seu.vulnerable_fraction:.4%} (95% CI {lo:.4%} .. {hi:.4%}; {seu.vulnerable} of {seu.campaign_size} "
+             "random single flips changed a decision)", seu.vulnerable_fraction, "fraction", "measured", "seu"),
+            ("FIT (estimate from the measured fraction)",
+             f"{seu.fit:.4g} without ECC (CI upper end {seu.fit_hi:.4g}), {seu.fit_with_ecc:.3g} with SECDED",
+             seu.fit, "FIT", "estimate given the rates", "seu")]
+        if seu.target is not None:
+            verdict = "meets" if seu.meets_target else "DOES NOT MEET"
+            headline += (f"; FIT estimate {seu.fit_hi:.4g} (CI upper end) {verdict} {seu.target} "
+                         f"(< {seu.target_max_fit:g} FIT): an estimate, not a certificate")
+            rows.append(("verdict (estimate)", f"{verdict} {seu.target} by the measured-fraction FIT estimate "
+                         f"(CI upper end {seu.fit_hi:.4g} vs < {seu.target_max_fit:g})",
+                         seu.fit_hi / seu.target_max_fit, "FIT / limit", "estimate given the rates", "seu"))
+        rows.append(("fewest flips breaking the budget (search)", not_applicable(
+            "the adversarial bit-flip search needs the fast engine"), math.nan, "flips", "not applicable", "seu"))
+        rows.append(("mission failure probability (estimate)", _mission(seu, hours), seu.mission_failure_probability,
+                     "probability", "estimate given the rates", "seu"))
+    rows.append(("safe bit width (certified)", na, math.nan, "bits", "not applicable", "bitwidth"))
+    if bw is not None:
+        shown = (f"{bw.measured_bits} bits" if bw.measured_bits is not None else "none in the sweep")
+        rows.append(("bit width meeting the budget (measured on the test inputs)",
+                     f"{shown} ({bw.method}; an estimate, not a certificate)",
+                     float(bw.measured_bits) if bw.measured_bits is not None else math.nan, "bits", "measured",
+                     "bitwidth"))
+    prov = (f"Generated {generated} by hwrel. Model {name}, SHA-256 {checksum[:16]}... (parameters). Data: "
+            f"{data_source}. Accelerator: {acc.name} ({acc.path.name}).")
+    notes = ("No number in this report is a bound: measured figures are lower ends of the true worst case "
+             "(random flips on the test inputs), estimates carry their interval.",)
+    return ExecutiveSummary(headline, None, tuple(rows), notes, prov)
+
+
+def summary(info: dict[str, Any], params: pd.DataFrame, memories: pd.DataFrame) -> Section:
+    return Section("summary", "Model and accelerator", (
+        Facts(tuple((k, str(v)) for k, v in info.items())),
+        Table("parameters", "Stored parameter tensors (general injection path)", params,
+              note="Every floating parameter is a fault site. Integer formats: `weight` sites are stored as "
+                   "per-tensor symmetric codes (scale fixed), `bias` sites as fp32; float formats round every "
+                   "parameter to the format. Each module's parameters go whole into the first weight memory with "
+                   "room, on-chip first."),
+        Table("memories", "Accelerator memories and the model bits stored in each", memories)))
+
+
+def bitwidth(bw: MeasuredBitwidth | None, reason: str) -> Section:
+    title = "Safe bit width (quantization)"
+    if bw is None:
+        return _na("bitwidth", title, reason, "Safe bit-width analysis")
+    facts = Facts((
+        ("recommended width (certified)", not_applicable(reason)),
+        ("width meeting the budget, measured on the test inputs (an estimate, not a certificate)",
+         f"{bw.measured_bits} bits" if bw.measured_bits is not None else
+         "none in the sweep (every swept width, or a wider one, drops the accuracy beyond the budget)"),
+        ("budget", f"max accuracy drop {bw.max_accuracy_drop:.2%} from the float accuracy {bw.float_accuracy:.2%}"),
+        ("quantizer", bw.method),
+        ("weights quantized", f"{len(bw.quantized)} tensors ({', '.join(bw.quantized[:6])}"
+                              f"{', ...' if len(bw.quantized) > 6 else ''}); every other parameter stays float"),
+    ))
+    blocks: list = [facts]
+    if bw.note:
+        blocks.append(Text(bw.note + "; the copies are quantized by hwrel's weight rounding instead.", "note"))
+    blocks.append(Table("bitwidth", "Per bit width: measured on the test inputs", bw.table,
+                        note="Measured: accuracy and largest logit change of the weight-quantized copy against the "
+                             "float model on the test inputs. A width from which every wider swept width keeps the "
+                             "budget is the measured recommendation; other inputs may differ (no certificate)."))
+    return Section("bitwidth", title, tuple(blocks))
+
+
+def seu(s: MeasuredSEU | None, reason: str, hours: float) -> Section:
+    title = "Soft errors (SEU) in accelerator memory"
+    if s is None:
+        return _na("seu", title, reason, "SEU analysis")
+    lo, hi = s.ci
+    facts = Facts((
+        ("storage format", f"{s.format} (integer formats: weight sites as codes, bias sites fp32)"),
+        ("stored parameter bits", f"{s.total_bits:,}"),
+        ("test accuracy as stored (measured)", f"{s.stored_accuracy:.2%} (float: {s.float_accuracy:.2%}) on the "
+                                               f"{s.samples} evaluated inputs"),
+        ("certified tolerated flips (any bits)", not_applicable(reason)),
+        ("fewest flips breaking the budget (adversarial search)",
+         not_applicable("the adversarial bit-flip search needs the fast engine")),
+        ("vulnerable fraction, certified (upper bound)", not_applicable(reason)),
+        ("vulnerable fraction, measured", f"{s.vulnerable_fraction:.4%} (95% CI {lo:.4%} .. {hi:.4%}, "
+                                          f"{s.campaign_size} random single flips on {s.samples} inputs)"),
+        ("flips beyond the accuracy budget (measured)",
+         f"{s.budget_breaking} of {s.campaign_size}" if s.budget_breaking is not None else
+         "not measured: a language model's campaign measures next-token agreement and cross-entropy "
+         "(see the tables)"),
+        ("FIT without ECC (estimate: measured fraction x raw rates)",
+         f"{s.fit:.4g} (95% CI upper end {s.fit_hi:.4g})"),
+        ("FIT with SECDED ECC (estimate)", f"{s.fit_with_ecc:.4g}"),
+        ("mission failure probability (estimate)", _mission(s, hours)),
+        ("verdict", "no target given" if s.target is None else
+         f"estimate {'meets' if s.meets_target else 'DOES NOT MEET'} {s.target} (max {s.target_max_fit:g} FIT) "
+         "by the FIT at the measured fraction's 95% CI upper end; not a certificate"),
+    ))
+    return Section("seu", title, (
+        Text(PATH_LINE.format(why=s.engine_refused or reason)),
+        Text("A flip is vulnerable when it changes the decision (the top-1 class, or a language model's top-1 next "
+             "token) on at least one evaluated input (or makes an output non-finite); the fraction is measured by "
+             "random single flips of the stored bits, uniform over every "
+             "stored bit of every parameter tensor.", "note"),
+        facts,
+        Table("seu_tensors", "Measured vulnerable flips per parameter tensor", s.per_tensor),
+        Table("seu_bits", "Measured vulnerable flips per stored format and bit position", s.per_bit),
+        Table("seu_fit", "FIT estimate per memory (measured fraction)", s.memories),
+        Table("seu_campaign", "Injected flips (measured)", s.campaign, max_rows=12),
+    ))
+
+
+def provenance(prov: pd.DataFrame, acc: Any) -> Section:
+    """The rates behind the FIT estimate, with their sources (no sensitivity: it needs a certified analysis)."""
+    return Section("provenance", "Rates and their sources", (
+        Text("Status: measured (on this chip), published (read in a document) or assumed. Every number comes from "
+             f"`{acc.path.name}`; its sources: " + " | ".join(acc.sources)),
+        Table("rates", "Rates and limits behind the FIT estimate", prov, ("quantity", "value", "unit", "status",
+                                                                          "source")),
+    ))
+
+
+def assemble(res: dict[str, Any], name: str, acc: Any, versions: dict[str, str], generated: str,
+             prov_section: Section | None, reproduce: Section) -> Report:
+    """The whole report of :func:`hwrel.report.general.analyse`'s results ``res``."""
+    reason = res["reason"]
+    s, bw = res["seu"], res["bitwidth"]
+    exe = executive(name, acc, reason, res["clean_accuracy"], len(res["x"]), s, bw, res["checksum"],
+                    res["data_source"], generated, res.get("accuracy_note", ""), res["hours"])
+    secs = [exe.section(), summary(res["info"], res["params"], res["memories"]),
+            _na("fep", "Neuron failures (Forward Error Propagation)", reason,
+                "Fep bounds, certified tolerance and certified accuracy"),
+            bitwidth(bw, reason), seu(s, reason, res["hours"])]
+    if prov_section is not None:
+        secs.append(prov_section)
+    secs += [_na("iso26262", "ISO 26262-5 hardware metrics (estimates)", reason,
+                 "ISO 26262 metrics (they need the certified vulnerable fractions)"),
+             Section("validation", "Validation against fault injection", (
+                 Text(f"Bound validation: {not_applicable('no certified number to validate; ' + reason)}.", "note"),)),
+             reproduce]
+    banner = Text(f"Certified figures: {not_applicable(reason)}. This report shows measurements and estimates only.",
+                  "note")
+    sub = (f"{acc.name}, accuracy budget {res['max_accuracy_drop']:.2%}, mission {res['hours']:g} h. "
+           f"Generated {generated} by hwrel {versions['hwrel']}. Injection path: general.")
+    return Report(f"Reliability report: {name} on {acc.name}", sub, tuple(secs), banner,
+                  (Table("summary", "Executive summary", exe.table()),))
+
+
+__all__ = ["assemble", "bitwidth", "executive", "seu", "summary"]
