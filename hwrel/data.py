@@ -277,8 +277,8 @@ def unsupported_message(name: str, msg: str) -> str:
     tail = " is not supported"
     what = (f"the bounds do not support {first[: -len(tail)]} yet" if first.endswith(tail)
             else f"the bounds do not support it yet ({first})")
-    return (f"model {name} cannot be analysed: {what}; fault injection (hwrel inject) runs on it "
-            "through its exact general path")
+    return (f"model {name} cannot be analysed: {what}; hwrel inject, seu, bitwidth and report measure it "
+            "through the exact general injection path")
 
 
 def parse_domain(text: str | tuple | None) -> tuple[float, float] | None:

@@ -65,7 +65,11 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         check_writable(args.plot, "--plot")
     md = load(args)
-    md.network()  # a model the bounds have no rule for: one line naming the operation, before the work
+    from hwrel.report.general import general_target
+
+    general = general_target(md)  # an unloadable model: one line naming the problem, before the work
+    if general is not None:  # the bounds have no rule for one of its operations: measure only
+        return _run_measured(args, md, general)
     if md.train is not None and args.calibration is None and args.input_domain is None:
         data, where = md.model.reference, {}  # a built-in model: its test split, its training split calibrates
     else:
@@ -110,4 +114,44 @@ def run(args: argparse.Namespace) -> int:
     if res.message:
         print(f"hwrel: {res.message}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _run_measured(args: argparse.Namespace, md, general) -> int:
+    """``hwrel bitwidth`` on a model the bounds do not support: the accuracy of weight-quantized
+    copies measured on the test inputs (Brevitas PTQ where it can quantize the model, else
+    per-channel round to nearest), an estimate; no width is certified."""
+    from hwrel.report import general as gen
+
+    reason = gen.bounds_reason(general.reason)
+    for flag, given in (("--epsilon", args.epsilon is not None), ("--per-layer", args.per_layer),
+                        ("--asymmetric", args.asymmetric), ("--act-bits", args.act_bits is not None),
+                        ("--qat-epochs", args.qat_epochs > 0), ("--plot", args.plot is not None)):
+        if given:
+            raise HwrelError(f"{flag} needs the certified analysis, which is not applicable to model {md.name}: "
+                             f"{reason}")
+    if args.no_verify:
+        raise HwrelError(f"--no-verify leaves nothing to do for model {md.name}: the certified analysis is not "
+                         f"applicable ({reason}), only the measurement is")
+    x, y = md.labelled("hwrel bitwidth")
+    calib = md.calibration if md.calibration is not None else x
+    say = (lambda f, m: print(f"hwrel bitwidth: {m}", file=sys.stderr, flush=True)) if not args.json else None
+    res = gen.measured_bitwidth(md.module, x, y, calib, tuple(args.bits), args.max_accuracy_drop, progress=say)
+    lm = y.dim() == 2
+    if args.json:
+        from hwrel.cli.common import print_json
+
+        print_json({**model_info(md), "certified": gen.not_applicable(reason), "method": res.method,
+                    "note": res.note, "metric": "next-token" if lm else "class",
+                    "max_accuracy_drop": res.max_accuracy_drop, "float_accuracy": res.float_accuracy,
+                    "measured_bits": res.measured_bits, "certified_bits": None, "quantized": list(res.quantized),
+                    "table": res.table.to_dict("records")})
+        return 0
+    print(f"model {md.name}, budget accuracy drop <= {res.max_accuracy_drop:g}"
+          f"{' (next-token top-1)' if lm else ''}; {md.domain_note}")
+    print(f"  certified    bits: {gen.not_applicable(reason)}")
+    print(f"  measured     bits: {res.measured_bits} (on {len(x)} test {'sequences' if lm else 'inputs'}: "
+          "an estimate, not a certificate)")
+    print(f"  quantizer: {res.method}" + (f"; {res.note}" if res.note else ""))
+    print(res.table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return 0

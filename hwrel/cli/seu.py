@@ -87,6 +87,11 @@ def run(args: argparse.Namespace) -> int:
     if args.plot is not None:
         check_writable(args.plot, "--plot", folder=True)
     md = load(args)
+    from hwrel.report.general import general_target
+
+    general = general_target(md)
+    if general is not None:  # the bounds have no rule for one of its operations: measure only
+        return _run_measured(args, md, general)
     if md.train is not None and args.input_domain is None:
         model, data = md.model.reference, None  # a built-in model with its own test split
     else:
@@ -148,3 +153,78 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nprotection plan: {len(plan) - 1} step(s), {int(last.cumulative_bits)} "
               f"protected bits, FIT {last.fit:.4g}")
     return 1 if res.violations else 0
+
+
+def _run_measured(args: argparse.Namespace, md, general) -> int:
+    """``hwrel seu`` on a model the bounds do not support: random single flips injected by the
+    exact general path; the vulnerable fraction, FIT and mission figures are estimates from it
+    (nothing is certified, so no flip count is tolerated: k = 0)."""
+    from hwrel.report import general as gen
+    from hwrel.seu.rates import parse_target
+    from hwrel.seu.accelerator import load_accelerator
+
+    reason = gen.bounds_reason(general.reason)
+    for flag, given in (("--epsilon", args.epsilon is not None), ("--range-restriction", args.range_restriction),
+                        ("--plot", args.plot is not None)):
+        if given:
+            raise HwrelError(f"{flag} needs the certified analysis, which is not applicable to model {md.name}: "
+                             f"{reason}")
+    x, y = md.labelled("hwrel seu")
+    acc = load_accelerator(args.accelerator)
+    if args.target is not None:
+        parse_target(args.target)
+    fmt = args.format or acc.formats[0]
+    if fmt not in acc.formats:
+        raise HwrelError(f"--format {fmt}: {acc.name} stores {', '.join(acc.formats)}")
+    if args.campaign_size < 1:
+        raise HwrelError(f"--campaign-size must be >= 1, got {args.campaign_size}")
+    params = gen.parameter_table(md.module, x, fmt, acc, args.memory)
+    drop = 0.01 if args.max_accuracy_drop is None else args.max_accuracy_drop
+    res = gen.measured_seu(general, acc, x, y, params, fmt=fmt, campaign=args.campaign_size, max_samples=256,
+                           seed=args.seed, hours=args.mission_hours, target_name=args.target,
+                           max_accuracy_drop=drop, altitude_m=args.altitude_m, scrub_hours=args.scrub_hours,
+                           progress=not args.json and sys.stderr.isatty())
+    lm = y.dim() == 2
+    budget = f"accuracy drop <= {drop:g}" + (" (next-token top-1)" if lm else "")
+    lo, hi = res.ci
+    if args.json:
+        from hwrel.cli.common import print_json
+
+        print_json({**model_info(md), "accelerator": acc.name, "format": fmt, "path": res.path,
+                    "certified": gen.not_applicable(reason), "metric": "next-token" if lm else "class",
+                    "budget": budget, "samples": res.samples, "campaign_size": res.campaign_size,
+                    "total_bits": res.total_bits, "vulnerable": res.vulnerable,
+                    "vulnerable_fraction_measured": res.vulnerable_fraction,
+                    "vulnerable_fraction_measured_ci": list(res.ci), "budget_breaking": res.budget_breaking,
+                    "stored_accuracy": res.stored_accuracy, "float_accuracy": res.float_accuracy,
+                    "fit_measured": res.fit, "fit_measured_hi": res.fit_hi, "fit_measured_with_ecc": res.fit_with_ecc,
+                    "mission_hours": args.mission_hours,
+                    "mission_failure_probability_estimate": res.mission_failure_probability,
+                    "mission_failure_probability_estimate_with_ecc": res.mission_failure_probability_with_ecc,
+                    "target": res.target, "target_max_fit": res.target_max_fit,
+                    "meets_target_estimate": res.meets_target,
+                    "memories": res.memories.to_dict("records"), "per_tensor": res.per_tensor.to_dict("records"),
+                    "per_bit": res.per_bit.to_dict("records")})
+        return 0
+    breaking = ("" if res.budget_breaking is None else
+                f"; {res.budget_breaking} of them break the budget ({budget})")
+    lines = [
+        f"{md.name} on {acc.name} ({fmt}, {res.total_bits} parameter bits); {md.domain_note}",
+        f"certified figures: {gen.not_applicable(reason)}; every figure below is measured by the exact "
+        f"general injection path on {res.samples} inputs (an estimate, not a bound)",
+        f"vulnerable fraction (decision changed on an evaluated input): measured {res.vulnerable_fraction:.4g} "
+        f"[{lo:.4g}, {hi:.4g}] (95% Wilson, n={res.campaign_size}){breaking}",
+        f"stored accuracy {res.stored_accuracy:.2%} (float {res.float_accuracy:.2%})"
+        + (" next-token top-1" if lm else ""),
+        f"FIT estimate: {res.fit:.4g} (interval upper end {res.fit_hi:.4g}), with SECDED {res.fit_with_ecc:.4g}",
+        f"mission {args.mission_hours:g} h: P(failure) estimate {res.mission_failure_probability:.4g}, with SECDED "
+        f"{res.mission_failure_probability_with_ecc:.4g} (interval upper end; no flip count certified, k = 0)",
+    ]
+    if res.target is not None:
+        lines.append(f"target {res.target} (< {res.target_max_fit:g} FIT): "
+                     f"{'met' if res.meets_target else 'NOT met'} by the estimate's upper end (not certified)")
+    print("\n".join(lines))
+    top = res.per_tensor.sort_values("vulnerable_fraction", ascending=False, kind="stable").head(10)
+    print("\nmost vulnerable tensors (measured):")
+    print(top[["tensor", "flips", "vulnerable", "vulnerable_fraction", "ci_hi"]].to_string(index=False))
+    return 0

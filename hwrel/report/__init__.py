@@ -264,7 +264,9 @@ def build_report(model_spec_or_module: Any = DEFAULT_MODEL, accelerator: str = D
             opts = ["--quick", *opts]
         cmd = command or _command(model_spec_or_module, name, acc.name, out, drop, mission_hours, target, seed,
                                   opts)
-        general = _general_target(md)
+        from hwrel.report.general import general_target
+
+        general = general_target(md)
         if general is not None:  # no certified analysis: measured figures on the exact general path
             _general_report(general, md, name, acc, x, y, calib, drop, mission_hours, target, seed, cfg, log, tmp,
                             out_path, cmd)
@@ -303,21 +305,6 @@ def build_report(model_spec_or_module: Any = DEFAULT_MODEL, accelerator: str = D
         print(f"hwrel report: BOUND VIOLATIONS FOUND ({results['checks_violated']}); see the report",
               file=sys.stderr, flush=True)
     return out_path
-
-
-def _general_target(md: Any) -> Any:
-    """The model's :class:`hwrel.inject.target.GeneralModel` when the bounds have no rule for one of
-    its operations (then only measured analyses run), else None (the certified report)."""
-    from hwrel.inject.target import GeneralModel, as_target
-
-    try:
-        md.network()
-        return None
-    except HwrelError:
-        found = as_target(md.module, md.input_domain, md.input_shape)
-        if not isinstance(found, GeneralModel):
-            raise
-        return found
 
 
 def _general_report(general: Any, md: Any, name: str, acc: Any, x: Any, y: Any, calib: Any, drop: float,

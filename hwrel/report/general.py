@@ -41,6 +41,22 @@ def bounds_reason(engine_refused: str) -> str:
     return f"the bounds do not support this model yet ({first})"
 
 
+def general_target(md: Any) -> Any:
+    """The model's :class:`hwrel.inject.target.GeneralModel` when the bounds have no rule for one of
+    its operations (then only measured analyses can run), else None (the certified analyses run).
+    ``md``: a :class:`hwrel.data.ModelData`."""
+    from hwrel.inject.target import GeneralModel, as_target
+
+    try:
+        md.network()
+        return None
+    except HwrelError:
+        found = as_target(md.module, md.input_domain, md.input_shape)
+        if not isinstance(found, GeneralModel):
+            raise
+        return found
+
+
 # ------------------------------------------------------------------------------- parameters
 
 def _layer_of(name: str) -> str:
@@ -48,10 +64,11 @@ def _layer_of(name: str) -> str:
     return name.rpartition(".")[0] or name
 
 
-def parameter_table(module: nn.Module, x: Tensor, fmt: str, acc: Any) -> pd.DataFrame:
+def parameter_table(module: nn.Module, x: Tensor, fmt: str, acc: Any, memory: str | None = None) -> pd.DataFrame:
     """One row per stored parameter tensor as the general path stores it in ``fmt`` (integer
     formats: weight sites as per-tensor symmetric codes, bias sites fp32), with its memory (each
-    module's parameters go whole into the first weight memory with room, as for the fast engine)."""
+    module's parameters go whole into the first weight memory with room, as for the fast engine,
+    or all into ``memory``)."""
     from hwrel.inject.general import GeneralInjector
     from hwrel.seu.mapping import _place
 
@@ -63,7 +80,7 @@ def parameter_table(module: nn.Module, x: Tensor, fmt: str, acc: Any) -> pd.Data
     per_layer: dict[str, int] = {}
     for r in df.itertuples():
         per_layer[r.layer] = per_layer.get(r.layer, 0) + int(r.bits)
-    placed = _place(acc, list(per_layer.items()), None)
+    placed = _place(acc, list(per_layer.items()), memory)
     df["memory"] = [placed[layer] for layer in df["layer"]]
     return df
 
@@ -117,10 +134,13 @@ class MeasuredSEU:
 
 
 def measured_seu(target: Any, acc: Any, x: Tensor, y: Tensor, params: pd.DataFrame, *, fmt: str, campaign: int,
-                 max_samples: int, seed: int, hours: float, target_name: str | None, max_accuracy_drop: float
+                 max_samples: int, seed: int, hours: float, target_name: str | None, max_accuracy_drop: float,
+                 altitude_m: float = 0.0, scrub_hours: float | None = None, progress: bool = False
                  ) -> MeasuredSEU:
     """``campaign`` random single bit flips of the stored parameters, measured on at most
-    ``max_samples`` inputs (a seeded subset) by :func:`hwrel.inject.campaign.run_campaign`."""
+    ``max_samples`` inputs (a seeded subset) by :func:`hwrel.inject.campaign.run_campaign`.
+    ``altitude_m`` scales the raw rates (:func:`hwrel.seu.rates.altitude_factor`); ``scrub_hours``:
+    the weights are reloaded that often (None: never)."""
     from hwrel.inject.campaign import run_campaign
     from hwrel.inject.stats import wilson_interval
     from hwrel.seu import rates
@@ -132,7 +152,7 @@ def measured_seu(target: Any, acc: Any, x: Tensor, y: Tensor, params: pd.DataFra
     total_bits = int(params["bits"].sum())
     n = min(int(campaign), total_bits)
     df = run_campaign(target, {"fault": "bitflip", "format": fmt, "count": n, "sites": ("weight", "bias")},
-                      xs, ys, seed=seed, progress=False)
+                      xs, ys, seed=seed, progress=progress)
     path = df.attrs.get("injection_path", "general")
     vul = (df["mismatch_rate"].to_numpy() > 0) | df["nonfinite"].to_numpy().astype(bool)
     df = df.assign(vulnerable=vul)
@@ -145,8 +165,8 @@ def measured_seu(target: Any, acc: Any, x: Tensor, y: Tensor, params: pd.DataFra
     float_acc = accuracy(_forward(target.module, xs), ys)
     breaking = (int((stored_acc - df["accuracy"].to_numpy() > max_accuracy_drop + 1e-12).sum())
                 if "accuracy" in df else None)  # a language model's campaign measures agreement, not accuracy
-    alt = rates.altitude_factor(0.0)
-    ts = hours if hours > 0 else 1.0
+    alt = rates.altitude_factor(altitude_m)
+    ts = scrub_hours if scrub_hours is not None else (hours if hours > 0 else 1.0)
     mem_rows = []
     reach = reach_ecc = fit_hi_ecc = 0.0
     for name, bits in params.groupby("memory", sort=False)["bits"].sum().items():
@@ -164,8 +184,8 @@ def measured_seu(target: Any, acc: Any, x: Tensor, y: Tensor, params: pd.DataFra
     from hwrel.seu.mission import failure_probability
 
     # k = 0: no flip count is certified, so every window with two or more upsets counts as a failure
-    p_fail = failure_probability(reach, float(mems["fit_measured_hi"].sum()), hours, None, 0)
-    p_fail_ecc = failure_probability(reach_ecc, fit_hi_ecc, hours, None, 0)
+    p_fail = failure_probability(reach, float(mems["fit_measured_hi"].sum()), hours, scrub_hours, 0)
+    p_fail_ecc = failure_probability(reach_ecc, fit_hi_ecc, hours, scrub_hours, 0)
     tgt = rates.parse_target(target_name) if target_name is not None else None
 
     def rates_by(col: list[str]) -> pd.DataFrame:
@@ -359,5 +379,5 @@ def analyse(name: str, target: Any, acc: Any, x: Tensor, y: Tensor, calib: Tenso
     return res
 
 
-__all__ = ["MeasuredBitwidth", "MeasuredSEU", "analyse", "bounds_reason", "measured_bitwidth", "measured_seu",
+__all__ = ["MeasuredBitwidth", "MeasuredSEU", "analyse", "bounds_reason", "general_target", "measured_bitwidth", "measured_seu",
            "not_applicable", "parameter_table", "round_weights"]
