@@ -138,7 +138,7 @@ _SLOPE_RULES = {
     "sigmoid": _bell(_sigmoid_d),
     "tanh": _bell(_tanh_d),
 }
-_SLOPE_RULES.update({k: (lambda v: lambda act, lo, hi: valley_slope(v, lo, hi))(v) for k, v in VALLEYS.items()})
+_SLOPE_RULES.update({k: (lambda k: lambda act, lo, hi: valley_slope(VALLEYS[k], lo, hi))(k) for k in VALLEYS})
 
 
 # Constructors, one per supported activation.

@@ -5,7 +5,7 @@ image of ``[lo, hi]`` is ``[min(phi(lo), phi(hi), phi(x*) if x* in [lo, hi]), ma
 ``phi'`` is monotone between consecutive zeros of ``phi''`` (its *critical points*), so
 ``sup |phi'|`` over ``[lo, hi]`` is the max of ``|phi'|`` at the ends and at the critical points inside.
 
-The smooth ones' ``x*`` and critical points are found once, at import, by a float64 grid scan of
+The smooth ones' ``x*`` and critical points are found once, on first use, by a float64 grid scan of
 ``[-GRID, GRID]`` (step 1e-3) for sign changes of ``phi'`` / ``phi''`` (``phi''`` by autograd of the
 closed-form ``phi'``) refined by 200 bisections; beyond the grid every one of them is in its
 asymptotic regime (``phi'`` monotone towards 0 or 1). Hardswish is piecewise quadratic and given in
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
 from typing import Callable
 
 import torch
@@ -120,15 +121,41 @@ def _gelu_tanh(x: Tensor) -> Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-VALLEYS: dict[str, Valley] = {
-    "gelu": _smooth(F.gelu, gelu_d1, "gelu"),
-    "gelu_tanh": _smooth(_gelu_tanh, gelu_tanh_d1, "gelu_tanh"),
-    "silu": _smooth(F.silu, silu_d1, "silu"),
-    "mish": _smooth(F.mish, mish_d1, "mish"),
-    # x relu6(x + 3) / 6: minimum -3/8 at -3/2; phi' = (2x + 3)/6 on (-3, 3), 0 below, 1 above
-    "hardswish": Valley(-1.5, -0.375 - PAD, hardswish_d1, ((-3.0, 0.5 + PAD), (3.0, 1.5 + PAD)),
-                        1.5 + PAD, -0.5 - PAD, math.inf),
-}
+_HARDSWISH = Valley(-1.5, -0.375 - PAD, hardswish_d1, ((-3.0, 0.5 + PAD), (3.0, 1.5 + PAD)),
+                    1.5 + PAD, -0.5 - PAD, math.inf)  # x relu6(x + 3) / 6: minimum -3/8 at -3/2; phi' = (2x + 3)/6 on (-3, 3)
+
+
+class _Valleys(Mapping[str, Valley]):
+    """The valleys by activation name, each computed on first use: the grid scans take about a
+    second together, and most commands (injection, a ReLU model's bounds) never need them."""
+
+    _MAKERS: dict[str, Callable[[], Valley]] = {
+        "gelu": lambda: _smooth(F.gelu, gelu_d1, "gelu"),
+        "gelu_tanh": lambda: _smooth(_gelu_tanh, gelu_tanh_d1, "gelu_tanh"),
+        "silu": lambda: _smooth(F.silu, silu_d1, "silu"),
+        "mish": lambda: _smooth(F.mish, mish_d1, "mish"),
+        "hardswish": lambda: _HARDSWISH,
+    }
+
+    def __init__(self) -> None:
+        self._done: dict[str, Valley] = {}
+
+    def __getitem__(self, kind: str) -> Valley:
+        if kind not in self._done:
+            self._done[kind] = self._MAKERS[kind]()
+        return self._done[kind]
+
+    def __contains__(self, kind: object) -> bool:  # without computing it
+        return kind in self._MAKERS
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._MAKERS)
+
+    def __len__(self) -> int:
+        return len(self._MAKERS)
+
+
+VALLEYS: Mapping[str, Valley] = _Valleys()
 
 
 def valley_image(v: Valley, fn: Callable[[Tensor], Tensor], lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
