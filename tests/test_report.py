@@ -352,6 +352,8 @@ def test_quick_profile_says_so_and_shows_progress(tmp_path, capsys):
     assert "hwrel report digits-mlp-sigmoid --quick --accelerator eyeriss-v1" in md
     bw = pd.read_csv(out / "tables" / "bitwidth.csv")
     assert list(bw.bits) == list(QUICK.bits)
+    assert not QUICK.per_layer and "not computed (the --quick profile skips the per-layer search)" in md
+    assert "recommended per-layer widths" not in md
 
 
 def test_checksum_covers_zero_dim_buffers_and_changes_with_one_bit():

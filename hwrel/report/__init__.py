@@ -50,7 +50,8 @@ class ReportConfig:
     ``flip_search``: search the fewest bit flips breaking the budget (hwrel's search and the
     progressive bit search baseline, at most ``flip_search_max`` flips each). ``tolerance_curve``:
     the certified accuracy at 1, 2, 4, ... failed neurons (False: only where the tolerance search
-    looked).
+    looked). ``per_layer``: search a mixed-precision width per layer (the bit-width section's
+    per-layer recommendation; about a fifth of a CNN's report).
     """
 
     samples: int = 512
@@ -67,13 +68,15 @@ class ReportConfig:
     flip_search: bool = True
     flip_search_max: int = 64
     tolerance_curve: bool = True
+    per_layer: bool = True
 
 
 QUICK = ReportConfig(samples=64, failure_counts=(1,), random_sets=8, adversarial=False, adversarial_restarts=1,
                      adversarial_pool=4, adversarial_inputs=8, seu_campaign=100, seu_samples=64,
-                     bits=(4, 6, 8, 10, 12, 16), flip_search_max=16, tolerance_curve=False)
+                     bits=(4, 6, 8, 10, 12, 16), flip_search_max=16, tolerance_curve=False,
+                     per_layer=False)
 """``hwrel report --quick``: fewer inputs, failure sets, flips and widths, random failure sets only
-(no adversarial neuron search): a draft; the full profile is what to sign."""
+(no adversarial neuron search), no per-layer width search: a draft; the full profile is what to sign."""
 
 
 def _optional(module: str) -> Any:
@@ -410,7 +413,7 @@ def _analyse(name, module, ref, net, acc, x, y, calib, drop, hours, target, seed
         res["bitwidth_note"] = already_quantized_note(module) if module is not None else None
         if res["bitwidth_note"]:
             log.stage("bitwidth", f"note: {res['bitwidth_note']}")
-        res["bitwidth"] = quantize.safe_bitwidth(module, (x, y, calib), max_accuracy_drop=drop, per_layer=True,
+        res["bitwidth"] = quantize.safe_bitwidth(module, (x, y, calib), max_accuracy_drop=drop, per_layer=cfg.per_layer,
                                                  bits=cfg.bits, input_domain=(float(net.input_lo.min()),
                                                                               float(net.input_hi.max())),
                                                  input_shape=net.input_shape, progress=log.part)

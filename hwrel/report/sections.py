@@ -394,8 +394,13 @@ def bitwidth_section(bw: Any, float_bits: int | None) -> Section:
     blocks: list = [Facts(tuple(facts))]
     if bw.message:
         blocks.append(Text(bw.message, "alert"))
-    if not bw.per_layer:
-        blocks.append(Text("Per-layer widths: none found below the uniform width (or not computed).", "note"))
+    if bw.certified_bits is None:
+        blocks.append(Text("Per-layer widths: none (no uniform width is certified to start from).", "note"))
+    elif "per_layer_s" not in (bw.timings or {}):
+        blocks.append(Text("Per-layer widths: not computed (the --quick profile skips the per-layer search).",
+                           "note"))
+    elif not bw.per_layer:
+        blocks.append(Text("Per-layer widths: none found below the uniform width.", "note"))
     blocks += [Fig("bitwidth", "Predicted vs measured per bit width", fig,
                    "Left (log scale): largest output change per weight width: certified bounds over the whole "
                    "input domain (paper, weight-aware, interval), certified per test input, adversarial search, "
