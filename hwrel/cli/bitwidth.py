@@ -28,7 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bitwidth", help="smallest safe weight bit width, predicted and verified",
                        description="Quantization as a bounded perturbation: the smallest weight bit width whose "
                        "certified accuracy loss (or output error) meets the budget, beside the adversarial, "
-                       "estimated and measured (Brevitas PTQ) answers.")
+                       "estimated and measured (Brevitas PTQ) answers. On a model the bounds do not support (a ViT, a "
+                       "GPT) only the measured answer: the accuracy of weight-quantized copies per width.")
     add_model_args(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--max-accuracy-drop", type=fraction, default=0.01, help="e.g. 1%% or 0.01 (default 1%%)")

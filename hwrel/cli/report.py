@@ -30,8 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
     p.add_argument("--quick", action="store_true",
                    help="a quick draft: fewer inputs, failure sets, flips and bit widths, random failure "
-                        "sets only (about 10 s on the digits models; the CNNs take minutes, dominated by "
-                        "their Fep certificates); the default profile is the one to sign")
+                        "sets only, no per-layer widths (about 10 s on the digits models, 25-40 s on the "
+                        "reference CNNs); the default profile is the one to sign")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=run)
 

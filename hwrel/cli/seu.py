@@ -17,7 +17,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Map MODEL's weights onto an accelerator's memories, certify "
                        "how many arbitrary bit flips it tolerates within a budget, bound and "
                        "measure the vulnerable fraction of bits, and turn it into FIT (with and "
-                       "without ECC) and mission failure probabilities.")
+                       "without ECC) and mission failure probabilities. On a model the bounds do not support (a ViT, a "
+                       "GPT) nothing is certified: random flips are injected on the exact general path and the "
+                       "vulnerable fraction, FIT and mission figures are estimates from them.")
     add_model_args(p)
     p.add_argument("--accelerator", required=True, help="accelerator name (hwrel accelerators) "
                    "or a .toml description")
