@@ -195,7 +195,7 @@ def _hwrel(root: Path, *args: str) -> subprocess.CompletedProcess:
 
 ARCH = ["--architecture", "qnets:QCNN", "--input-shape", "1,8,8"]
 COMMANDS = [("bound", ["--failures", "1"]), ("bitwidth", ["--data", "test.npz", "--bits", "4..8"]),
-            ("seu", ["--data", "test.npz", "--accelerator", "gemmini", "--mission-hours", "1000"]),
+            ("seu", ["--data", "test.npz", "--accelerator", "gemmini", "--mission-hours", "1000", "--campaign-size", "200"]),
             ("inject", ["--data", "test.npz", "--count", "50", "--seed", "0"])]
 
 
