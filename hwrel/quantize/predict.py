@@ -296,8 +296,11 @@ class Predictor:
         lin = self._linearization(ib)
         return [self._evaluate(ib, lin, bits, cap, refine) for bits, cap in zip(widths, caps)]
 
-    def certified_flags(self, widths: Sequence[int], caps: Mapping[int, float]) -> dict[int, Tensor]:
+    def certified_flags(self, widths: Sequence[int], caps: Mapping[int, float],
+                        progress: Callable[[float, str], None] | None = None) -> dict[int, Tensor]:
         """Per width, the certified flag of every test input, each input evaluated at few widths.
+        ``progress(fraction, message)`` is called after every evaluation (fraction of the inputs
+        done, 0..1, an estimate within a chunk).
 
         Sound because the rounding boxes nest (weights only): a wider width has an elementwise
         smaller radius, so a certificate at ``b`` covers every ``b' > b``; a width left unevaluated
@@ -321,8 +324,20 @@ class Predictor:
         """
         ws = sorted(widths)
         flags = {b: torch.zeros(len(self.x), dtype=torch.bool, device=self.device) for b in ws}
-        for s in _progress(range(0, len(self.x), self.chunk), "certifying inputs"):
-            ib = torch.arange(s, min(s + self.chunk, len(self.x)), device=self.device)
+        n = len(self.x)
+        calls = [0]
+
+        def said(s: int, e: int, b: int, refined: bool) -> None:
+            if progress is not None:
+                calls[0] += 1  # within a chunk: an estimate that approaches, never reaches, its end
+                within = calls[0] / (calls[0] + 2 * len(ws))
+                progress((s + within * (e - s)) / n, f"per-input certificates: inputs {s + 1}-{e} of {n}, "
+                         f"{b} bits{' (refined)' if refined else ''}")
+
+        for s in _progress(range(0, n, self.chunk), "certifying inputs"):
+            e = min(s + self.chunk, n)
+            calls[0] = 0
+            ib = torch.arange(s, e, device=self.device)
             whole = self._linearization(ib)
             # per input: index of the narrowest certified width, and the load there
             lowest = torch.full((len(ib),), len(ws), dtype=torch.long, device=self.device)
@@ -338,6 +353,7 @@ class Predictor:
                     return
                 mid = (lo + hi) // 2
                 ok, mb = self._certified_at(ib, whole, rows, ws[mid], caps[ws[mid]], refine=False)
+                said(s, e, ws[mid], False)
                 mark(rows[ok], mid, mb[ok])
                 solve(mid + 1, hi, rows[~ok])
                 solve(lo, mid - 1, rows[ok])
@@ -352,6 +368,7 @@ class Predictor:
                         sel = rows[k == kk]
                         before = load[sel]
                         ok, mb = self._certified_at(ib, whole, sel, ws[kk], caps[ws[kk]], refine=True)
+                        said(s, e, ws[kk], True)
                         mark(sel[ok], kk, mb[ok])
                         now = load[sel]
                         again = ok & (now * torch.clamp(now / before, min=LOAD_GROWTH) < 1) & (kk > 0)

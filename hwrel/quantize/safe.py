@@ -229,7 +229,9 @@ def sweep(module, net: Network, x, y, calib, spec: QuantSpec, bits: Sequence[int
     if full_table or not monotone:
         certs = dict(zip(bits, sw.p.sample_certificates(bits, [caps[b] for b in bits])))
     else:
-        flags = sw.flags = sw.p.certified_flags(bits, caps)
+        start = done
+        flags = sw.flags = sw.p.certified_flags(bits, caps,
+                                                progress=lambda f, m: say(start + f * share["flags"], m))
     done += share["flags"]
     say(done, f"per-input certificates of {len(x)} inputs")
     t["predict_s"] += time.perf_counter() - t0
