@@ -382,6 +382,17 @@ def test_multiple_and_activation_faults_equal_the_reference(name: str, root: Pat
         assert (df["site"] == "neuron").all()
         moved += _check_rows(e, df, stored, "fp32")
     assert moved >= 1, name
+    if e.path == "general":  # activation bit flips (campaigns draw them on parameters only)
+        inj = GeneralInjector(e.model, e.x)
+        flips = inj.random_faults(6, site="neuron", kind="bitflip", seed=7)
+        for f in flips:
+            label = f.layer.split("@")[0]
+            assert label == f.layer, f  # module outputs at their first call
+            mod, slot = _split(label)
+            want = reference_output(stored, e.x, acts=[(mod, slot, f.index, _flip_act(f.bit))])
+            got = inj.outputs(f)
+            assert got.shape == want.shape and torch.equal(torch.isnan(got), torch.isnan(want)), f
+            assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(want)), f
 
 
 def _find_node(gm: torch.fx.GraphModule, name: str) -> torch.fx.Node:
