@@ -23,9 +23,9 @@ What each entry shows:
 - soundness where the bounds cover the model: random neuron crash sets, applied by hooks on the
   model's own modules, never move the output by more than any bound method certifies.
 
-Cost (measured on the shared 2-core machine, load average about 4): about 115 s for the file, of
-which the slow-marked ``report --quick`` and ``seu``/``bitwidth`` tests are about 20 s. The rest is
-mostly exporting the Hugging Face folders (every command re-exports one, about 4 s) and the
+Cost (measured on the shared 2-core machine, load average about 3): about 140 s for the file, of
+which the slow-marked ``report --quick`` and ``seu``/``bitwidth`` tests are about 37 s. Most of it
+is exporting the Hugging Face folders (every command re-exports one, about 4 s) and the
 domain-wide bounds on mnist-mobilenet (about 5 s a command).
 """
 from __future__ import annotations
