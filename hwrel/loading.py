@@ -61,17 +61,19 @@ class LoadedModel:
     input_shape: tuple[int, ...] | None = None
     _exported: dict = field(default_factory=dict, repr=False)
 
-    def module_for(self, input_shape: tuple[int, ...]) -> nn.Module:
-        """The module to analyse for inputs of ``input_shape``. A Hugging Face model's forward
-        checks shapes in Python, which torch.fx cannot trace: it is exported once per shape with
-        ``torch.export`` (a dynamic batch) and rebuilt from ``nn`` modules
-        (:func:`modules_from_export`), which compute the same outputs."""
+    def module_for(self, input_shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> nn.Module:
+        """The module to analyse for inputs of ``input_shape`` and ``dtype`` (``torch.long`` for a
+        language model's token ids). A Hugging Face model's forward checks shapes in Python, which
+        torch.fx cannot trace: it is exported once per shape and dtype with ``torch.export`` (a
+        dynamic batch) and rebuilt from ``nn`` modules (:func:`modules_from_export`), which compute
+        the same outputs; where no module rule covers an operation (``aten.embedding``, ...), the
+        exported program itself, which fault injection runs on its exact general path."""
         if self.kind != "Hugging Face":
             return self.module
         shape = tuple(int(d) for d in input_shape)
-        if shape not in self._exported:
-            self._exported[shape] = _export(self.module, shape, self.path)
-        return self._exported[shape]
+        if (shape, dtype) not in self._exported:
+            self._exported[(shape, dtype)] = _export(self.module, shape, dtype, self.path)
+        return self._exported[(shape, dtype)]
 
 
 _first_line = models._first_line  # "Type: first line of the message"
@@ -451,8 +453,10 @@ def _load_hf_folder(path: Path, architecture: str | None, architecture_args: Any
                        shape)
 
 
-def _export(module: nn.Module, shape: tuple[int, ...], path: Path | None) -> nn.Module:
-    example = torch.zeros(2, *shape)
+def _export(module: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, path: Path | None) -> nn.Module:
+    from hwrel.errors import UnsupportedLayerError
+
+    example = torch.zeros(2, *shape, dtype=dtype)
     try:
         program = torch.export.export(module, (example,),
                                       dynamic_shapes=({0: torch.export.Dim("batch")},))
@@ -461,7 +465,10 @@ def _export(module: nn.Module, shape: tuple[int, ...], path: Path | None) -> nn.
     except Exception as exc:
         raise HwrelError(f"model folder {path}: cannot export it for inputs of shape {shape} "
                          f"({_first_line(exc)})") from None
-    return modules_from_export(program.module(), f"model folder {path}")
+    try:
+        return modules_from_export(program.module(), f"model folder {path}")
+    except UnsupportedLayerError:
+        return program.module()  # as for a .pt2 file: the bounds then name the operation
 
 
 __all__ = ["KINDS", "HuggingFaceLogits", "LoadedModel", "build_architecture", "load_model", "modules_from_export",

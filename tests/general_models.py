@@ -140,6 +140,24 @@ class TinyGPT(nn.Module):
         return self.lm_head(self.norm(x))
 
 
+class ConvSeq(nn.Module):
+    """LSTM-free sequence classifier: ``(B, channels, T)`` signals, two ``nn.Conv1d`` (the second
+    grouped) with ReLU and GELU, max and mean pooling over time, a ``nn.Linear`` head."""
+
+    def __init__(self, channels: int = 2, width: int = 8, classes: int = 4):
+        super().__init__()
+        self.conv1 = nn.Conv1d(channels, width, 5, padding=2)
+        self.act1 = nn.ReLU()
+        self.pool = nn.MaxPool1d(2)
+        self.conv2 = nn.Conv1d(width, width, 3, padding=1, groups=2)
+        self.act2 = nn.GELU()
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act2(self.conv2(self.pool(self.act1(self.conv1(x)))))
+        return self.head(h.mean(-1))
+
+
 def _randomize_bn(model: nn.Module, g: torch.Generator) -> None:
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
@@ -150,7 +168,7 @@ def _randomize_bn(model: nn.Module, g: torch.Generator) -> None:
 
 
 def build(kind: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
-    """``(model in eval mode, a batch of inputs)`` for ``kind`` in vit, mobilenet, gpt."""
+    """``(model in eval mode, a batch of inputs)`` for ``kind`` in vit, mobilenet, gpt, conv1d."""
     torch.manual_seed(seed)  # nn.Module initialisers draw from the global generator
     g = torch.Generator().manual_seed(seed)
     if kind == "vit":
@@ -161,10 +179,12 @@ def build(kind: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
             _randomize_bn(model, g)
     elif kind == "gpt":
         model, x = TinyGPT(), torch.randint(0, 32, (4, 12), generator=g)
+    elif kind == "conv1d":
+        model, x = ConvSeq(), torch.rand(8, 2, 24, generator=g)
     else:
         raise ValueError(kind)
     return model.eval(), x
 
 
 KINDS = ("vit", "mobilenet", "gpt")
-__all__ = ["KINDS", "TinyGPT", "TinyMobileNet", "TinyViT", "build", "math"]
+__all__ = ["KINDS", "ConvSeq", "TinyGPT", "TinyMobileNet", "TinyViT", "build", "math"]
