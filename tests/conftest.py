@@ -5,3 +5,8 @@ import os
 # subprocesses many tests start (and parallel test jobs) do not fight the suite's own threads for
 # the two cores.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n 2: one intra-op thread per worker process
+    import torch
+
+    torch.set_num_threads(1)

@@ -348,3 +348,20 @@ def test_sweep_skips_the_shared_attack_only_below_a_width_over_budget_and_report
     assert smallest_meeting(list(full["bits"]), ok(full)) == smallest_meeting(list(fast["bits"]), ok(fast))
     assert (fast["certified_but_broken"] == 0).all()
     assert seen == sorted(seen) and 0 < seen[0] and abs(seen[-1] - 1) < 1e-9
+
+
+def test_output_error_budget_without_verification_is_certified(mlp):
+    """``--epsilon`` with ``--no-verify``: the sweep computes every width's largest per-input bound
+    itself (it used to leave it NaN and answer "best achievable: certified output error nan"); the
+    certified width is what the same budget gets with verification, or narrower (the refined
+    bounds), and every certified error is finite."""
+    x, y = mlp.x_test[:32], mlp.y_test[:32]
+    kw = dict(epsilon=100.0, bits=range(10, 17), adversarial=False, input_domain=(0.0, 1.0),
+              input_shape=mlp.input_shape)
+    fast = safe_bitwidth(mlp.module, (x, y, mlp.x_train[:64]), verify=False, **kw)
+    full = safe_bitwidth(mlp.module, (x, y, mlp.x_train[:64]), verify=True, **kw)
+    assert fast.certified_bits is not None and not fast.message
+    assert fast.table["certified_error"].notna().all()
+    assert full.certified_bits is not None and fast.certified_bits <= full.certified_bits
+    errs = fast.table.set_index("bits")["certified_error"]
+    assert (errs.loc[fast.certified_bits:] <= 100.0).all()

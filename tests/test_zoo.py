@@ -533,7 +533,8 @@ def test_every_command_runs(name: str, root: Path) -> None:
         assert json.loads(out)["injection_path"] == "general" and json.loads(out)["storage"] == "int-codes"
     if not e.bounds:
         cmds = _commands(e)
-        for cmd in REFUSED_ON_GENERAL:
+        # a folder is exported again by every command (~4 s): one refusal there, the same code path
+        for cmd in REFUSED_ON_GENERAL[:1] if name.startswith("hf-") else REFUSED_ON_GENERAL:
             rc, out, err = _run(cmds[cmd])
             lines = [ln for ln in err.splitlines() if ln.strip()]
             assert rc == 2 and len(lines) == 1 and not out, (cmd, err)
@@ -564,7 +565,10 @@ def test_seu_and_bitwidth_run(name: str, root: Path) -> None:
     elsewhere; 1-8 s each on the busy 2-core machine, a Hugging Face folder's export included."""
     e = entry(name, root)
     cmds = _commands(e, _layers(e) if e.bounds else 1)
-    for cmd in ("seu", "bitwidth") if e.bounds else COMMANDS_ON_GENERAL:
+    todo = ("seu", "bitwidth") if e.bounds else COMMANDS_ON_GENERAL
+    if name.startswith("hf-"):  # each command exports the folder again (~4 s): one command per folder
+        todo = todo[:1] if name == "hf-gpt2" else todo[1:]
+    for cmd in todo:
         rc, out, err = _run(cmds[cmd])
         assert rc == 0, (cmd, err)  # bitwidth: exit 1 would say that no width met the budget
         info = json.loads(out)
@@ -572,11 +576,11 @@ def test_seu_and_bitwidth_run(name: str, root: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["digits-mlp", "mnist-vit"])
+@pytest.mark.parametrize("name", ["mnist-vit"])
 def test_report_quick_runs(name: str, root: Path) -> None:
-    """``hwrel report --quick`` on one model the bounds cover (certified report, about 15 s on the
-    busy 2-core machine) and one they do not (measured report, a few seconds); the others cost
-    10-20 s each and are left to test_report*.py."""
+    """``hwrel report --quick`` on a model the bounds do not cover (measured report, a few
+    seconds); the certified quick report (digits-mlp-sigmoid) and the others are left to
+    test_report*.py, where each costs 10-20 s."""
     e = entry(name, root)
     out_dir = root / f"report-{name}"
     rc, out, err = _run(["report", *e.cli, "--quick", "--quiet", "--out", str(out_dir)])

@@ -191,7 +191,10 @@ def safe_bitwidth(model: Any, data: Any, max_accuracy_drop: float | None = 0.01,
     ref = data if isinstance(data, ReferenceModel) else model if isinstance(model, ReferenceModel) else None
     train = (ref.x_train, ref.y_train) if ref is not None else (x, y)
     table, sw, timings = sweep(module, net, x, y, calib, spec, bits, adversarial=adversarial, verify=verify,
-                               qat_epochs=qat_epochs, train=train, full_table=False, device=device,
+                               qat_epochs=qat_epochs, train=train, device=device,
+                               # an output-error budget needs every width's largest per-input bound, which
+                               # only verification computes otherwise
+                               full_table=epsilon is not None and not verify,
                                max_accuracy_drop=drop if act_bits is None else None,
                                progress=(lambda frac, msg: say(frac * sweep_share, msg)))
     found = {k: smallest_meeting(list(table["bits"]), _ok(table, k, drop, epsilon)) if _COLUMNS[k][0] in table
