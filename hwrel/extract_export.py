@@ -197,10 +197,19 @@ def extract_exported(gm: fx.GraphModule, shape: tuple[int, ...], lo: Tensor, hi:
     index: dict[fx.Node, int] = {}
     out = None
     consts = constants(gm)
+    # shape queries give integers, not values: skipped, so that a refusal names the operation that
+    # uses them (a Hugging Face model reads its input's length before its embedding)
+    shape_queries = {aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int}
+    skipped: set[fx.Node] = set()
     with torch.no_grad():
         for n in gm.graph.nodes:
             if n in consts:
                 continue  # weights and computations on weights alone (read by their users)
+            if n.op == "call_function" and n.target in shape_queries:
+                skipped.add(n)
+                continue
+            if skipped and any(a in skipped for a in n.all_input_nodes):
+                raise UnsupportedLayerError(f"operation {n.name} ({n.target}) on a dynamic size is not supported")
             if n.op == "placeholder":
                 if any(v.op == "input" for v in b.nodes):
                     raise UnsupportedLayerError(f"model has several inputs ({n.name}); hwrel analyses one input")
