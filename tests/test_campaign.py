@@ -238,6 +238,20 @@ def test_adversarial_beats_random_failure_sets(seed: int, fault: str) -> None:
     assert float((out - net.forward(res.x)).abs().max()) == pytest.approx(res.max_abs_delta, rel=1e-5)
 
 
+def test_adversarial_search_progress_changes_nothing() -> None:
+    """The report's progress hook: called after every candidate set and ascent, fractions
+    non-decreasing in (0, 1], and the search finds the same sets, input and error without it."""
+    net = _small_net(1)
+    seen: list[tuple[float, str]] = []
+    res = worst_neuron_failures(net, [2, 1], steps=5, restarts=3, seed=0, progress=lambda f, m: seen.append((f, m)))
+    plain = worst_neuron_failures(net, [2, 1], steps=5, restarts=3, seed=0)
+    assert res.max_abs_delta == plain.max_abs_delta and res.failure_sets == plain.failure_sets
+    assert torch.equal(res.x, plain.x)
+    fr = [f for f, _ in seen]
+    assert len(seen) >= 2 * (1 + 3) and fr == sorted(fr) and 0 < fr[0] and fr[-1] <= 1.0
+    assert all(m.startswith("adversarial search: round ") for _, m in seen)
+
+
 def test_adversarial_crash_matches_exhaustive_sets() -> None:
     net = _small_net(1)
     res = worst_neuron_failures(net, [2, 1], steps=30, restarts=4, seed=0)

@@ -17,7 +17,7 @@ estimate of it). A certified bound below it is a soundness bug.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -285,7 +285,8 @@ class _NeuronSearch:
 def worst_neuron_failures(net: Network, failures: Sequence[int], fault: str = "crash",
                           capacity: float | None = None, inputs: Tensor | None = None,
                           steps: int = 50, restarts: int = 8, pool_size: int = 64,
-                          seed: int = 0, screen: int = 256) -> AdversarialResult:
+                          seed: int = 0, screen: int = 256,
+                          progress: Callable[[float, str], None] | None = None) -> AdversarialResult:
     """Measured worst output error for ``failures[l]`` failed neurons in hidden layer ``l``.
 
     Heuristic search, two rounds of: candidate sets (greedy over a pool of inputs, plus
@@ -296,6 +297,8 @@ def worst_neuron_failures(net: Network, failures: Sequence[int], fault: str = "c
     need ``capacity`` (``|v| <= C``). ``screen``: in a layer with more neurons than this, each
     greedy or swap step evaluates exactly only the ``screen`` candidates that a first-order
     estimate ranks highest (0: every neuron; the cost of a step grows with the candidates).
+    ``progress(fraction, message)`` is called after every candidate set and every ascent (the
+    fraction of the search done, an estimate); it does not change the search.
     """
     check(isinstance(net, Network), f"expected a hwrel Network, got {type(net).__name__}")
     check(fault in ("crash", "byzantine"), f"unknown neuron fault {fault!r}: use crash or byzantine")
@@ -313,7 +316,16 @@ def worst_neuron_failures(net: Network, failures: Sequence[int], fault: str = "c
     budget = {n: f for n, f in zip(net.layers, counts) if f > 0}
     pool = _pool(search.net, inputs, pool_size, g)
     best: tuple[float, Sets, Values, Tensor] = (-1.0, {}, {}, pool[:1])
-    for _ in range(2 if budget else 1):
+    rounds = 2 if budget else 1
+    asc = max(1, restarts // 2) if budget and steps else 0
+    per_round, done = 1 + restarts + asc, [0]
+
+    def said(what: str) -> None:
+        done[0] += 1
+        if progress is not None:
+            progress(min(1.0, done[0] / (rounds * per_round)), f"adversarial search: {what}")
+
+    for rnd in range(rounds):
         # Candidate sets: greedy, then seeded random sets; each refined by swap local search.
         cands = [search.greedy(pool, budget)] + [search.random_set(budget, g) for _ in range(restarts)]
         scored = []
@@ -324,6 +336,7 @@ def worst_neuron_failures(net: Network, failures: Sequence[int], fault: str = "c
             k = int(err.argmax())
             if float(err[k]) > best[0]:
                 best = (float(err[k]), sets, values, pool[k:k + 1])
+            said(f"round {rnd + 1} of {rounds}, candidate set {len(scored)} of {len(cands)}")
         if not budget or not steps:
             break
         new_x = []
@@ -338,6 +351,7 @@ def worst_neuron_failures(net: Network, failures: Sequence[int], fault: str = "c
                 if e > best[0]:
                     best = (e, sets, row, xs[r:r + 1])
             new_x.append(xs)
+            said(f"round {rnd + 1} of {rounds}, input ascent {len(new_x)}")
         pool = torch.cat([pool, *new_x])  # second round: search again over the enriched pool
     _, sets, values, x = best
     fsets = tuple(tuple(sets.get(n, [])) for n in net.layers)

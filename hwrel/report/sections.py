@@ -213,8 +213,12 @@ def _measure(net: Network, x: Tensor, bounds: pd.DataFrame, faults, random_sets:
             vec[r.layer - 1] = int(r.failures)
             opts = dict(adversarial)
             n_in = opts.pop("inputs", 32)
+            at = len(out) / len(bounds)
+            step = (lambda f, m, at=at, r=r: progress(at + f / len(bounds),  # noqa: E731
+                                                      f"{r.fault} {r.layer_name} f={r.failures}: {m}")
+                    ) if progress is not None else None
             res = adv.worst_neuron_failures(net, vec, fm.kind, capacity=fm.capacity, inputs=x32[:n_in],
-                                            seed=seed, **opts)
+                                            seed=seed, progress=step, **opts)
             worst_adv = res.max_abs_delta
         msg = f"measured {r.fault} {r.layer_name} f={r.failures}: random {rnd:.4g}, adversarial {worst_adv:.4g}"
         if progress is not None:
