@@ -363,7 +363,8 @@ def prepare(model: LoadedModel, data: Any = None, *, calibration: Any = None,
         y, source = ds.y, str(ds.path) if ds.path is not None else "data"
     elif ref is not None:
         x, y, source = ref.x_test, ref.y_test, f"the built-in {model.name} test split"
-    dtype = x.dtype if x is not None and not x.is_floating_point() else torch.float32
+    # token ids in the data: an integer export; no data: the model's own input type
+    dtype = None if x is None else (x.dtype if not x.is_floating_point() else torch.float32)
     module = model.module_for(shape, dtype) if shape is not None else model.module
     outputs = None
     where = ds.where if ds is not None else "data"

@@ -61,9 +61,10 @@ class LoadedModel:
     input_shape: tuple[int, ...] | None = None
     _exported: dict = field(default_factory=dict, repr=False)
 
-    def module_for(self, input_shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> nn.Module:
+    def module_for(self, input_shape: tuple[int, ...], dtype: torch.dtype | None = None) -> nn.Module:
         """The module to analyse for inputs of ``input_shape`` and ``dtype`` (``torch.long`` for a
-        language model's token ids). A Hugging Face model's forward checks shapes in Python, which
+        language model's token ids; None: the model's own, token ids where its main input is
+        ``input_ids``, else float32). A Hugging Face model's forward checks shapes in Python, which
         torch.fx cannot trace: it is exported once per shape and dtype with ``torch.export`` (a
         dynamic batch) and rebuilt from ``nn`` modules (:func:`modules_from_export`), which compute
         the same outputs; where no module rule covers an operation (``aten.embedding``, ...), the
@@ -71,6 +72,9 @@ class LoadedModel:
         if self.kind != "Hugging Face":
             return self.module
         shape = tuple(int(d) for d in input_shape)
+        if dtype is None:
+            takes_tokens = getattr(getattr(self.module, "model", None), "main_input_name", None) == "input_ids"
+            dtype = torch.long if takes_tokens else torch.float32
         if (shape, dtype) not in self._exported:
             self._exported[(shape, dtype)] = _export(self.module, shape, dtype, self.path)
         return self._exported[(shape, dtype)]

@@ -629,3 +629,14 @@ def test_no_bound_is_violated_by_random_crashes(name: str, root: Path) -> None:
             assert calls == [1] * L, (name, calls)  # each hidden layer is one module call
         assert worst > 0, (name, f)  # the crashes do reach the output
         assert_sound(res, worst, f"{name} f={f}")
+
+
+def test_a_language_model_folder_without_data_is_exported_for_token_ids(root: Path) -> None:
+    """No --data: a folder whose main input is ``input_ids`` is exported with integer token ids
+    (a float example made the export fail on the embedding), so the bounds' refusal names the
+    embedding itself."""
+    e = entry("hf-gpt2", root)
+    rc, out, err = _run(["bound", e.cli[0], "--input-shape", str(e.x.shape[1]), "--failures", "1"])
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and not out, err
+    assert "aten.embedding" in lines[0] and "cannot export" not in lines[0], lines[0]
