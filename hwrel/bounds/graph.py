@@ -1,0 +1,530 @@
+"""Sound neuron-failure bounds on general graphs: ViTs, LLaMA-style LMs, anything ``torch.fx`` traces
+into the operations of :mod:`hwrel.bounds.graph_rules`.
+
+:class:`hwrel.network.Network` covers MLPs and CNNs; the models people deploy add LayerNorm,
+RMSNorm, softmax, attention, embeddings, products of two activations and index shuffles
+(reshape, permute, slicing, ``cat``). This module interprets the model's ``torch.fx`` graph on
+bounds instead of tensors: every node gets a :class:`~hwrel.bounds.graph_rules.Val` (the clean
+interval over the input box, and how far the faulty forward can be from the clean one). Values
+that do not depend on the input (position tables, masks, shapes, token embeddings of fixed ids)
+are computed by running the operation itself.
+
+Fault model (the paper's, on this graph): the *layers* are the activation nodes (GELU, ReLU, SiLU,
+... modules or functions), in graph order; ``failures[l]`` elements of layer ``l``'s output (any of
+them, per sample) crash to 0 or turn Byzantine (``|value| <= capacity``). The bound on each output
+coordinate is **sound**: it holds for every input in the box, every choice of the failed elements
+and in the model's float32 forward (see :mod:`hwrel.bounds.graph_rules` for each rule's argument and
+the rounding assumptions). Checked against exact injection in ``tests/test_graph_bounds.py``.
+
+The paper's Fep itself does not apply to these graphs: a LayerNorm has no Lipschitz constant
+independent of its input's spread, and a product of two activations none on an unbounded domain;
+the bounds here are domain-aware instead.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hwrel import activations as A
+from hwrel.bounds import graph_rules as R
+from hwrel.bounds.faults import FaultModel, as_fault
+from hwrel.bounds.fp32 import local_rounding
+from hwrel.bounds.ibp import affine_interval
+from hwrel.bounds.interval import affine_topsum
+from hwrel.errors import HwrelError, UnsupportedLayerError
+from hwrel.network import Affine, Node
+
+_PASS = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)
+_INDEX_METHODS = {"reshape", "view", "permute", "transpose", "flatten", "unsqueeze", "squeeze", "contiguous",
+                  "expand", "unflatten", "chunk", "split", "unbind", "movedim", "clone", "detach", "float"}
+_INDEX_FUNCTIONS = {torch.reshape, torch.permute, torch.transpose, torch.flatten, torch.unsqueeze,
+                    torch.squeeze, torch.chunk, torch.split, torch.unbind, torch.movedim}
+_ACT_FUNCTIONS: dict[Any, Callable[..., A.Activation]] = {
+    F.relu: A.relu, torch.relu: A.relu, F.silu: A.silu, F.hardswish: A.hardswish, F.mish: A.mish,
+    torch.sigmoid: A.sigmoid, F.sigmoid: A.sigmoid, torch.tanh: A.tanh, F.tanh: A.tanh, F.relu6: A.relu6,
+}
+_ACT_METHODS = {"relu": A.relu, "sigmoid": A.sigmoid, "tanh": A.tanh}
+
+
+def _label(n: fx.Node) -> str:
+    t = n.target
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """The model's ``torch.fx`` graph (standard leaves: torch.nn modules). One-line error if it
+    does not trace (data-dependent control flow, ...)."""
+    if isinstance(model, fx.GraphModule):
+        return model
+    try:
+        # checked before tracing: the tracer intercepts module calls made while it runs
+        tracer = _Tracer({id(m) for m in model.modules() if _rms_params(m) is not None})
+        graph = tracer.trace(model)
+        return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    except Exception as exc:  # fx raises many types for dynamic code
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsupportedLayerError(f"cannot trace {type(model).__name__} with torch.fx: {first}") from None
+
+
+class _Tracer(fx.Tracer):
+    """torch.nn modules are leaves, and so are RMSNorm modules written out by hand (LLaMA's,
+    Hugging Face's ``LlamaRMSNorm``) once checked to compute exactly that (:func:`_rms_params`)."""
+
+    def __init__(self, rms: set[int]):
+        super().__init__()
+        self.rms = rms
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return id(m) in self.rms or super().is_leaf_module(m, qualname)
+
+
+def _rms_params(m: nn.Module) -> tuple[Tensor, float] | None:
+    """``(weight, eps)`` of a module that computes ``x / sqrt(mean(x^2) + eps) * weight`` over the
+    last dimension (checked on random inputs, to 1e-5 relative), else None."""
+    if hasattr(nn, "RMSNorm") and isinstance(m, nn.RMSNorm):
+        return None  # handled as a torch.nn module
+    if "rmsnorm" not in type(m).__name__.lower():
+        return None
+    w = getattr(m, "weight", None)
+    eps = getattr(m, "eps", getattr(m, "variance_epsilon", None))
+    if not isinstance(w, Tensor) or w.dim() != 1 or not isinstance(eps, (int, float)):
+        return None
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, w.numel(), generator=g) * torch.tensor([1e-3, 1.0, 30.0]).reshape(1, 3, 1)
+    with torch.no_grad():
+        try:
+            got = m(x)
+        except Exception:  # noqa: BLE001 - not the module we look for
+            return None
+        want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + float(eps)) * w
+    if not isinstance(got, Tensor) or got.shape != want.shape or not torch.allclose(got, want, rtol=1e-5, atol=1e-6):
+        return None
+    return w.detach(), float(eps)
+
+
+def _activation_of(gm: fx.GraphModule, n: fx.Node) -> A.Activation | None:
+    from hwrel.extract import _activation_from
+
+    if n.op == "call_module":
+        return _activation_from(str(n.target), gm.get_submodule(str(n.target)))
+    if n.op == "call_function":
+        if n.target is F.gelu:
+            approx = n.kwargs.get("approximate", "none")
+            return A.gelu(approx) if approx in ("none", "tanh") else None
+        if n.target in _ACT_FUNCTIONS and not n.kwargs.get("inplace", False):
+            return _ACT_FUNCTIONS[n.target]()
+    if n.op == "call_method" and n.target in _ACT_METHODS:
+        return _ACT_METHODS[n.target]()
+    return None
+
+
+def _layer_name(n: fx.Node) -> str:
+    return str(n.target) if n.op == "call_module" else n.name
+
+
+def graph_layers(model: nn.Module) -> list[str]:
+    """Names of the failure layers, in graph order: activation module paths (``blocks.0.act``), or
+    the fx node name of a functional activation (``silu``)."""
+    gm = trace(model)
+    return [_layer_name(n) for n in gm.graph.nodes if _activation_of(gm, n) is not None]
+
+
+@dataclass
+class GraphBound:
+    """Result of :func:`graph_bound`: ``bound[b, j]`` bounds ``|faulty - clean|`` of output
+    coordinate ``j`` for every input in box ``b`` (sound), ``layers`` the failure layers."""
+
+    bound: Tensor
+    layers: list[str]
+    failures: dict[str, int]
+
+
+def _counts(layers: list[str], failures: Sequence[int] | dict[str, int]) -> dict[str, int]:
+    if isinstance(failures, dict):
+        unknown = [k for k in failures if k not in layers]
+        if unknown:
+            raise HwrelError(f"failures name {unknown[0]!r}, which is not a layer; layers: {', '.join(layers)}")
+        out = {k: int(v) for k, v in failures.items()}
+    else:
+        failures = list(failures)
+        if len(failures) != len(layers):
+            raise HwrelError(f"failures has {len(failures)} entries but the model has {len(layers)} failure "
+                             f"layers ({', '.join(layers) or 'none'})")
+        out = dict(zip(layers, (int(f) for f in failures)))
+    bad = [k for k, v in out.items() if v < 0]
+    if bad:
+        raise HwrelError(f"failure count for layer {bad[0]} must be >= 0, got {out[bad[0]]}")
+    return out
+
+
+@torch.no_grad()
+def graph_bound(model: nn.Module, failures: Sequence[int] | dict[str, int], fault: str | FaultModel = "crash",
+                *, lo: Tensor, hi: Tensor | None = None, capacity: float | None = None) -> GraphBound:
+    """Sound bound on every output coordinate's error when ``failures[l]`` elements of layer ``l``
+    fail, for every input in the box ``[lo, hi]`` (batched, ``(B, *input_shape)``; ``hi=None``: the
+    points ``lo``, e.g. token ids). Units: those of the model's output. Raises
+    :class:`UnsupportedLayerError` naming the first node no rule covers."""
+    fault = as_fault(fault, capacity)
+    if fault.synapse:
+        raise HwrelError(f"fault {fault.kind!r}: the graph bounds cover neuron faults (crash, byzantine)")
+    gm = trace(model)
+    layers = [_layer_name(n) for n in gm.graph.nodes if _activation_of(gm, n) is not None]
+    counts = _counts(layers, failures)
+    points = hi is None or bool((lo == hi).all())
+    hi = lo if hi is None else hi
+    if points:  # the clean float32 forward recorded; rounding counted only where a fault reaches
+        record = _record(gm, lo)
+        with R.rounding_mode(R.RECORDED):
+            out = _Interpreter(gm, fault, counts, record).run(lo, hi)
+        bound = _output(out).resolved()
+    else:  # exact intervals; the faulty and the clean float32 forward each within e of exact
+        bound = _output(_Interpreter(gm, fault, counts).run(lo, hi)).resolved()
+        bound = bound + (_output(_Interpreter(gm, fault, {}).run(lo, hi)).resolved() if any(counts.values()) else bound)
+    return GraphBound(bound.flatten(1), layers, counts)
+
+
+def _output(out: Any) -> R.Val:
+    if isinstance(out, Tensor) and out.is_floating_point():  # no fault reaches it: exactly the clean output
+        return R.Val.const(out)
+    if not isinstance(out, R.Val):
+        raise UnsupportedLayerError("model output is not one tensor that depends on the input")
+    return out
+
+
+def _record(gm: fx.GraphModule, x: Tensor) -> dict[str, Any]:
+    """Every node's value in the model's own float32 forward of ``x`` (no gradients)."""
+    values: dict[str, Any] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            out = super().run_node(n)
+            values[n.name] = out
+            return out
+
+    from hwrel.inject.general_sites import plain_forward
+
+    with plain_forward():
+        Recorder(gm).run(x)
+    return values
+
+
+class _Interpreter:
+    def __init__(self, gm: fx.GraphModule, fault: FaultModel, counts: dict[str, int],
+                 record: dict[str, Any] | None = None):
+        self.gm, self.fault, self.counts, self.record = gm, fault, counts, record
+        self.affines: dict[str, Node] = {}
+
+    def run(self, lo: Tensor, hi: Tensor) -> Any:
+        env: dict[fx.Node, Any] = {}
+        for n in self.gm.graph.nodes:
+            if n.op == "placeholder":
+                if not lo.is_floating_point():
+                    env[n] = lo  # token ids: a fixed input, not a box
+                else:
+                    if (hi < lo).any():
+                        raise HwrelError("input box has lo > hi")
+                    env[n] = R.Val(lo.double(), hi.double(), torch.zeros_like(lo, dtype=torch.float64))
+                continue
+            if n.op == "output":
+                return fx.node.map_arg(n.args[0], lambda a: env[a])
+            args = fx.node.map_arg(n.args, lambda a: env[a])
+            kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a])
+            try:
+                out = self._eval(n, args, kwargs)
+            except (HwrelError, UnsupportedLayerError):
+                raise
+            except Exception as exc:  # a rule's shape assumption broken by an unusual call
+                raise UnsupportedLayerError(f"node {n.name} ({_label(n)}): no bound rule applies "
+                                            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+            if self.record is not None:
+                out = _recorded(out, self.record.get(n.name))
+            act = _activation_of(self.gm, n)
+            if act is not None and isinstance(out, (R.Val, Tensor)):
+                f = self.counts.get(_layer_name(n), 0)
+                if f:
+                    out = _val(out)
+                    d = self.fault.delta(out.mag())
+                    out = R.Val(out.lo, out.hi, out.e, torch.relu(d - out.e), f)
+            env[n] = out
+        raise HwrelError("graph has no output")  # pragma: no cover
+
+    # --- dispatch ----------------------------------------------------------------------------
+
+    def _eval(self, n: fx.Node, args: tuple, kwargs: dict) -> Any:
+        if n.op == "get_attr":
+            return _attr(self.gm, str(n.target))
+        has_val = any(isinstance(a, R.Val) for a in _flat(args, kwargs))
+        if not has_val:  # depends on constants only: the model's own computation
+            return self._concrete(n, args, kwargs)
+        act = _activation_of(self.gm, n)
+        if act is not None:
+            return _act(act, _val(args[0]))
+        if n.op == "call_module":
+            return self._module(n, self.gm.get_submodule(str(n.target)), args, kwargs)
+        t, label = n.target, _label(n)
+        if n.op == "call_method" and t in _INDEX_METHODS or n.op == "call_function" and t in _INDEX_FUNCTIONS:
+            return _index(n, args, kwargs)
+        if t is operator.getitem:
+            return _index(n, args, kwargs)
+        if t is getattr:
+            return getattr(args[0].lo, args[1])
+        if n.op == "call_method" and t in ("size", "dim"):
+            return getattr(args[0].lo, t)(*args[1:], **kwargs)
+        if t in (operator.add, torch.add, operator.iadd) or t == "add":
+            if kwargs.get("alpha", 1) != 1:
+                raise UnsupportedLayerError(f"node {n.name} ({label}): add with alpha")
+            return R.add(_val(args[0]), _val(args[1]))
+        if t in (operator.sub, torch.sub) or t == "sub":
+            return R.add(_val(args[0]), _val(args[1]), -1.0)
+        if t in (operator.neg, torch.neg) or t == "neg":
+            return R.scale(_val(args[0]), -1.0)
+        if t in (operator.mul, torch.mul) or t == "mul":
+            return _mul(args[0], args[1])
+        if t in (operator.truediv, torch.div) or t == "div":
+            if isinstance(args[1], R.Val) or kwargs.get("rounding_mode") is not None:
+                raise UnsupportedLayerError(f"node {n.name} ({label}): division by a bounded tensor has no rule")
+            c = args[1]
+            return R.scale(_val(args[0]), 1.0 / (c.double() if isinstance(c, Tensor) else float(c)))
+        if t in (operator.matmul, torch.matmul, torch.bmm) or t in ("matmul", "bmm"):
+            return R.matmul(_val(args[0]), _val(args[1]))
+        if t is F.linear:
+            w = args[1] if len(args) > 1 else kwargs["weight"]
+            b = args[2] if len(args) > 2 else kwargs.get("bias")
+            if isinstance(w, R.Val) or isinstance(b, R.Val):
+                raise UnsupportedLayerError(f"node {n.name} (linear): a bounded weight has no rule")
+            return self._affine(n.name, Affine("linear", w.detach().float(), None if b is None else b.detach().float()),
+                                args[0])
+        if t in (torch.cat, torch.concat, torch.stack):
+            return _cat(t, args, kwargs)
+        if t in (F.softmax, torch.softmax) or t == "softmax":
+            dim = args[1] if len(args) > 1 else kwargs.get("dim")
+            return _softmax(_val(args[0]), dim)
+        if t is F.layer_norm:
+            return _layer_norm(n, args, kwargs)
+        if t is F.scaled_dot_product_attention:
+            return _sdpa(n, args, kwargs)
+        if t in (torch.mean,) or t == "mean":
+            return _mean(n, args, kwargs)
+        if t in (operator.pow, torch.pow) or t == "pow":
+            if args[1] != 2:
+                raise UnsupportedLayerError(f"node {n.name} (pow): only the square has a rule, got exponent {args[1]}")
+            return R.power2(_val(args[0]))
+        if t in (torch.square,) or t == "square":
+            return R.power2(_val(args[0]))
+        if t in (torch.rsqrt,) or t == "rsqrt":
+            return R.rsqrt(_val(args[0]))
+        raise UnsupportedLayerError(f"node {n.name}: operation {label} has no bound rule")
+
+    def _concrete(self, n: fx.Node, args: tuple, kwargs: dict) -> Any:
+        if n.op == "call_module":
+            return self.gm.get_submodule(str(n.target))(*args, **kwargs)
+        if n.op == "call_method":
+            return getattr(args[0], str(n.target))(*args[1:], **kwargs)
+        return n.target(*args, **kwargs)
+
+    def _module(self, n: fx.Node, m: nn.Module, args: tuple, kwargs: dict) -> Any:
+        name = str(n.target)
+        if isinstance(m, _PASS):
+            return args[0]
+        if isinstance(m, (nn.Linear, nn.Conv2d)) or type(m).__name__ in ("QuantLinear", "QuantConv2d"):
+            if name not in self.affines:
+                from hwrel.extract import _affine_from
+
+                self.affines[name] = _affine_from(name, m)
+            return self._affine(name, self.affines[name], args[0])
+        if isinstance(m, nn.LayerNorm):
+            if len(m.normalized_shape) != 1:
+                raise UnsupportedLayerError(f"layer {name} (LayerNorm): only normalization over the last "
+                                            f"dimension has a rule, got {tuple(m.normalized_shape)}")
+            return R.layer_norm(_val(args[0]), m.weight, m.bias, float(m.eps))
+        if hasattr(nn, "RMSNorm") and isinstance(m, nn.RMSNorm):
+            if len(m.normalized_shape) != 1:
+                raise UnsupportedLayerError(f"layer {name} (RMSNorm): only the last dimension has a rule")
+            eps = torch.finfo(torch.float32).eps if m.eps is None else float(m.eps)
+            return R.rms_norm(_val(args[0]), m.weight, eps)
+        rms = _rms_params(m) if "rmsnorm" in type(m).__name__.lower() else None
+        if rms is not None:
+            return R.rms_norm(_val(args[0]), rms[0], rms[1])
+        if isinstance(m, nn.Softmax):
+            return _softmax(_val(args[0]), m.dim)
+        if isinstance(m, nn.Flatten):
+            return _val(args[0]).map(lambda t: t.flatten(m.start_dim, m.end_dim))
+        raise UnsupportedLayerError(f"layer {name} ({type(m).__name__}) has no bound rule")
+
+    def _affine(self, name: str, a: Affine, x: Any) -> R.Val:
+        x = _val(x)
+        a64 = replace(a, weight=a.weight.double(), bias=None if a.bias is None else a.bias.double(),
+                      scale=None, zero_point=None, codes=None, fold_magnitude=None)
+        node = Node(name, "affine", (0,), tuple(x.shape[1:]), affine=a64)
+        lo, hi = affine_interval(node, x.lo, x.hi)
+        e = a64.abs_map(x.e)
+        if x.extra is not None:
+            e = e + affine_topsum(node, x.extra, x.f)
+        r = local_rounding(node, [x.fmag()])
+        return R.finish(lo, hi, e, r)
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+def _recorded(out: Any, rec: Any) -> Any:
+    """The rule's bounds with the clean value replaced by the recorded float32 one."""
+    if isinstance(out, R.Val) and isinstance(rec, Tensor) and rec.shape == out.shape:
+        v = rec.double()
+        return R.Val(v, v, out.e, out.extra, out.f)
+    if isinstance(out, tuple) and isinstance(rec, (tuple, list)) and len(rec) == len(out):
+        return tuple(_recorded(o, r) for o, r in zip(out, rec))
+    return out
+
+
+def _attr(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj.detach() if isinstance(obj, Tensor) else obj
+
+
+def _flat(args: tuple, kwargs: dict) -> list[Any]:
+    out: list[Any] = []
+
+    def walk(a: Any) -> None:
+        if isinstance(a, (tuple, list)):
+            for b in a:
+                walk(b)
+        elif isinstance(a, dict):
+            for b in a.values():
+                walk(b)
+        else:
+            out.append(a)
+
+    walk(args)
+    walk(kwargs)
+    return out
+
+
+def _val(x: Any) -> R.Val:
+    if isinstance(x, R.Val):
+        return x
+    if isinstance(x, Tensor):
+        return R.Val.const(x)
+    if isinstance(x, (int, float)):
+        return R.Val.const(torch.tensor(float(x)))
+    raise UnsupportedLayerError(f"expected a tensor, got {type(x).__name__}")
+
+
+def _act(act: A.Activation, x: R.Val) -> R.Val:
+    node = Node("act", "act", (0,), tuple(x.shape[1:]), act=act)
+
+    def rounding(in_mag: Tensor, out_mag: Tensor) -> Tensor | float:
+        return local_rounding(node, [in_mag], out_mag)
+
+    return R.activation(act, x, rounding)
+
+
+def _mul(a: Any, b: Any) -> R.Val:
+    if isinstance(a, R.Val) and isinstance(b, R.Val) and not (a.exact or b.exact):
+        return R.mul(a, b)
+    if not isinstance(a, R.Val) or a.exact and isinstance(b, R.Val):
+        a, b = b, a
+    c = b.lo if isinstance(b, R.Val) else b
+    return R.scale(a, c.double() if isinstance(c, Tensor) else float(c))
+
+
+def _index(n: fx.Node, args: tuple, kwargs: dict) -> Any:
+    """Index maps (reshape, permute, slicing, chunk, ...) apply alike to every part of a Val."""
+    x = args[0]
+    if not isinstance(x, R.Val):  # e.g. indexing a shape tuple
+        return operator.getitem(*args) if n.target is operator.getitem else None
+    if n.op == "call_method":
+        method = str(n.target)
+        if method in ("float", "contiguous", "clone", "detach"):
+            return x
+        fn = lambda t: getattr(t, method)(*args[1:], **kwargs)  # noqa: E731
+    elif n.target is operator.getitem:
+        idx = args[1]
+        fn = lambda t: t[idx]  # noqa: E731
+    else:
+        fn = lambda t: n.target(t, *args[1:], **kwargs)  # noqa: E731
+    parts = [fn(t) for t in (x.lo, x.hi, x.e)] + ([fn(x.extra)] if x.extra is not None else [None])
+    if isinstance(parts[0], (tuple, list)):
+        k = len(parts[0])
+        return tuple(R.Val(parts[0][i], parts[1][i], parts[2][i],
+                           None if parts[3] is None else parts[3][i], x.f) for i in range(k))
+    return R.Val(parts[0], parts[1], parts[2], parts[3], x.f)
+
+
+def _cat(t: Any, args: tuple, kwargs: dict) -> R.Val:
+    vals = [_val(v).plain() for v in args[0]]
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    join = torch.stack if t is torch.stack else torch.cat
+    return R.Val(join([v.lo for v in vals], dim), join([v.hi for v in vals], dim), join([v.e for v in vals], dim))
+
+
+def _last(x: R.Val, dim: int, rule: Callable[[R.Val], R.Val]) -> R.Val:
+    """Apply a last-dimension rule along ``dim``."""
+    nd = len(x.shape)
+    dim = dim % nd
+    if dim == nd - 1:
+        return rule(x)
+    return rule(x.map(lambda t: t.movedim(dim, -1))).map(lambda t: t.movedim(-1, dim))
+
+
+def _softmax(x: R.Val, dim: Any) -> R.Val:
+    if dim is None:
+        raise UnsupportedLayerError("softmax without dim has no rule")
+    return _last(x, int(dim), R.softmax)
+
+
+def _layer_norm(n: fx.Node, args: tuple, kwargs: dict) -> R.Val:
+    shape = args[1] if len(args) > 1 else kwargs["normalized_shape"]
+    w = args[2] if len(args) > 2 else kwargs.get("weight")
+    b = args[3] if len(args) > 3 else kwargs.get("bias")
+    eps = args[4] if len(args) > 4 else kwargs.get("eps", 1e-5)
+    if len(shape) != 1 or isinstance(w, R.Val) or isinstance(b, R.Val):
+        raise UnsupportedLayerError(f"node {n.name} (layer_norm): only the last dimension with constant "
+                                    "weight and bias has a rule")
+    return R.layer_norm(_val(args[0]), w, b, float(eps))
+
+
+def _mean(n: fx.Node, args: tuple, kwargs: dict) -> R.Val:
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    keep = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    if dim is None:
+        raise UnsupportedLayerError(f"node {n.name} (mean): a mean over all dimensions mixes the batch")
+    x = _val(args[0])
+    dims = [dim] if isinstance(dim, int) else list(dim)
+    if len(dims) != 1:
+        raise UnsupportedLayerError(f"node {n.name} (mean): only a mean over one dimension has a rule")
+    d = dims[0] % len(x.shape)
+    if d == 0:
+        raise UnsupportedLayerError(f"node {n.name} (mean): a mean over the batch dimension has no rule")
+    return R.mean(x, d, bool(keep))
+
+
+def _sdpa(n: fx.Node, args: tuple, kwargs: dict) -> R.Val:
+    names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale"]
+    p = dict(zip(names, args))
+    p.update(kwargs)
+    if p.get("dropout_p", 0.0) or p.get("enable_gqa", False):
+        raise UnsupportedLayerError(f"node {n.name} (scaled_dot_product_attention): dropout or GQA has no rule")
+    q, k, v = (_val(p[key]) for key in ("query", "key", "value"))
+    L, S = q.shape[-2], k.shape[-2]
+    scale = p.get("scale") or 1.0 / math.sqrt(q.shape[-1])
+    masked = None
+    if p.get("is_causal", False):
+        masked = torch.ones(L, S, dtype=torch.bool).tril().logical_not()
+    mask = p.get("attn_mask")
+    if mask is not None:
+        if isinstance(mask, R.Val):
+            raise UnsupportedLayerError(f"node {n.name} (scaled_dot_product_attention): an input-dependent mask")
+        if mask.dtype != torch.bool:
+            raise UnsupportedLayerError(f"node {n.name} (scaled_dot_product_attention): a float mask has no rule; "
+                                        "use a boolean mask or is_causal")
+        masked = ~mask if masked is None else masked | ~mask
+    return R.attention(q, k, v, float(scale), masked)
