@@ -104,6 +104,28 @@ def test_bitwidth_certified_only_option_is_a_one_line_error(capsys):
 
 
 def test_bounds_refusal_points_to_the_measuring_commands(capsys):
-    rc, out, err = _run(capsys, "bound", "text-gpt", "--failures", "1")
+    rc, out, err = _run(capsys, "tolerance", "text-gpt", "--epsilon", "1")
     assert rc != 0 and "\n" not in err.strip()
     assert "layer tok (torch.nn.modules.sparse.Embedding)" in err and "hwrel inject, seu, bitwidth" in err
+
+
+def test_bound_runs_on_the_graph_of_a_vit_and_a_language_model(capsys, vit_data):
+    """``hwrel bound`` where the Network bounds refuse: the graph bounds, per input and over the
+    domain (a ViT), per input only (token ids are not a box), the paper's Fep not applicable."""
+    from hwrel.bounds.certify import certified_from_bounds
+    from hwrel.bounds.graph import graph_bound
+
+    rc, out, _ = _run(capsys, "bound", "mnist-vit", "--data", str(vit_data), "--failures", "0,1", "--json")
+    assert rc == 0
+    r = json.loads(out)
+    assert r["path"] == "graph" and r["layers"] == ["blocks.0.act", "blocks.1.act"] and r["failures"] == [0, 1]
+    assert r["paper"].startswith("not applicable") and r["inputs"] == 24 and r["bound"] >= r["per_input_max"] > 0
+    ref = models.load("mnist-vit")
+    x = ref.x_test[:24]
+    gb = graph_bound(ref.module, [0, 1], lo=x)
+    assert r["per_input_max"] == pytest.approx(float(gb.bound.amax(1).max()))
+    flags = certified_from_bounds(ref.module(x).double(), gb.bound)[1]
+    assert r["certified_fraction"] == pytest.approx(float(flags.double().mean()))
+    rc, out, _ = _run(capsys, "bound", "text-gpt", "--failures", "0,1")
+    assert rc == 0
+    assert "graph     not applicable: token inputs are not a box" in out and "test inputs (sound per input)" in out

@@ -516,6 +516,8 @@ def _commands(e: Entry, layers: int = 1) -> dict[str, list[str]]:
 # naming the node and the operation.
 COMMANDS_ON_GENERAL: tuple[str, ...] = ("seu", "bitwidth")
 REFUSED_ON_GENERAL = ("bound", "tolerance")
+# ... except ``bound`` where the graph bounds (hwrel.bounds.graph) have a rule for every operation
+GRAPH_BOUNDED = ("mnist-vit", "text-gpt", "gpt")
 
 
 @pytest.mark.parametrize("name", ZOO)
@@ -534,7 +536,18 @@ def test_every_command_runs(name: str, root: Path) -> None:
     if not e.bounds:
         cmds = _commands(e)
         # a folder is exported again by every command (~4 s): one refusal there, the same code path
-        for cmd in REFUSED_ON_GENERAL[:1] if name.startswith("hf-") else REFUSED_ON_GENERAL:
+        refused = REFUSED_ON_GENERAL[:1] if name.startswith("hf-") else REFUSED_ON_GENERAL
+        if name in GRAPH_BOUNDED:
+            from hwrel.bounds.graph import graph_layers
+
+            layers = len(graph_layers(e.model))
+            rc, out, err = _run(_commands(e, layers)["bound"])
+            assert rc == 0, err
+            b = json.loads(out)
+            assert b["path"] == "graph" and len(b["layer_sizes"]) == layers and b["failures"][0] == 1
+            assert 0 < b["per_input_max"] < math.inf and b["inputs"] >= 1
+            refused = tuple(c for c in refused if c != "bound")
+        for cmd in refused:
             rc, out, err = _run(cmds[cmd])
             lines = [ln for ln in err.splitlines() if ln.strip()]
             assert rc == 2 and len(lines) == 1 and not out, (cmd, err)

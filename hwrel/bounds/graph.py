@@ -62,6 +62,11 @@ def trace(model: nn.Module) -> fx.GraphModule:
     """The model's ``torch.fx`` graph (standard leaves: torch.nn modules). One-line error if it
     does not trace (data-dependent control flow, ...)."""
     if isinstance(model, fx.GraphModule):
+        aten = next((n for n in model.graph.nodes
+                     if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)), None)
+        if aten is not None:  # torch.export's ATen graphs: the rules are written for module-level graphs
+            raise UnsupportedLayerError("an exported program (ATen graph): the graph bounds read "
+                                        "module-level torch.fx graphs")
         return model
     try:
         # checked before tracing: the tracer intercepts module calls made while it runs
@@ -241,8 +246,9 @@ class _Interpreter:
             except (HwrelError, UnsupportedLayerError):
                 raise
             except Exception as exc:  # a rule's shape assumption broken by an unusual call
-                raise UnsupportedLayerError(f"node {n.name} ({_label(n)}): no bound rule applies "
-                                            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+                detail = str(exc).splitlines()[0] if str(exc) else ""
+                raise UnsupportedLayerError(f"operation {n.name} ({_label(n)}) with these arguments "
+                                            f"({type(exc).__name__}: {detail}) is not supported") from None
             if self.record is not None:
                 out = _recorded(out, self.record.get(n.name))
             act = _activation_of(self.gm, n)
@@ -279,7 +285,7 @@ class _Interpreter:
             return getattr(args[0].lo, t)(*args[1:], **kwargs)
         if t in (operator.add, torch.add, operator.iadd) or t == "add":
             if kwargs.get("alpha", 1) != 1:
-                raise UnsupportedLayerError(f"node {n.name} ({label}): add with alpha")
+                raise UnsupportedLayerError(f"operation {n.name} ({label}): add with alpha")
             return R.add(_val(args[0]), _val(args[1]))
         if t in (operator.sub, torch.sub) or t == "sub":
             return R.add(_val(args[0]), _val(args[1]), -1.0)
@@ -289,7 +295,7 @@ class _Interpreter:
             return _mul(args[0], args[1])
         if t in (operator.truediv, torch.div) or t == "div":
             if isinstance(args[1], R.Val) or kwargs.get("rounding_mode") is not None:
-                raise UnsupportedLayerError(f"node {n.name} ({label}): division by a bounded tensor has no rule")
+                raise UnsupportedLayerError(f"operation {n.name} ({label}): division by a bounded tensor has no rule")
             c = args[1]
             return R.scale(_val(args[0]), 1.0 / (c.double() if isinstance(c, Tensor) else float(c)))
         if t in (operator.matmul, torch.matmul, torch.bmm) or t in ("matmul", "bmm"):
@@ -298,7 +304,7 @@ class _Interpreter:
             w = args[1] if len(args) > 1 else kwargs["weight"]
             b = args[2] if len(args) > 2 else kwargs.get("bias")
             if isinstance(w, R.Val) or isinstance(b, R.Val):
-                raise UnsupportedLayerError(f"node {n.name} (linear): a bounded weight has no rule")
+                raise UnsupportedLayerError(f"operation {n.name} (linear): a bounded weight has no rule")
             return self._affine(n.name, Affine("linear", w.detach().float(), None if b is None else b.detach().float()),
                                 args[0])
         if t in (torch.cat, torch.concat, torch.stack):
@@ -314,13 +320,13 @@ class _Interpreter:
             return _mean(n, args, kwargs)
         if t in (operator.pow, torch.pow) or t == "pow":
             if args[1] != 2:
-                raise UnsupportedLayerError(f"node {n.name} (pow): only the square has a rule, got exponent {args[1]}")
+                raise UnsupportedLayerError(f"operation {n.name} (pow): only the square has a rule, got exponent {args[1]}")
             return R.power2(_val(args[0]))
         if t in (torch.square,) or t == "square":
             return R.power2(_val(args[0]))
         if t in (torch.rsqrt,) or t == "rsqrt":
             return R.rsqrt(_val(args[0]))
-        raise UnsupportedLayerError(f"node {n.name}: operation {label} has no bound rule")
+        raise UnsupportedLayerError(f"operation {n.name} ({label}) is not supported")
 
     def _concrete(self, n: fx.Node, args: tuple, kwargs: dict) -> Any:
         if n.op == "call_module":
@@ -356,7 +362,7 @@ class _Interpreter:
             return _softmax(_val(args[0]), m.dim)
         if isinstance(m, nn.Flatten):
             return _val(args[0]).map(lambda t: t.flatten(m.start_dim, m.end_dim))
-        raise UnsupportedLayerError(f"layer {name} ({type(m).__name__}) has no bound rule")
+        raise UnsupportedLayerError(f"layer {name} ({type(m).__module__}.{type(m).__name__}) is not supported")
 
     def _affine(self, name: str, a: Affine, x: Any) -> R.Val:
         x = _val(x)
@@ -487,7 +493,7 @@ def _layer_norm(n: fx.Node, args: tuple, kwargs: dict) -> R.Val:
     b = args[3] if len(args) > 3 else kwargs.get("bias")
     eps = args[4] if len(args) > 4 else kwargs.get("eps", 1e-5)
     if len(shape) != 1 or isinstance(w, R.Val) or isinstance(b, R.Val):
-        raise UnsupportedLayerError(f"node {n.name} (layer_norm): only the last dimension with constant "
+        raise UnsupportedLayerError(f"operation {n.name} (layer_norm): only the last dimension with constant "
                                     "weight and bias has a rule")
     return R.layer_norm(_val(args[0]), w, b, float(eps))
 
@@ -496,14 +502,14 @@ def _mean(n: fx.Node, args: tuple, kwargs: dict) -> R.Val:
     dim = args[1] if len(args) > 1 else kwargs.get("dim")
     keep = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
     if dim is None:
-        raise UnsupportedLayerError(f"node {n.name} (mean): a mean over all dimensions mixes the batch")
+        raise UnsupportedLayerError(f"operation {n.name} (mean): a mean over all dimensions mixes the batch")
     x = _val(args[0])
     dims = [dim] if isinstance(dim, int) else list(dim)
     if len(dims) != 1:
-        raise UnsupportedLayerError(f"node {n.name} (mean): only a mean over one dimension has a rule")
+        raise UnsupportedLayerError(f"operation {n.name} (mean): only a mean over one dimension has a rule")
     d = dims[0] % len(x.shape)
     if d == 0:
-        raise UnsupportedLayerError(f"node {n.name} (mean): a mean over the batch dimension has no rule")
+        raise UnsupportedLayerError(f"operation {n.name} (mean): a mean over the batch dimension has no rule")
     return R.mean(x, d, bool(keep))
 
 
@@ -512,7 +518,7 @@ def _sdpa(n: fx.Node, args: tuple, kwargs: dict) -> R.Val:
     p = dict(zip(names, args))
     p.update(kwargs)
     if p.get("dropout_p", 0.0) or p.get("enable_gqa", False):
-        raise UnsupportedLayerError(f"node {n.name} (scaled_dot_product_attention): dropout or GQA has no rule")
+        raise UnsupportedLayerError(f"operation {n.name} (scaled_dot_product_attention): dropout or GQA has no rule")
     q, k, v = (_val(p[key]) for key in ("query", "key", "value"))
     L, S = q.shape[-2], k.shape[-2]
     scale = p.get("scale") or 1.0 / math.sqrt(q.shape[-1])
@@ -522,9 +528,69 @@ def _sdpa(n: fx.Node, args: tuple, kwargs: dict) -> R.Val:
     mask = p.get("attn_mask")
     if mask is not None:
         if isinstance(mask, R.Val):
-            raise UnsupportedLayerError(f"node {n.name} (scaled_dot_product_attention): an input-dependent mask")
+            raise UnsupportedLayerError(f"operation {n.name} (scaled_dot_product_attention): an input-dependent mask")
         if mask.dtype != torch.bool:
-            raise UnsupportedLayerError(f"node {n.name} (scaled_dot_product_attention): a float mask has no rule; "
+            raise UnsupportedLayerError(f"operation {n.name} (scaled_dot_product_attention): a float mask has no rule; "
                                         "use a boolean mask or is_causal")
         masked = ~mask if masked is None else masked | ~mask
     return R.attention(q, k, v, float(scale), masked)
+
+
+def layer_sizes(model: nn.Module, x: Tensor) -> dict[str, int]:
+    """Elements per sample of each failure layer's output, from one forward of ``x[:1]``."""
+    gm = trace(model)
+    values = _record(gm, x[:1])
+    return {_layer_name(n): int(values[n.name][0].numel()) for n in gm.graph.nodes
+            if _activation_of(gm, n) is not None and isinstance(values.get(n.name), Tensor)}
+
+
+@dataclass
+class GraphCertificate:
+    """:func:`graph_certificate`'s result. ``domain_bound``: max over outputs of the bound over the
+    whole input box (None for token inputs, which are not a box); ``per_input``: ``(N,)`` the max
+    over outputs for each test input; ``certified``: ``(N,)`` whether the input's top-1 class provably
+    stays the same (None for sequence outputs)."""
+
+    layers: list[str]
+    sizes: dict[str, int]
+    failures: dict[str, int]
+    domain_bound: float | None
+    per_input: Tensor
+    certified: Tensor | None
+
+
+@torch.no_grad()
+def graph_certificate(model: nn.Module, failures: Sequence[int] | dict[str, int], fault: str | FaultModel = "crash",
+                      *, inputs: Tensor, domain: tuple[float, float] | None = None, capacity: float | None = None,
+                      batch: int = 64, progress: Callable[[int, int], None] | None = None) -> GraphCertificate:
+    """Sound bounds for a model :class:`hwrel.network.Network` does not cover: over the input box
+    ``domain`` (per element, for float inputs) and on each of ``inputs``, with the certified top-1
+    flags of a classifier (:func:`hwrel.bounds.certify.certified_from_bounds`). ``progress(done, total)``
+    is called after every batch of inputs."""
+    from hwrel.bounds.certify import certified_from_bounds
+
+    fault = as_fault(fault, capacity)
+    model = trace(model)
+    sizes = layer_sizes(model, inputs)
+    dom = None
+    if domain is not None and inputs.is_floating_point():
+        lo = torch.full_like(inputs[:1], float(domain[0]))
+        dom = float(graph_bound(model, failures, fault, lo=lo, hi=torch.full_like(lo, float(domain[1]))).bound.max())
+    from hwrel.inject.general_sites import plain_forward
+
+    gm = trace(model)
+    per, flags = [], []
+    layers: list[str] = []
+    counts: dict[str, int] = {}
+    for start in range(0, inputs.shape[0], batch):
+        xb = inputs[start:start + batch]
+        gb = graph_bound(gm, failures, fault, lo=xb)
+        layers, counts = gb.layers, gb.failures
+        per.append(gb.bound.amax(1))
+        with plain_forward():
+            out = gm(xb)
+        if out.dim() == 2:
+            flags.append(certified_from_bounds(out.double(), gb.bound)[1])
+        if progress is not None:
+            progress(min(start + batch, inputs.shape[0]), inputs.shape[0])
+    return GraphCertificate(layers, sizes, counts, dom, torch.cat(per), torch.cat(flags) if flags else None)
