@@ -280,3 +280,61 @@ def test_failure_counts_are_checked(vit):
         graph_bound(vit.module, [1], lo=vit.x_test[:1])
     with pytest.raises(Exception, match="not a layer"):
         graph_bound(vit.module, {"head": 1}, lo=vit.x_test[:1])
+
+
+def test_tiny_gpt_and_byzantine_faults():
+    """A second LLaMA-style LM (token and position embeddings, tests/general_models.py) with random
+    weights, and Byzantine faults (any value up to C) on the ViT: never above the bound."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from general_models import TinyGPT
+
+    torch.manual_seed(0)
+    gpt = TinyGPT().eval()
+    x = torch.randint(0, 32, (6, 12), generator=torch.Generator().manual_seed(1))
+    for failures in ([1, 0], [0, 3]):
+        bound, worst = _measured_vs_bound(gpt, x, failures, trials=8)
+        assert (worst <= bound).all() and bool(worst.max() > 0)
+
+
+def test_byzantine_bound_holds(vit):
+    gm = trace(vit.module)
+    x = vit.x_test[:8]
+    cap = 3.0
+    gb = graph_bound(vit.module, [0, 2], "byzantine", lo=x, hi=x, capacity=cap)
+    crash = graph_bound(vit.module, [0, 2], lo=x, hi=x)
+    assert (gb.bound >= crash.bound).all()
+
+    class Byz(fx.Interpreter):
+        def __init__(self, gm, idx, value):
+            super().__init__(gm)
+            self.idx, self.value = idx, value
+
+        def run_node(self, n):
+            out = super().run_node(n)
+            if _layer_name(n) == "blocks.1.act":
+                out = out.clone()
+                out.view(out.shape[0], -1)[:, self.idx] = self.value
+            return out
+
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        clean = Byz(gm, torch.tensor([], dtype=torch.long), 0.0).run(x)
+        for trial in range(10):
+            idx = torch.randperm(64, generator=g)[:2]  # the class token's row reaches the output
+            value = float(torch.rand((), generator=g) * 2 - 1) * cap
+            change = (Byz(gm, idx, value).run(x) - clean).abs().flatten(1).double()
+            assert (change <= gb.bound).all()
+
+
+def test_bound_grows_with_the_failures(vit):
+    """What ``--at-most`` relies on: more failures never give a smaller bound."""
+    x = vit.x_test[:8]
+    prev = None
+    for failures in ([0, 0], [0, 1], [0, 3], [1, 3], [2, 3]):
+        b = graph_bound(vit.module, failures, lo=x).bound
+        if prev is not None:
+            assert (b >= prev).all(), failures
+        prev = b
