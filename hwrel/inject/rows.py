@@ -49,20 +49,55 @@ class Text:
         return None
 
     def buffers(self) -> tuple[np.ndarray, np.ndarray]:
-        """Arrow's string layout: ``n + 1`` offsets (int64) and the UTF-8 bytes (uint8)."""
-        n, lens = self.n, []
+        """Arrow's string layout: ``n + 1`` offsets (int64) and the UTF-8 bytes (uint8).
+
+        Each segment gets fixed columns of an ``(n, width)`` byte grid (a choice padded, digits
+        right-aligned), the unused cells hold 0 and are dropped row by row: the same bytes as
+        concatenating the pieces (no piece contains a 0 byte; :meth:`_buffers_by_row` if one does)."""
+        n, lens, width = self.n, [], 0
         for seg in self.segments:
             if isinstance(seg, bytes):
                 lens.append(np.full(n, len(seg), dtype=np.int64))
+                width += len(seg)
             elif isinstance(seg, tuple):
                 codes, values = seg
                 lens.append(np.array([len(v) for v in values], dtype=np.int64)[codes] if n else
                             np.zeros(0, dtype=np.int64))
+                width += max((len(v) for v in values), default=0)
             else:
                 check_nonnegative(seg)
                 lens.append(_digits(seg))
+                width += int(lens[-1].max()) if n else 0
         offsets = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(sum(lens, np.zeros(n, dtype=np.int64)), out=offsets[1:])
+        if any(b"\0" in (seg if isinstance(seg, bytes) else b"".join(seg[1])) for seg in self.segments
+               if not isinstance(seg, np.ndarray)):
+            return offsets, self._buffers_by_row(offsets, lens)
+        grid = np.zeros((n, width), dtype=np.uint8)
+        col = 0
+        for seg, length in zip(self.segments, lens):
+            if isinstance(seg, bytes):
+                grid[:, col: col + len(seg)] = np.frombuffer(seg, dtype=np.uint8)
+                col += len(seg)
+            elif isinstance(seg, tuple):
+                codes, values = seg
+                w = max((len(v) for v in values), default=0)
+                table = np.zeros((len(values), w), dtype=np.uint8)
+                for i, v in enumerate(values):
+                    table[i, : len(v)] = np.frombuffer(v, dtype=np.uint8)
+                grid[:, col: col + w] = table[codes]
+                col += w
+            else:
+                w = int(length.max()) if n else 0
+                v = seg.astype(np.int64)
+                for d in range(w):  # digit d (units first) in column col + w - 1 - d
+                    grid[:, col + w - 1 - d] = np.where(length > d, 48 + (v // 10 ** d) % 10, 0)
+                col += w
+        flat = grid.reshape(-1)
+        return offsets, flat[flat != 0]
+
+    def _buffers_by_row(self, offsets: np.ndarray, lens: list[np.ndarray]) -> np.ndarray:
+        """:meth:`buffers`' bytes written piece by piece at each row's offset (any bytes)."""
         data = np.empty(int(offsets[-1]), dtype=np.uint8)
         pos = offsets[:-1].copy()
         for seg, length in zip(self.segments, lens):
@@ -77,11 +112,11 @@ class Text:
                         data[pos[rows, None] + np.arange(len(values[g]))] = np.frombuffer(values[g], dtype=np.uint8)
             else:
                 v = seg.astype(np.int64)
-                for d in range(int(length.max()) if n else 0):
+                for d in range(int(length.max()) if self.n else 0):
                     has = np.nonzero(length > d)[0]
                     data[pos[has] + length[has] - 1 - d] = 48 + (v[has] // 10 ** d) % 10
             pos += length
-        return offsets, data
+        return data
 
     def arrow(self) -> Any:
         """A ``pyarrow.StringArray`` (``large_string`` beyond 2 GiB of text)."""
