@@ -28,12 +28,16 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
 from hwrel.errors import HwrelError
+
+if TYPE_CHECKING:  # pandas only where a table is built: it costs a command's start-up
+    import pandas as pd
 
 RECIPE_VERSION = 1
 INPUT_DOMAIN = (0.0, 1.0)
@@ -680,6 +684,8 @@ def retrain(names: list[str] | None = None, *,
                      "test_accuracy_before": float(old[1]["test_accuracy"]) if old else math.nan,
                      "test_accuracy": accuracy, "changed": changed,
                      "bytes": path.stat().st_size})
+    import pandas as pd
+
     return pd.DataFrame(rows)
 
 
@@ -759,6 +765,8 @@ def describe(*, cache_dir: str | os.PathLike[str] | None = None) -> pd.DataFrame
             "input_domain": recipe.input_domain, "weights": source,
             "test_accuracy": float(acc) if acc is not None else math.nan,
         })
+    import pandas as pd
+
     return pd.DataFrame(rows)
 
 

@@ -24,15 +24,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hwrel.activations import Activation
 from hwrel.errors import HwrelError
+
+if TYPE_CHECKING:  # pandas only where a table is built: it costs a command's start-up
+    import pandas as pd
 
 
 @dataclass(frozen=True)
@@ -283,6 +285,8 @@ class Network:
                 "range_lo": float(lo[i].min()),
                 "range_hi": float(hi[i].max()),
             })
+        import pandas as pd
+
         return pd.DataFrame(rows)
 
     def affine_summary(self) -> pd.DataFrame:
@@ -301,6 +305,8 @@ class Network:
                 "folded_bn": a.folded_bn or "",
                 "batch_norm": a.batch_norm or "",
             })
+        import pandas as pd
+
         return pd.DataFrame(rows)
 
     def __repr__(self) -> str:

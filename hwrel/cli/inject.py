@@ -141,7 +141,7 @@ def _quantize(md: Any, net: Network, fmt: IntFormat) -> tuple[Network, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hwrel.inject.campaign import summarize
+    from hwrel.cli.tables import json_records, to_text
     from hwrel.inject.executors import run_with_executor
     from hwrel.inject.sampling import CampaignSpec
     from hwrel.inject.stats import margin_of_error
@@ -176,41 +176,42 @@ def run(args: argparse.Namespace) -> int:
 
         spec = replace(spec, chunk_size=campaign_chunk(net, len(x), space.num_configs()))
     # --executor local --workers 1 (the default) runs run_campaign in this process
-    df = run_with_executor(args, net, spec, x, y, seed=seed, progress=not args.no_progress,
-                           range_limit=_num(args.range_limit, "--range-limit"))
-    summary = summarize(df, confidence=confidence)
+    # (its rows as hwrel.inject.rows.Rows: no pandas on the single-bit-fault engine path)
+    rows = run_with_executor(args, net, spec, x, y, seed=seed, progress=not args.no_progress,
+                             range_limit=_num(args.range_limit, "--range-limit"), as_rows=True)
+    summary = rows.summary(confidence)  # summarize()'s records
     moe = None
-    if not spec.exhaustive and spec.ber is None and len(df):
-        moe = margin_of_error(min(len(df), space.total), confidence, population=space.total)
+    if not spec.exhaustive and spec.ber is None and len(rows):
+        moe = margin_of_error(min(len(rows), space.total), confidence, population=space.total)
     path, refused = path_of(net), getattr(net, "reason", None)
-    certified = int(df["certified"].sum()) if "certified" in df else 0
+    certified = int(rows["certified"].sum()) if "certified" in rows else 0
     info = {**model_info(md), "model": args.model, "storage": how, "injection_path": path,
-            "engine_refused": refused, "metric": "next-token" if "agreement" in df else "classifier",
+            "engine_refused": refused, "metric": "next-token" if "agreement" in rows else "classifier",
             "spec": spec.to_dict(), "seed": seed,
-            "shard": args.shard, "configs": int(len(df)), "sites": space.total,
+            "shard": args.shard, "configs": int(len(rows)), "sites": space.total,
             "certified_masked_without_forward": certified,
             "margin_of_error": moe, "confidence": confidence, "out": args.out,
-            "summary": json.loads(summary.to_json(orient="records"))}
+            "summary": json_records(summary)}
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
     mode = ("exhaustive" if spec.exhaustive else f"BER {spec.ber:g}" if spec.ber is not None
             else "random")
     print(f"{args.model}: {spec.fault} on {', '.join(spec.sites)} ({fmt.name}, {how} storage), "
-          f"{mode}, {len(df)} configurations over {space.total} sites, seed {seed}"
+          f"{mode}, {len(rows)} configurations over {space.total} sites, seed {seed}"
           + (f", shard {args.shard}" if args.shard else ""))
     print(f"injection path: {path}" + (f" (exact general path; the fast engine has no rule for this model: "
                                        f"{refused})" if refused else " (the fast engine)"))
     print(md.domain_note + ("" if y is not None else "; no labels, so no accuracy (give --data)"))
-    if "agreement" in df:
+    if "agreement" in rows:
         print("language model: harm is next-token top-1 agreement with the clean model (sdc: a configuration "
               "that changed any prediction) and the cross-entropy change in nats per token (exp: perplexity ratio)")
     if moe is not None:
         print(f"margin of error (worst case p=0.5, {confidence:.0%} confidence): +-{moe:.4f}")
     if certified:
-        print(f"certified masked without a forward: {certified} of {len(df)} (the weight multiplies only "
+        print(f"certified masked without a forward: {certified} of {len(rows)} (the weight multiplies only "
               "exact zeros, e.g. padding: outputs exactly clean; column 'certified')")
-    print(summary.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(to_text(summary, float_format=lambda v: f"{v:.4g}"))
     return 0
 
 

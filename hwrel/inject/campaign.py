@@ -26,16 +26,21 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
 from hwrel.errors import HwrelError, check
 from hwrel.inject.sampling import BIT_KINDS, CampaignSpec, ChunkFaults, SiteSpace, chunk_table, sample_chunk
 from hwrel.inject.stats import wilson_interval
-from hwrel.inject.store import MAGIC, ChunkStore, check_same, file_manifest, write_parquet
+from hwrel.inject.store import MAGIC, ChunkStore, check_same, file_manifest, write_parquet, write_table
+from hwrel.inject.rows import Rows, Text, part_frame
 from hwrel.network import Network
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 MEASURES = ("old_value", "new_value", "max_abs_delta", "mismatch_rate", "nonfinite", "accuracy")
 
@@ -127,6 +132,8 @@ def _common(recs: list[dict[str, Any]], key: str, missing: Any) -> Any:
 def chunk_rows(faults: ChunkFaults, records: list[list[dict[str, Any]]],
                measured: dict[str, np.ndarray], labels: bool) -> pd.DataFrame:
     """The result rows of one chunk (fixed column order and dtypes)."""
+    import pandas as pd
+
     n = len(faults.config_ids)
     cols: dict[str, Any] = {
         "config_id": faults.config_ids.astype(np.int64),
@@ -156,42 +163,30 @@ def single_words(spec: CampaignSpec) -> bool:
     return spec.fault in BIT_KINDS and spec.ber is None and spec.faults_per_config == 1
 
 
-_STR = pd.Series(["a"]).dtype  # pandas' default string dtype: what a column of str objects gets
-
-
-def word_rows(space: SiteSpace, faults: ChunkFaults, measured: dict[str, np.ndarray],
-              labels: bool) -> pd.DataFrame:
-    """:func:`chunk_rows` of a :func:`single_words` chunk, column for column (built from arrays)."""
+def word_columns(space: SiteSpace, faults: ChunkFaults, measured: dict[str, np.ndarray],
+                 labels: bool) -> dict[str, Any]:
+    """The columns of :func:`word_rows` as numpy arrays, the string columns as :class:`Text`
+    (the same text, built only when a file is written or a DataFrame is asked for: no pandas)."""
     n = len(faults.config_ids)
     check(len(faults.config) == n and np.array_equal(faults.config, faults.config_ids),
           "word_rows takes one fault per configuration")
     groups = space.groups
-    g = faults.group
+    g = faults.group.astype(np.int64)
     kind = space.spec.fault
-    # String columns built in Arrow (C loops, not one Python string per row: this dominated the
-    # rows of a 200,000-fault campaign); the same text and the same pandas dtype as from lists.
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    take = pa.array(g.astype(np.int64))
-
-    def per_group(values: list[str]) -> Any:
-        return pd.array(pa.array(values, pa.string()).take(take), dtype=_STR)
-
-    pre = [f'[{{"layer":{json.dumps(x.layer)},"site":{json.dumps(x.site)},"index":' for x in groups]
-    mid = f',"kind":{json.dumps(kind)},"bit":'
-    post = [f',"bits":[],"value":null,"format":{json.dumps(x.format)}}}]' for x in groups]
-    text = pc.binary_join_element_wise(
-        pa.array(pre, pa.string()).take(take), pc.cast(pa.array(faults.index.astype(np.int64)), pa.string()),
-        mid, pc.cast(pa.array(faults.bit.astype(np.int64)), pa.string()), pa.array(post, pa.string()).take(take), "")
+    # faults: the JSON of chunk_rows, '[{"layer":..,"site":..,"index":I,"kind":..,"bit":B,"bits":[],
+    # "value":null,"format":..}]', assembled from per-group pieces and the digits of I and B
+    pre = [f'[{{"layer":{json.dumps(x.layer)},"site":{json.dumps(x.site)},"index":'.encode() for x in groups]
+    mid = f',"kind":{json.dumps(kind)},"bit":'.encode()
+    post = [f',"bits":[],"value":null,"format":{json.dumps(x.format)}}}]'.encode() for x in groups]
+    index, bit = faults.index.astype(np.int64), faults.bit.astype(np.int64)
     cols: dict[str, Any] = {
         "config_id": faults.config_ids.astype(np.int64),
         "n_faults": np.ones(n, dtype=np.int64),
-        "layer": per_group([x.layer for x in groups]), "site": per_group([x.site for x in groups]),
-        "kind": pd.array(pa.array([kind], pa.string()).take(pa.array(np.zeros(n, np.int64))), dtype=_STR),
-        "index": faults.index.astype(np.int64), "bit": faults.bit.astype(np.int64),
-        "format": per_group([x.format for x in groups]),
-        "faults": pd.array(text, dtype=_STR),
+        "layer": Text.choice(g, [x.layer for x in groups]), "site": Text.choice(g, [x.site for x in groups]),
+        "kind": Text(n, [kind.encode()]),
+        "index": index, "bit": bit,
+        "format": Text.choice(g, [x.format for x in groups]),
+        "faults": Text(n, [(g, pre), index, mid, bit, (g, post)]),
     }
     for key in MEASURES:
         if key == "accuracy" and not labels:
@@ -200,7 +195,13 @@ def word_rows(space: SiteSpace, faults: ChunkFaults, measured: dict[str, np.ndar
         check(arr.shape == (n,), f"engine returned {key} of shape {arr.shape}, expected ({n},)")
         cols[key] = arr.astype(bool if key == "nonfinite" else np.float64)
     cols["certified"] = np.asarray(measured.get("certified", np.zeros(n, dtype=bool)), dtype=bool)
-    return pd.DataFrame(cols)
+    return cols
+
+
+def word_rows(space: SiteSpace, faults: ChunkFaults, measured: dict[str, np.ndarray],
+              labels: bool) -> pd.DataFrame:
+    """:func:`chunk_rows` of a :func:`single_words` chunk, column for column (built from arrays)."""
+    return part_frame(word_columns(space, faults, measured, labels))
 
 
 # ------------------------------------------------------------------------------ campaign
@@ -218,6 +219,12 @@ def _as_network(model: nn.Module | Network, input_domain: Any, input_shape: Any)
     from hwrel.inject.target import as_target
 
     return as_target(model, input_domain, input_shape)
+
+
+def _path_of(net: Any) -> str:
+    from hwrel.inject.target import path_of
+
+    return path_of(net)
 
 
 def _tag(df: pd.DataFrame, net: Any) -> pd.DataFrame:
@@ -302,6 +309,21 @@ def run_campaign(model: nn.Module | Network, spec: CampaignSpec | dict[str, Any]
     nothing is written. With ``shard=(i, n)`` only that shard's chunks run and are returned.
     A results folder or file of another campaign raises :class:`HwrelError` and is left as it is.
     """
+    return campaign_rows(model, spec, inputs, labels, out=out, seed=seed, shard=shard, progress=progress,
+                         input_domain=input_domain, input_shape=input_shape, range_limit=range_limit,
+                         device=device, metric=metric, **spec_fields).frame()
+
+
+def campaign_rows(model: nn.Module | Network, spec: CampaignSpec | dict[str, Any] | None,
+                  inputs: torch.Tensor, labels: torch.Tensor | None = None, *,
+                  out: str | os.PathLike[str] | None = None, seed: int = 0,
+                  shard: str | Sequence[int] | None = None, progress: bool = True,
+                  input_domain: Any = (0.0, 1.0), input_shape: Sequence[int] | None = None,
+                  range_limit: float | None = None, device: str = "cpu", metric: Any = None,
+                  **spec_fields: Any) -> Rows:
+    """:func:`run_campaign`, its rows as :class:`~hwrel.inject.rows.Rows` (``.frame()`` is the
+    DataFrame ``run_campaign`` returns). A campaign of single bit faults on the engine that
+    computes all its chunks now imports no pandas (what ``hwrel inject`` runs)."""
     spec = as_spec(spec, **spec_fields)
     sh = parse_shard(shard)
     ok = isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and seed >= 0
@@ -333,10 +355,14 @@ def run_campaign(model: nn.Module | Network, spec: CampaignSpec | dict[str, Any]
         "injection_path": "engine" if isinstance(net, Network) else "general",
     }
 
-    def compute(chunk: int) -> pd.DataFrame:
+    words = single_words(spec) and isinstance(net, Network)  # the general path measures fault objects
+    attrs = {"injection_path": _path_of(net), "engine_refused": getattr(net, "reason", None)}
+
+    def compute(chunk: int) -> dict[str, Any] | pd.DataFrame:
+        """A chunk's rows: numpy columns (:func:`word_columns`) on the words path, else a DataFrame."""
         faults = sample_chunk(space, sample_seed, chunk)
-        if single_words(spec) and isinstance(net, Network):  # the general path measures fault objects
-            return word_rows(space, faults, measure.words(space, faults), y is not None)
+        if words:
+            return word_columns(space, faults, measure.words(space, faults), y is not None)
         records = chunk_table(space, faults)
         measured = measure(_fault_objects(records))
         return chunk_rows(faults, records, measured, y is not None)
@@ -344,13 +370,23 @@ def run_campaign(model: nn.Module | Network, spec: CampaignSpec | dict[str, Any]
     def sizes(chunks: Iterable[int]) -> int:
         return sum(min(spec.chunk_size, total - c * spec.chunk_size) for c in chunks)
 
+    def frame(part: dict[str, Any] | pd.DataFrame) -> pd.DataFrame:
+        return part_frame(part) if isinstance(part, dict) else part
+
+    def count(part: dict[str, Any] | pd.DataFrame) -> int:
+        return len(part["config_id"]) if isinstance(part, dict) else len(part)
+
     if out is None:
         frames = []
         with _progress(sizes(mine), 0, progress, "inject") as bar:
             for c in mine:
                 frames.append(compute(c))
-                bar.update(len(frames[-1]))
-        return _tag(pd.concat(frames, ignore_index=True), net)
+                bar.update(count(frames[-1]))
+        if words:
+            return Rows(frames, attrs)
+        import pandas as pd
+
+        return Rows.of_frame(_tag(pd.concat(frames, ignore_index=True), net))
 
     path = Path(out)
     single_file = path.suffix == ".parquet"
@@ -360,35 +396,48 @@ def run_campaign(model: nn.Module | Network, spec: CampaignSpec | dict[str, Any]
             raise HwrelError(f"results file {path}: exists and is not a hwrel campaign file; "
                              "choose another --out")
         check_same(found, manifest, path)
+        import pandas as pd
+
         df = pd.read_parquet(path)
         need = set(mine)
         have = set((df["config_id"] // spec.chunk_size).unique().tolist())
         check(need <= have, f"results file {path}: holds other chunks of this campaign (another "
               "shard?); choose another --out")
-        return _tag(df[(df["config_id"] // spec.chunk_size).isin(need)].reset_index(drop=True), net)
+        return Rows.of_frame(_tag(df[(df["config_id"] // spec.chunk_size).isin(need)].reset_index(drop=True), net))
     store = ChunkStore(path.with_name(path.name + ".parts") if single_file else path, manifest)
     done = store.done()
     todo = [c for c in mine if c not in done]
-    fresh: dict[int, pd.DataFrame] = {}  # computed now: kept, not read back from the parts
+    fresh: dict[int, dict[str, Any] | pd.DataFrame] = {}  # computed now: kept, not read back from the parts
     with _progress(sizes(mine), sizes(c for c in mine if c in done), progress, "inject") as bar:
         for c in todo:
-            df = compute(c)
-            store.write(c, df)
-            fresh[c] = df
-            bar.update(len(df))
-    frames = [fresh[c] if c in fresh else store.read_chunk(c) for c in sorted(mine)]
+            part = compute(c)
+            store.write(c, part)
+            fresh[c] = part
+            bar.update(count(part))
+    file_meta = dict(manifest, shard=None if sh is None else list(sh))
+    if words and mine and all(c in fresh for c in mine):
+        # every chunk computed now, in config_id order (chunk c holds c*chunk_size...): no pandas
+        rows = Rows([fresh[c] for c in sorted(mine)], attrs)
+        if single_file:
+            write_table(path, rows.table(), file_meta)
+            shutil.rmtree(store.folder, ignore_errors=True)
+        return rows
+    import pandas as pd
+
+    frames = [frame(fresh[c]) if c in fresh else store.read_chunk(c) for c in sorted(mine)]
     result = (pd.concat(frames, ignore_index=True).sort_values("config_id", kind="stable").reset_index(drop=True)
               if frames else pd.DataFrame())
     if single_file:
-        file_meta = dict(manifest, shard=None if sh is None else list(sh))
         write_parquet(path, result, file_meta)
         shutil.rmtree(store.folder, ignore_errors=True)
-    return _tag(result, net)
+    return Rows.of_frame(_tag(result, net))
 
 
 # ------------------------------------------------------------------------------ shards
 
 def _load_results(path: Path) -> tuple[dict[str, Any], pd.DataFrame]:
+    import pandas as pd
+
     if path.is_dir():
         mpath = path / "manifest.json"
         if not mpath.is_file():
@@ -410,6 +459,8 @@ def merge_shards(paths: Sequence[str | os.PathLike[str]]) -> pd.DataFrame:
     """Rows of a whole campaign from its shards' results (folders or files), sorted by
     ``config_id``. Checks that all are the same campaign and that every configuration is present
     exactly once (a chunk found in two places must hold identical rows)."""
+    import pandas as pd
+
     check(len(paths) > 0, "merge_shards needs at least one results path")
     first: dict[str, Any] | None = None
     frames = []
@@ -453,19 +504,35 @@ def summarize(df: pd.DataFrame, by: Sequence[str] = ("layer", "bit"), confidence
     (next-token top-1 agreement with the clean model) and the median ``cross_entropy_delta``
     (nats per token, faulty minus clean; ``exp`` of it is the perplexity ratio; the median, as one
     non-finite output makes the mean infinite). Estimates, not bounds."""
+    import pandas as pd
+
     need = {"config_id", "max_abs_delta", "mismatch_rate", "nonfinite"} | set(by)
     missing = need - set(df.columns)
     check(not missing, f"results lack columns {', '.join(sorted(missing))}")
+    cols = {k: df[k].to_numpy() for k in ("mismatch_rate", "nonfinite", "max_abs_delta", *_EXTRAS) if k in df}
+    groups = []
+    if len(df):
+        # groupby's groups in its sorted order, each as the positions of its rows (ascending)
+        for key, pos in df.groupby(list(by), sort=True).indices.items():
+            groups.append((key if isinstance(key, tuple) else (key,), pos))
+    total = {b: ("all" if b == "layer" else -1 if df[b].dtype.kind in "iu" else "all") for b in by}
+    return pd.DataFrame(_summary(cols, by, groups, total, confidence))
 
-    # Per group from numpy slices of the rows sorted by the group keys (stable, so each group's
-    # rows keep their order): the same sums, in the same order, as pandas' per-group Series.mean
-    # and max, without building one DataFrame per group (it dominated a 200,000-row campaign).
-    cols = {"mismatch_rate": df["mismatch_rate"].to_numpy(np.float64),
-            "nonfinite": df["nonfinite"].to_numpy().astype(bool).astype(np.float64),
-            "max_abs_delta": df["max_abs_delta"].to_numpy(np.float64)}
-    for extra in ("accuracy", "agreement", "cross_entropy_delta"):
-        if extra in df:
-            cols[extra] = df[extra].to_numpy(np.float64)
+
+_EXTRAS = ("accuracy", "agreement", "cross_entropy_delta")
+
+
+def _summary(cols: dict[str, np.ndarray], by: Sequence[str], groups: Iterable[tuple[tuple, Any]],
+             total: dict[str, Any], confidence: float) -> list[dict[str, Any]]:
+    """The records of :func:`summarize` from the result columns and the groups' keys and row
+    positions (ascending within a group), the total last."""
+    # Per group from numpy slices (each group's rows in their order): the same sums, in the same
+    # order, as pandas' per-group Series.mean and max, without building one DataFrame per group
+    # (it dominated a 200,000-row campaign).
+    cols = {"mismatch_rate": np.asarray(cols["mismatch_rate"], np.float64),
+            "nonfinite": np.asarray(cols["nonfinite"]).astype(bool).astype(np.float64),
+            "max_abs_delta": np.asarray(cols["max_abs_delta"], np.float64),
+            **{k: np.asarray(cols[k], np.float64) for k in _EXTRAS if k in cols}}
 
     def agg(sel: Any) -> dict[str, Any]:
         mr, nf, mad = cols["mismatch_rate"][sel], cols["nonfinite"][sel], cols["max_abs_delta"][sel]
@@ -484,12 +551,14 @@ def summarize(df: pd.DataFrame, by: Sequence[str] = ("layer", "bit"), confidence
                 else float("nan")
         return row
 
-    rows = []
-    if len(df):
-        # groupby's groups in its sorted order, each as the positions of its rows (ascending)
-        for key, pos in df.groupby(list(by), sort=True).indices.items():
-            key = key if isinstance(key, tuple) else (key,)
-            rows.append({**dict(zip(by, key)), **agg(pos)})
-    total = {b: ("all" if b == "layer" else -1 if df[b].dtype.kind in "iu" else "all") for b in by}
+    rows = [{**dict(zip(by, key)), **agg(pos)} for key, pos in groups]
     rows.append({**total, **agg(slice(None))})
-    return pd.DataFrame(rows)
+    return rows
+
+
+def summary_records(summary: pd.DataFrame) -> list[dict[str, Any]]:
+    """A summary DataFrame as records of Python values (str, int, float)."""
+    out = []
+    for rec in summary.to_dict(orient="records"):
+        out.append({k: (v.item() if isinstance(v, np.generic) else v) for k, v in rec.items()})
+    return out

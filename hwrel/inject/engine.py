@@ -164,9 +164,12 @@ class Injector:
         self._zero_cache: dict[int, Tensor] = {}
         self._t_cache: dict[int, Tensor] = {}
         self._qbins: dict[int, tuple[Tensor, Tensor] | None] = {}
-        self._tails = self._build_tails(consumers)
+        # tail nodes and their plans; each node's table is built on first use (a campaign that never
+        # reaches a tail node, or one campaign chunk of a few faults, builds fewer of them)
+        self._tail_plans = self._build_tails(consumers)
+        self._tails: dict[int, _Tail] = {}
         # nodes from which a single-unit change stays a single unit (activations only) up to a tail
-        self._to_tail = {n for q in self._tails for n in range(q + 1)
+        self._to_tail = {n for q in self._tail_plans for n in range(q + 1)
                          if all(len(self.nodes[m].shape) == 1 and self.nodes[m].op in ("act", "affine")
                                 and (m == n or self.nodes[m].op == "act") for m in range(n, q + 1))}
 
@@ -207,11 +210,12 @@ class Injector:
 
     # --- tails: the last affine layer(s) as a per-sample linear map -------------------------------
 
-    def _build_tails(self, consumers: list[list[int]]) -> dict[int, _Tail]:
-        """Tables for the flat nodes ``q`` from which the rest of the network is a chain ending in
-        the output: the output itself (depth 0), ``q -> linear`` (depth 1) or ``q -> linear -> ReLU
-        -> linear`` (depth 2). A single-unit change there is read off per (sample, unit) thresholds
-        instead of a forward; rows outside the thresholds take the exact path."""
+    def _build_tails(self, consumers: list[list[int]]) -> dict[int, list[int]]:
+        """The flat nodes ``q`` from which the rest of the network is a chain ending in the output:
+        the output itself (depth 0), ``q -> linear`` (depth 1) or ``q -> linear -> ReLU -> linear``
+        (depth 2), each with its tail's nodes (see :meth:`_tail`). A single-unit change there is
+        read off per (sample, unit) thresholds instead of a forward; rows outside the thresholds
+        take the exact path."""
         nodes, last = self.nodes, len(self.nodes) - 1
         out = self.clean[last]
         if not bool(torch.isfinite(out).all()):
@@ -235,12 +239,15 @@ class Injector:
             elif (a.op == "act" and a.act.kind == "quant" and flat_lin(q - 1) and chain(q - 1, q)
                     and chain(q - 2, q - 1) and self._quant_bins(q) is not None):
                 plans.append((q - 2, [q - 1, q]))
-        tails = {}
-        for q, tail in plans:
-            if nodes[q].op == "input" or len(nodes[q].shape) != 1:
-                continue
-            tails[q] = self._quant_tail_table(q, tail[0]) if len(tail) == 2 else self._tail_table(q, tail)
-        return tails
+        return {q: tail for q, tail in plans if nodes[q].op != "input" and len(nodes[q].shape) == 1}
+
+    def _tail(self, q: int) -> _Tail:
+        """The table of tail node ``q``, built on first use from the clean run (a pure function of
+        it: built now or at construction, the same table)."""
+        if q not in self._tails:
+            tail = self._tail_plans[q]
+            self._tails[q] = self._quant_tail_table(q, tail[0]) if len(tail) == 2 else self._tail_table(q, tail)
+        return self._tails[q]
 
     def _quant_tail_table(self, q: int, m: int) -> _Tail:
         """``q -> linear m -> quantizer``: thresholds on a change ``d`` of unit j within which every
@@ -294,6 +301,7 @@ class Injector:
             C = W.abs() @ W2.abs()  # (K, J)
             fan += W2.shape[1] + 4
             colmax = W2.abs().amax(0)  # (J,)
+            w_abs, w_pos = W2.t().abs()[None], (W2.t() > 0)[None]  # (1, J, M)
         else:
             C = W.abs()
             colmax = torch.zeros(J, dtype=torch.float64, device=self.device)
@@ -307,14 +315,15 @@ class Injector:
             if len(tail) == 3:
                 act = (z2[sl] > 0).double()  # (nb, M)
                 V = torch.einsum("km,bm,mj->bjk", W, act, W2)  # (nb, J, K)
-                # ReLU crossings: z2_m + W2_mj * d changes sign at d = -z2_m / W2_mj
-                zz, ww = z2[sl][:, None, :], W2.t()[None]  # (nb, 1, M), (1, J, M)
-                t = (zz.abs() / ww.abs()).nan_to_num(math.inf, math.inf, math.inf)
-                up = ((ww > 0) & (zz <= 0)) | ((ww < 0) & (zz > 0))
-                dn = ((ww < 0) & (zz <= 0)) | ((ww > 0) & (zz > 0))
-                inf = torch.full_like(t, math.inf)
-                cross_p = torch.where(up, t, inf).amin(2) * (1 - 1e-4)
-                cross_n = torch.where(dn, t, inf).amin(2) * (1 - 1e-4)
+                # ReLU crossings: z2_m + W2_mj * d changes sign at d = -z2_m / W2_mj, for d > 0 where
+                # W2_mj > 0 and z2_m <= 0 or W2_mj < 0 and z2_m > 0, for d < 0 where the signs are
+                # the other way. Where W2_mj is 0 (or a value is NaN) t is inf, so d > 0 may take
+                # (W2_mj > 0) != (z2_m > 0) and d < 0 its complement: the same minima, fewer passes.
+                zz = z2[sl][:, None, :]  # (nb, 1, M)
+                t = (zz.abs() / w_abs).nan_to_num_(math.inf, math.inf, math.inf)  # (nb, J, M)
+                up = w_pos != (zz > 0)
+                cross_p = torch.where(up, t, math.inf).amin(2) * (1 - 1e-4)
+                cross_n = torch.where(up, math.inf, t).amin(2) * (1 - 1e-4)
             else:
                 V = W.t()[None].expand(nb, J, K)
                 cross_p = cross_n = torch.full((nb, J), math.inf, dtype=torch.float64, device=self.device)
@@ -344,7 +353,7 @@ class Injector:
     def _tail_run(self, q: int, s: _Sparse, rows: _RowSet) -> "tuple[_RowSet, Tensor, tuple[Tensor, Tensor]]":
         """Rows of a width-1 change at tail node ``q``: safe rows give ``(cfg, max|delta|)`` directly,
         the others (beyond a threshold, NaN/Inf) are forwarded exactly, in pieces."""
-        T = self._tails[q]
+        T = self._tail(q)
         flat = s.unit * self.batch + rows.smp
         d = s.vals[:, 0] - T.clean.reshape(-1).index_select(0, flat)
         safe = (d <= T.hi.reshape(-1).index_select(0, flat)) & (d >= T.lo.reshape(-1).index_select(0, flat))
@@ -355,11 +364,11 @@ class Injector:
     def _grid_tail(self, start: int, unit: Tensor, v: Tensor) -> "tuple[_RowSet, Tensor, tuple[Tensor, Tensor]]":
         """:meth:`_tail_run` for configuration ``f`` changing unit ``unit[f]`` of node ``start`` to
         ``v[f]`` (all samples, ``(F, B)``): activations up to the tail, then the tables."""
-        q = min(t for t in self._tails if t >= start)
+        q = min(t for t in self._tail_plans if t >= start)
         v = v.contiguous()
         for n in range(start + 1, q + 1):
             v = self.nodes[n].act(v)
-        T = self._tails[q]
+        T = self._tail(q)
         d = v - T.clean.index_select(0, unit)
         safe = (d <= T.hi.index_select(0, unit)) & (d >= T.lo.index_select(0, unit))
         fm = torch.where(safe, d.abs() * T.mx.index_select(0, unit), 0.0).amax(1).double()
@@ -793,7 +802,7 @@ class Injector:
 
     def _at_tail(self, n: int, states: dict[int, Any]) -> bool:
         v = states.get(n)
-        return (n in self._tails and len(states) == 1 and isinstance(v, _Sparse)
+        return (n in self._tail_plans and len(states) == 1 and isinstance(v, _Sparse)
                 and v.vals.dim() == 2 and v.vals.shape[1] == 1)
 
     def _prune(self, n: int, states: dict[int, Any], rows: _RowSet) -> tuple[dict[int, Any], _RowSet]:
@@ -862,7 +871,7 @@ class Injector:
             if int(chunk) < 1:
                 raise HwrelError(f"chunk must be a positive number of configurations, got {chunk!r}")
             return int(chunk)
-        q = min((t for t in self._tails if t >= start), default=None)
+        q = min((t for t in self._tail_plans if t >= start), default=None)
         if tail and q is not None and all(len(self.nodes[n].shape) == 1 for n in range(start, q + 1)):
             # single faults on a flat path stay one value per row up to the tail, and the rows
             # forwarded past it are processed in pieces of the budget

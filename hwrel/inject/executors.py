@@ -32,15 +32,19 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import pandas as pd
 import torch
 from torch import nn
 
 from hwrel.device import exact_float32, parse_device, resolve_device
 from hwrel.errors import HwrelError, check
 from hwrel.network import Network
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from hwrel.inject.rows import Rows
 
 EXECUTORS = ("local", "ray")
 _MAX_CHUNKS_PER_TASK = 16  # bounds a worker's memory and the work a killed worker loses
@@ -129,14 +133,14 @@ def _run_task(payload: tuple[Network, torch.Tensor, torch.Tensor | None], spec: 
               seed: int, shard: tuple[int, int], folder: str, range_limit: float | None,
               device: str, threads: int | None = None) -> dict[str, Any]:
     """Worker side of one task: the public ``run_campaign`` of one shard into ``folder``."""
-    from hwrel.inject.campaign import run_campaign
+    from hwrel.inject.campaign import campaign_rows
     from hwrel.inject.sampling import CampaignSpec
 
     if threads:
         torch.set_num_threads(threads)
     net, x, y = payload
     with exact_float32():
-        df = run_campaign(net, CampaignSpec.from_dict(spec), x, y, out=folder, seed=seed,
+        df = campaign_rows(net, CampaignSpec.from_dict(spec), x, y, out=folder, seed=seed,
                           shard=shard, progress=False, range_limit=range_limit,
                           device=str(resolve_device(device)))
     return {"shard": tuple(shard), "rows": len(df), "host": socket.gethostname(), "pid": os.getpid()}
@@ -173,16 +177,19 @@ class Executor:
             seed: int = 0, shard: str | Sequence[int] | None = None, shards: int | None = None,
             progress: bool = True, input_domain: Any = (0.0, 1.0),
             input_shape: Sequence[int] | None = None, range_limit: float | None = None,
-            device: str = "cpu", load: bool = True, **spec_fields: Any) -> pd.DataFrame | None:
+            device: str = "cpu", load: bool = True, as_rows: bool = False,
+            **spec_fields: Any) -> pd.DataFrame | Rows | None:
         """Run (or continue) the campaign, as :func:`~hwrel.inject.campaign.run_campaign` with
         the same arguments would, and return the same rows (``load=False``: return None and leave
-        the rows on disk only, for campaigns too large to hold in memory).
+        the rows on disk only, for campaigns too large to hold in memory; ``as_rows=True``: the
+        same rows as :class:`~hwrel.inject.rows.Rows`, what ``hwrel inject`` uses, without pandas
+        where the campaign needs none).
 
         ``shards``: number of tasks the campaign (or its ``shard``) is split into (default: see
         :func:`plan_tasks`). Without ``out`` the tasks write into a temporary folder, removed at
         the end. Exact: the rows equal a single-process run's (same chunks, same engine).
         """
-        from hwrel.inject.campaign import as_spec, parse_shard, run_campaign
+        from hwrel.inject.campaign import as_spec, campaign_rows, parse_shard
         from hwrel.inject.target import site_space
 
         spec = as_spec(spec, **spec_fields)
@@ -202,22 +209,23 @@ class Executor:
         n_chunks, total = space.num_chunks(), space.num_configs()
         plan_tasks(n_chunks, sh, shards, 1)  # a shard spec that does not divide: fail now
 
-        def final(target: Any) -> pd.DataFrame:
+        def final(target: Any) -> pd.DataFrame | Rows:
             # Every chunk is in place, so this computes nothing: it reads (and, for a .parquet
             # target, writes the single file) with the campaign's own code.
-            return run_campaign(net, spec, x, y, out=target, seed=seed, shard=sh, progress=False,
-                                range_limit=range_limit, device="cpu")
+            rows = campaign_rows(net, spec, x, y, out=target, seed=seed, shard=sh, progress=False,
+                                 range_limit=range_limit, device="cpu")
+            return rows if as_rows else rows.frame()
 
         if self._in_process():
             threads = torch.get_num_threads()
             torch.set_num_threads(getattr(self, "_threads_given", None) or threads)
             try:
                 with exact_float32():
-                    df = run_campaign(net, spec, x, y, out=out, seed=seed, shard=sh,
-                                      progress=progress, range_limit=range_limit, device=dev)
+                    rows = campaign_rows(net, spec, x, y, out=out, seed=seed, shard=sh,
+                                         progress=progress, range_limit=range_limit, device=dev)
             finally:
                 torch.set_num_threads(threads)
-            return df if load else None
+            return (rows if as_rows else rows.frame()) if load else None
         tmp = None
         if out is None:
             tmp = Path(tempfile.mkdtemp(prefix="hwrel-campaign-"))
@@ -629,7 +637,7 @@ def executor_from_args(args: argparse.Namespace) -> Executor:
 
 def run_with_executor(args: argparse.Namespace, model: nn.Module | Network, spec: Any,
                       inputs: torch.Tensor, labels: torch.Tensor | None = None,
-                      **kwargs: Any) -> pd.DataFrame:
+                      **kwargs: Any) -> pd.DataFrame | Rows:
     """What ``hwrel inject`` calls instead of ``run_campaign``: the executor, shards and device
     from :func:`add_executor_args`' options, ``out``/``shard`` from ``--out``/``--shard``;
     ``kwargs`` (seed, progress, range_limit, ...) go to :meth:`Executor.run`."""

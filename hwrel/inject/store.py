@@ -21,13 +21,13 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
-
-import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
+from typing import TYPE_CHECKING, Any, Iterable
 
 from hwrel.errors import HwrelError
+
+if TYPE_CHECKING:  # imported where used: pandas and pyarrow cost a command's start-up
+    import pandas as pd
+    import pyarrow as pa
 
 MANIFEST = "manifest.json"
 MAGIC = "hwrel-campaign"
@@ -54,18 +54,22 @@ def _atomic_write(path: Path, write: Any) -> None:
         raise
 
 
-def _table(df: pd.DataFrame, manifest: dict[str, Any] | None = None) -> pa.Table:
-    table = pa.Table.from_pandas(df, preserve_index=False)
+def write_parquet(path: Path, df: pd.DataFrame, manifest: dict[str, Any] | None = None) -> None:
+    """Write ``df`` to ``path`` atomically (the manifest, if given, in the file's metadata)."""
+    import pyarrow as pa
+
+    write_table(path, pa.Table.from_pandas(df, preserve_index=False), manifest)
+
+
+def write_table(path: Path, table: pa.Table, manifest: dict[str, Any] | None = None) -> None:
+    """:func:`write_parquet` of a ``pyarrow.Table`` (the rows of
+    :meth:`hwrel.inject.rows.Rows.table`: no pandas)."""
+    import pyarrow.parquet as pq
+
     if manifest is not None:
         meta = dict(table.schema.metadata or {})
         meta[MAGIC.encode()] = json.dumps(manifest, sort_keys=True).encode()
         table = table.replace_schema_metadata(meta)
-    return table
-
-
-def write_parquet(path: Path, df: pd.DataFrame, manifest: dict[str, Any] | None = None) -> None:
-    """Write ``df`` to ``path`` atomically (the manifest, if given, in the file's metadata)."""
-    table = _table(df, manifest)
     dict_cols = _dictionary_columns(table)
     _atomic_write(path, lambda tmp: pq.write_table(table, tmp, use_dictionary=dict_cols))
 
@@ -78,12 +82,16 @@ _UNIQUE_PER_ROW = frozenset({"faults"})
 def _dictionary_columns(table: pa.Table) -> list[str]:
     """String columns of few distinct values (layer, site, kind, format names): those worth a
     dictionary encoding; numbers and the per-row ``faults`` text are written plain."""
+    import pyarrow as pa
+
     return [f.name for f in table.schema if f.name not in _UNIQUE_PER_ROW
             and (pa.types.is_string(f.type) or pa.types.is_large_string(f.type))]
 
 
 def file_manifest(path: Path) -> dict[str, Any] | None:
     """The manifest stored in a results file's metadata, or None if it holds none."""
+    import pyarrow.parquet as pq
+
     try:
         meta = pq.read_schema(path).metadata or {}
     except Exception as exc:
@@ -135,11 +143,20 @@ class ChunkStore:
                 out.add(int(m.group(1)))
         return out
 
-    def write(self, chunk: int, df: pd.DataFrame) -> None:
-        write_parquet(self.folder / part_name(chunk), df)
+    def write(self, chunk: int, rows: pd.DataFrame | dict[str, Any]) -> None:
+        """Write one chunk's rows: a DataFrame, or the columns of
+        :func:`hwrel.inject.campaign.word_columns` (written without pandas)."""
+        if isinstance(rows, dict):
+            from hwrel.inject.rows import Rows
+
+            write_table(self.folder / part_name(chunk), Rows([rows]).table())
+        else:
+            write_parquet(self.folder / part_name(chunk), rows)
 
     def read(self, chunks: Iterable[int] | None = None) -> pd.DataFrame:
         """Rows of the given chunks (default: all finished), sorted by ``config_id``."""
+        import pandas as pd
+
         ids = sorted(self.done() if chunks is None else chunks)
         frames = [self.read_chunk(c) for c in ids]
         if not frames:
@@ -148,6 +165,8 @@ class ChunkStore:
                                                                 ).reset_index(drop=True)
 
     def read_chunk(self, chunk: int) -> pd.DataFrame:
+        import pyarrow.parquet as pq
+
         path = self.folder / part_name(chunk)
         try:
             df = pq.read_table(path).to_pandas()
