@@ -653,3 +653,19 @@ def test_a_language_model_folder_without_data_is_exported_for_token_ids(root: Pa
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert rc == 2 and len(lines) == 1 and not out, err
     assert "aten.embedding" in lines[0] and "cannot export" not in lines[0], lines[0]
+
+
+def test_inject_on_a_language_model_folder_without_data_draws_token_ids(root: Path) -> None:
+    """No --data: seeded random token ids below the vocabulary size (random floats made the
+    embedding fail), and the output says so; the same command gives the same rows."""
+    e = entry("hf-gpt2", root)
+    cmd = ["inject", e.cli[0], "--input-shape", str(e.x.shape[1]), "--inputs", "4", "--count", "6",
+           "--no-progress", "--json"]
+    rc, out, err = _run(cmd)
+    assert rc == 0, err
+    info = json.loads(out)
+    assert info["injection_path"] == "general" and info["configs"] == 6
+    rc2, out2, _ = _run(cmd)
+    assert rc2 == 0 and json.loads(out2)["summary"] == info["summary"]
+    rc, out, err = _run(cmd[:-1])
+    assert rc == 0 and "seeded random sequences of token ids in [0, " in out, err

@@ -94,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    import warnings
+
+    # torch.export's own deprecation notice, raised on every copy of an exported program (a Hugging
+    # Face folder): not the user's to act on
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
     try:
         return int(args.func(args) or 0)
     except HwrelError as exc:

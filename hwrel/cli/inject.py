@@ -117,9 +117,23 @@ def _model(args: argparse.Namespace, fmt: Any) -> tuple[Any, torch.Tensor, torch
               f"model {md.name}: give --data (test inputs) or --input-shape for random inputs")
         shape = tuple(md.input_shape) if isinstance(net, GeneralModel) else tuple(net.input_shape)
         g = torch.Generator().manual_seed(0)
-        lo, hi = md.input_domain if isinstance(net, GeneralModel) else (net.input_lo.float(), net.input_hi.float())
-        x, y = lo + (hi - lo) * torch.rand(n_inputs, *shape, generator=g), None
+        vocab = _token_vocab(md)
+        if vocab is not None:  # a language model: seeded random token ids, not a float box
+            x, y = torch.randint(0, vocab, (n_inputs, *shape), generator=g), None
+        else:
+            lo, hi = md.input_domain if isinstance(net, GeneralModel) else (net.input_lo.float(), net.input_hi.float())
+            x, y = lo + (hi - lo) * torch.rand(n_inputs, *shape, generator=g), None
     return net, x, y, how, md
+
+
+def _token_vocab(md: Any) -> int | None:
+    """The vocabulary size of a Hugging Face model whose main input is token ids, else None."""
+    hf = getattr(getattr(md, "model", None), "module", None)
+    inner = getattr(hf, "model", hf)
+    if getattr(inner, "main_input_name", None) != "input_ids":
+        return None
+    vocab = getattr(getattr(inner, "config", None), "vocab_size", None)
+    return int(vocab) if isinstance(vocab, int) and vocab > 0 else None
 
 
 def _quantize(md: Any, net: Network, fmt: IntFormat) -> tuple[Network, str]:
@@ -202,7 +216,12 @@ def run(args: argparse.Namespace) -> int:
           + (f", shard {args.shard}" if args.shard else ""))
     print(f"injection path: {path}" + (f" (exact general path; the fast engine has no rule for this model: "
                                        f"{refused})" if refused else " (the fast engine)"))
-    print(md.domain_note + ("" if y is not None else "; no labels, so no accuracy (give --data)"))
+    vocab = _token_vocab(md) if md.x is None else None
+    if vocab is not None:
+        print(f"inputs: {x.shape[0]} seeded random sequences of token ids in [0, {vocab}) (no --data); "
+              "no labels, so no accuracy (give --data)")
+    else:
+        print(md.domain_note + ("" if y is not None else "; no labels, so no accuracy (give --data)"))
     if "agreement" in rows:
         print("language model: harm is next-token top-1 agreement with the clean model (sdc: a configuration "
               "that changed any prediction) and the cross-entropy change in nats per token (exp: perplexity ratio)")
