@@ -338,3 +338,34 @@ def test_bound_grows_with_the_failures(vit):
         if prev is not None:
             assert (b >= prev).all(), failures
         prev = b
+
+
+def test_maps_that_copy_entries_resolve_a_failing_layer_and_attributes_are_refused():
+    """A failed neuron copied by ``expand`` could reach a receiver several times: its top-f form is
+    dropped there (sound, elementwise); an attribute such as ``.T`` is not a constant: refused."""
+
+    class Copy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(3, 4), nn.ReLU(), nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = self.act(self.fc1(x))
+            return self.fc2(h.unsqueeze(1).expand(-1, 2, -1).reshape(x.shape[0], 8))
+
+    torch.manual_seed(0)
+    m = Copy().eval()
+    x = torch.rand(64, 3)
+    bound, worst = _measured_vs_bound(m, x, [1], trials=8)
+    assert (worst <= bound).all() and bool(worst.max() > 0)
+
+    class Attr(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.fc(x).T
+
+    with pytest.raises(UnsupportedLayerError, match=r"attribute \.T"):
+        graph_bound(Attr(), [], lo=torch.zeros(2, 3), hi=torch.ones(2, 3))

@@ -210,7 +210,8 @@ def _record(gm: fx.GraphModule, x: Tensor) -> dict[str, Any]:
     class Recorder(fx.Interpreter):
         def run_node(self, n: fx.Node) -> Any:
             out = super().run_node(n)
-            values[n.name] = out
+            # a copy: an in-place operation later (ReLU(inplace=True)) must not change the record
+            values[n.name] = out.clone() if isinstance(out, Tensor) else out
             return out
 
     from hwrel.inject.general_sites import plain_forward
@@ -280,6 +281,8 @@ class _Interpreter:
         if t is operator.getitem:
             return _index(n, args, kwargs)
         if t is getattr:
+            if args[1] not in ("shape", "ndim", "dtype", "device"):  # x.T, x.mT, ...: no rule (not a constant)
+                raise UnsupportedLayerError(f"operation {n.name} (attribute .{args[1]}) is not supported")
             return getattr(args[0].lo, args[1])
         if n.op == "call_method" and t in ("size", "dim"):
             return getattr(args[0].lo, t)(*args[1:], **kwargs)
@@ -288,6 +291,8 @@ class _Interpreter:
                 raise UnsupportedLayerError(f"operation {n.name} ({label}): add with alpha")
             return R.add(_val(args[0]), _val(args[1]))
         if t in (operator.sub, torch.sub) or t == "sub":
+            if kwargs.get("alpha", 1) != 1:
+                raise UnsupportedLayerError(f"operation {n.name} ({label}): subtraction with alpha is not supported")
             return R.add(_val(args[0]), _val(args[1]), -1.0)
         if t in (operator.neg, torch.neg) or t == "neg":
             return R.scale(_val(args[0]), -1.0)
@@ -457,12 +462,28 @@ def _index(n: fx.Node, args: tuple, kwargs: dict) -> Any:
         fn = lambda t: t[idx]  # noqa: E731
     else:
         fn = lambda t: n.target(t, *args[1:], **kwargs)  # noqa: E731
+    if x.extra is not None and not _one_to_one(n, args):
+        x = x.plain()  # a map that may copy an entry (expand, advanced indexing) would multiply failures
     parts = [fn(t) for t in (x.lo, x.hi, x.e)] + ([fn(x.extra)] if x.extra is not None else [None])
     if isinstance(parts[0], (tuple, list)):
         k = len(parts[0])
         return tuple(R.Val(parts[0][i], parts[1][i], parts[2][i],
                            None if parts[3] is None else parts[3][i], x.f) for i in range(k))
     return R.Val(parts[0], parts[1], parts[2], parts[3], x.f)
+
+
+_ONE_TO_ONE = {"reshape", "view", "permute", "transpose", "flatten", "unsqueeze", "squeeze", "contiguous",
+               "unflatten", "chunk", "split", "unbind", "movedim", "clone", "detach", "float"}
+
+
+def _one_to_one(n: fx.Node, args: tuple) -> bool:
+    """Whether an index map sends each entry to at most one place (so at most ``f`` entries still
+    carry a failure): reshapes, permutations, splits and basic slicing; not ``expand``."""
+    if n.target is operator.getitem:
+        idx = args[1] if isinstance(args[1], tuple) else (args[1],)
+        return all(isinstance(i, (int, slice)) or i is None or i is Ellipsis for i in idx)
+    name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+    return name in _ONE_TO_ONE
 
 
 def _cat(t: Any, args: tuple, kwargs: dict) -> R.Val:
