@@ -60,6 +60,8 @@ def _check(rule, vals: list[R.Val], fn32, fn64, g: torch.Generator, shrink: floa
         tol = 1e-12 * (1 + exact.abs())
         bad += int(((exact < out.lo - tol) | (exact > out.hi + tol)).sum())
         bad += int(((faulty - exact).abs() > out.e * shrink + tol).sum())
+        if out.l2 is not None and exact.dim() > 0:  # the row (last dimension) norm bound
+            bad += int(((faulty - exact).norm(dim=-1, keepdim=True) > out.l2 * shrink + tol).sum())
     return bad
 
 
@@ -369,3 +371,30 @@ def test_maps_that_copy_entries_resolve_a_failing_layer_and_attributes_are_refus
 
     with pytest.raises(UnsupportedLayerError, match=r"attribute \.T"):
         graph_bound(Attr(), [], lo=torch.zeros(2, 3), hi=torch.ones(2, 3))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(2, 32), err=st.sampled_from([1e-3, 0.1, 1.0]),
+       frac=st.sampled_from([0.05, 0.3, 1.0]), rms=st.booleans())
+def test_norm_rules_with_a_row_norm_bound(seed, n, err, frac, rms):
+    """An input whose error rows are bounded in l2 (as after one failed neuron through a linear
+    layer) far below the box's norm: the faulty points respect it, the outputs their bounds."""
+    g = torch.Generator().manual_seed(seed)
+    v = _box(g, (3, n), 1.0, 0.05, err)
+    v.l2 = v.e.norm(dim=-1, keepdim=True) * frac
+    w, b = torch.randn(n, generator=g, dtype=torch.float64), torch.randn(n, generator=g, dtype=torch.float64)
+    pts = []
+    for x, xf in _points(g, v):
+        d = xf.double() - x.double()
+        scale = torch.clamp(v.l2 * 0.999 / d.norm(dim=-1, keepdim=True).clamp_min(1e-300), max=1.0)
+        pts.append((x, (x.double() + d * scale).float()))
+    out = R.rms_norm(v, w, 1e-6) if rms else R.layer_norm(v, w, b, 1e-5)
+    for x, xf in pts:
+        if rms:
+            exact = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6) * w
+            faulty = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6) * w.float()).double()
+        else:
+            exact = F.layer_norm(x.double(), (n,), w, b, 1e-5)
+            faulty = F.layer_norm(xf, (n,), w.float(), b.float(), 1e-5).double()
+        assert ((faulty - exact).abs() <= out.e + 1e-12).all()
+        assert ((faulty - exact).norm(dim=-1, keepdim=True) <= out.l2 + 1e-12).all()

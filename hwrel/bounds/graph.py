@@ -378,17 +378,36 @@ class _Interpreter:
         e = a64.abs_map(x.e)
         if x.extra is not None:
             e = e + affine_topsum(node, x.extra, x.f)
-        r = local_rounding(node, [x.fmag()])
-        return R.finish(lo, hi, e, r)
+        if a64.kind != "linear":
+            return R.finish(lo, hi, e, local_rounding(node, [x.fmag()]))
+        # rows (the last dimension): |W_k (x' - x)| <= ||W_k||_2 ||x' - x||_2, and the row error's
+        # l2 norm is at most ||W||_2 times the base part's plus the worst f failed columns' norms
+        w = a64.weight
+        spectral = torch.linalg.matrix_norm(w, 2)
+        e = torch.minimum(e, w.norm(dim=1) * x.row_l2())
+        base = x.e.norm(dim=-1, keepdim=True)
+        if x.l2 is not None and x.extra is None:
+            base = torch.minimum(base, x.l2)
+        l2 = spectral * base
+        if x.extra is not None:
+            l2 = l2 + _row_topsum(x.extra * w.norm(dim=0), x.f)
+        out = R.finish(lo, hi, e, local_rounding(node, [x.fmag()]))
+        return R.with_l2(out, e, torch.minimum(l2, spectral * x.row_l2()))
 
 
 # --- helpers ----------------------------------------------------------------------------------
+
+def _row_topsum(v: Tensor, f: int) -> Tensor:
+    """Sum of the ``f`` largest entries of each row (last dimension), ``(..., 1)``."""
+    from hwrel.bounds.interval import topsum
+
+    return topsum(v, f, dim=-1).unsqueeze(-1)
 
 def _recorded(out: Any, rec: Any) -> Any:
     """The rule's bounds with the clean value replaced by the recorded float32 one."""
     if isinstance(out, R.Val) and isinstance(rec, Tensor) and rec.shape == out.shape:
         v = rec.double()
-        return R.Val(v, v, out.e, out.extra, out.f)
+        return R.Val(v, v, out.e, out.extra, out.f, out.l2)
     if isinstance(out, tuple) and isinstance(rec, (tuple, list)) and len(rec) == len(out):
         return tuple(_recorded(o, r) for o, r in zip(out, rec))
     return out
@@ -465,11 +484,20 @@ def _index(n: fx.Node, args: tuple, kwargs: dict) -> Any:
     if x.extra is not None and not _one_to_one(n, args):
         x = x.plain()  # a map that may copy an entry (expand, advanced indexing) would multiply failures
     parts = [fn(t) for t in (x.lo, x.hi, x.e)] + ([fn(x.extra)] if x.extra is not None else [None])
+    l2 = None
+    if n.target is operator.getitem and x.l2 is not None and _keeps_rows(args[1], len(x.shape)):
+        l2 = x.l2[args[1]]
     if isinstance(parts[0], (tuple, list)):
         k = len(parts[0])
         return tuple(R.Val(parts[0][i], parts[1][i], parts[2][i],
                            None if parts[3] is None else parts[3][i], x.f) for i in range(k))
-    return R.Val(parts[0], parts[1], parts[2], parts[3], x.f)
+    return R.Val(parts[0], parts[1], parts[2], parts[3], x.f, l2)
+
+
+def _keeps_rows(idx: Any, ndim: int) -> bool:
+    """Basic indexing of leading dimensions only (each row of the last dimension kept whole)."""
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    return len(idx) < ndim and all(isinstance(i, (int, slice)) for i in idx)
 
 
 _ONE_TO_ONE = {"reshape", "view", "permute", "transpose", "flatten", "unsqueeze", "squeeze", "contiguous",

@@ -58,6 +58,12 @@ class Val:
     e: Tensor
     extra: Tensor | None = None
     f: int = 0
+    l2: Tensor | None = None  # (..., 1): bounds the l2 norm over the last dimension of the error
+
+    def row_l2(self) -> Tensor:
+        """A bound on ``||faulty - clean||_2`` over the last dimension, ``(..., 1)``."""
+        box = self.resolved().norm(dim=-1, keepdim=True)
+        return box if self.l2 is None else torch.minimum(box, self.l2)
 
     @staticmethod
     def const(t: Tensor) -> "Val":
@@ -94,7 +100,7 @@ class Val:
 
     def plain(self) -> "Val":
         """The same bounds with a failing layer's pending error resolved elementwise."""
-        return self if self.extra is None else Val(self.lo, self.hi, self.resolved())
+        return self if self.extra is None else Val(self.lo, self.hi, self.resolved(), l2=self.row_l2())
 
 
 EXACT = "exact"  # intervals of exact values; e from the exact clean value, rounding added everywhere
@@ -124,6 +130,14 @@ def finish(lo: Tensor, hi: Tensor, e: Tensor, rounding: Tensor | float) -> Val:
     return Val(lo, hi, e + rounding)
 
 
+def with_l2(out: Val, before: Tensor, l2: Tensor) -> Val:
+    """``out`` (after :func:`finish`) with the row bound ``l2`` of the rule's error ``before`` the
+    rounding, plus the l2 norm of the rounding added (and never above the box's own norm)."""
+    added = (out.e - before.expand_as(out.e)).clamp_min(0).norm(dim=-1, keepdim=True)
+    out.l2 = torch.minimum(l2 + added, out.e.norm(dim=-1, keepdim=True))
+    return out
+
+
 def _cap(e: Tensor, lo_f: Tensor, hi_f: Tensor) -> Tensor:
     return torch.minimum(e, hi_f - lo_f)
 
@@ -135,17 +149,21 @@ def add(a: Val, b: Val, sign: float = 1.0) -> Val:
     a, b = a.plain(), b.plain()
     lo = a.lo + (b.lo if sign > 0 else -b.hi)
     hi = a.hi + (b.hi if sign > 0 else -b.lo)
-    e = a.e + b.e
+    e = (a.e + b.e).expand_as(lo)
     r = SAFETY * U * (a.fmag() + b.fmag()) + TINY
-    return finish(lo, hi, e.expand_as(lo), r.expand_as(lo))
+    out = finish(lo, hi, e, r.expand_as(lo))
+    if a.shape[-1] == b.shape[-1] == lo.shape[-1]:  # no broadcast along the rows: norms add
+        out = with_l2(out, e, (a.row_l2() + b.row_l2()).expand(*lo.shape[:-1], 1))
+    return out
 
 
 def scale(a: Val, c: Tensor | float) -> Val:
     """``a * c`` for a constant ``c`` (a number or a tensor that broadcasts); one rounding."""
     c = torch.as_tensor(c, dtype=a.lo.dtype)
-    if a.extra is not None and c.numel() == 1 and float(c) != 0:  # keeps a failing layer's top-f form
-        s = abs(float(c))
-        x, y = a.lo * float(c), a.hi * float(c)
+    if a.extra is not None and torch.broadcast_shapes(a.shape, c.shape) == a.shape:
+        # elementwise, so still at most f entries carry a failure: the top-f form is kept
+        s = c.abs()
+        x, y = a.lo * c, a.hi * c
         out = Val(torch.minimum(x, y), torch.maximum(x, y), a.e * s, a.extra * s, a.f)
         r = SAFETY * U * a.fmag() * s + TINY
         if _mode[-1] == RECORDED:
@@ -333,9 +351,14 @@ def layer_norm(a: Val, weight: Tensor | None, bias: Tensor | None, eps: float) -
     xl, xh, _ = _xhat_interval(a.lo, a.hi, eps)
     lo, hi = affine(xl, xh)
     fxl, fxh, fs_lo = _xhat_interval(*a.faulty_box(), eps)
+    l2 = a.row_l2()
+    # the faulty rows are within ||r||_2 + l2 of the box centre: a tighter least std than the box's
+    c, r0 = (a.hi + a.lo) / 2, (a.hi - a.lo) / 2
+    sd_lo = ((c - c.mean(-1, keepdim=True)).norm(dim=-1, keepdim=True) - r0.norm(dim=-1, keepdim=True) - l2).clamp_min(0)
+    fs_lo = torch.maximum(fs_lo, ((sd_lo / math.sqrt(n)) ** 2 + eps).sqrt())
     flo, fhi = affine(fxl, fxh)
     xmax = torch.maximum(fxl.abs(), fxh.abs())
-    spread = a.e + a.e.mean(-1, keepdim=True) + xmax * a.e.norm(dim=-1, keepdim=True) / math.sqrt(n)
+    spread = a.e + a.e.mean(-1, keepdim=True) + xmax * l2 / math.sqrt(n)
     e = _cap(g.abs() / fs_lo * spread, flo, fhi)
     # float32: the mean within gamma_n mean|x|; the variance within (4n + 8) u mean(x^2) (one-pass,
     # two-pass or Welford moments); sqrt/rsqrt and eps a few ulps; then (x - mean) * rstd * g + b
@@ -354,6 +377,8 @@ def layer_norm(a: Val, weight: Tensor | None, bias: Tensor | None, eps: float) -
     x32 = torch.maximum((math.sqrt(2 * max(n - 1, 0)) * d_var.sqrt() + d_mu) / math.sqrt(eps),
                         math.sqrt(2) * root + d_mu / math.sqrt(eps)) * (1 + 8 * U)
     cap = g.abs() * (x32 + root) + 2 * b.abs() + TINY
+    # the normalization's Jacobian (P - xhat xhat^T / n) / s has spectral norm <= 1 / s
+    out = with_l2(out, e, g.abs().max() * l2 / fs_lo)
     out.e = torch.minimum(out.e, cap)
     return out
 
@@ -386,9 +411,13 @@ def rms_norm(a: Val, weight: Tensor | None, eps: float) -> Val:
     yl, yh, _ = yhat(a.lo, a.hi)
     lo, hi = affine(yl, yh)
     fyl, fyh, fs_lo = yhat(*a.faulty_box())
+    l2 = a.row_l2()
+    c, r0 = (a.hi + a.lo) / 2, (a.hi - a.lo) / 2  # faulty rows: within ||r||_2 + l2 of the centre
+    rms_lo = (c.norm(dim=-1, keepdim=True) - r0.norm(dim=-1, keepdim=True) - l2).clamp_min(0) / root
+    fs_lo = torch.maximum(fs_lo, (rms_lo ** 2 + eps).sqrt())
     flo, fhi = affine(fyl, fyh)
     ymax = torch.maximum(fyl.abs(), fyh.abs())
-    e = _cap(w.abs() / fs_lo * (a.e + ymax * a.e.norm(dim=-1, keepdim=True) / root), flo, fhi)
+    e = _cap(w.abs() / fs_lo * (a.e + ymax * l2 / root), flo, fhi)
     # float32: the mean square within (n + 4) u of mean(x^2) (a sum of squares, always >= 0), rsqrt
     # and eps within EXP_ULPS, two products
     m = a.fmag()
@@ -398,6 +427,7 @@ def rms_norm(a: Val, weight: Tensor | None, eps: float) -> Val:
     out = finish(lo, hi, e, r)
     # |fl(yhat_i)| <= |x_i| / sqrt(max(ms - d_ms, 0) + eps): split at ms = 2 d_ms as for LayerNorm
     x32 = torch.maximum(math.sqrt(2 * n) * d_ms.sqrt() / math.sqrt(eps), math.sqrt(2) * root * torch.ones_like(d_ms))
+    out = with_l2(out, e, w.abs().max() * l2 / fs_lo)  # the Jacobian (I - yhat yhat^T / n) / s: norm <= 1 / s
     out.e = torch.minimum(out.e, w.abs() * (x32 * (1 + 8 * U) + root) + TINY)
     return out
 
