@@ -176,3 +176,26 @@ def test_cli_report_on_the_built_in_vit(tmp_path, capsys):
     assert "weight rounding (per-channel symmetric" in md and "LayerNorm" in md  # Brevitas refused, said why
     summary = pd.read_csv(out / "tables" / "summary.csv")
     assert "certified" not in set(summary["kind"])
+
+
+def test_report_on_a_graph_bounded_model_shows_the_graph_fep(tmp_path):
+    """mnist-vit: the Network bounds refuse it, the graph bounds cover it: the Fep section shows a
+    certified bound per failure layer with its validation (no violation), the banner says that only
+    these are certified, and the other certified sections still say not applicable."""
+    from hwrel import models
+    from hwrel.bounds.graph import graph_bound
+
+    ref = models.load("mnist-vit")
+    x, y = ref.x_test[:24], ref.y_test[:24]
+    out = build_report(ref.module, "eyeriss-v1", out=tmp_path / "vit", data=(x, y), config=TINY, progress=False,
+                       input_domain=(0.0, 1.0))
+    t = pd.read_csv(out / "tables" / "graph_fep.csv")
+    assert list(t["layer"]) == ["blocks.0.act", "blocks.1.act"] and (t["violations"] == 0).all()
+    want = graph_bound(ref.module, {"blocks.1.act": 1}, lo=x).bound.amax(1)
+    assert t.loc[1, "bound_max"] == pytest.approx(float(want.max()))
+    assert (t["measured_max"] <= t["bound_max"]).all() and t["certified_top1_fraction"].between(0, 1).all()
+    html = (out / "index.html").read_text(encoding="utf-8")
+    assert "only the neuron-crash bounds over the model" in html
+    body = html.split('<section id="iso26262">')[1].split("</section>")[0]
+    assert "not applicable" in body
+    assert "no violation: every measured change is within its certified bound" in html

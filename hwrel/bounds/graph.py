@@ -606,6 +606,7 @@ class GraphCertificate:
     domain_bound: float | None
     per_input: Tensor
     certified: Tensor | None
+    bound: Tensor | None = None  # (N, n_out): each input's bound on each output
 
 
 @torch.no_grad()
@@ -628,7 +629,7 @@ def graph_certificate(model: nn.Module, failures: Sequence[int] | dict[str, int]
     from hwrel.inject.general_sites import plain_forward
 
     gm = trace(model)
-    per, flags = [], []
+    per, flags, full = [], [], []
     layers: list[str] = []
     counts: dict[str, int] = {}
     for start in range(0, inputs.shape[0], batch):
@@ -636,10 +637,74 @@ def graph_certificate(model: nn.Module, failures: Sequence[int] | dict[str, int]
         gb = graph_bound(gm, failures, fault, lo=xb)
         layers, counts = gb.layers, gb.failures
         per.append(gb.bound.amax(1))
+        full.append(gb.bound)
         with plain_forward():
             out = gm(xb)
         if out.dim() == 2:
             flags.append(certified_from_bounds(out.double(), gb.bound)[1])
         if progress is not None:
             progress(min(start + batch, inputs.shape[0]), inputs.shape[0])
-    return GraphCertificate(layers, sizes, counts, dom, torch.cat(per), torch.cat(flags) if flags else None)
+    return GraphCertificate(layers, sizes, counts, dom, torch.cat(per), torch.cat(flags) if flags else None,
+                            torch.cat(full))
+
+
+@torch.no_grad()
+def crash_outputs(model: nn.Module, x: Tensor, at: dict[str, Tensor]) -> Tensor:
+    """The exact faulty forward: the flat elements ``at[layer]`` (per sample) of each named failure
+    layer's output set to 0, everything else as the model computes it (the reference the graph
+    bounds are validated against)."""
+    from hwrel.inject.general_sites import plain_forward
+
+    gm = trace(model)
+
+    class Crash(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            out = super().run_node(n)
+            idx = at.get(_layer_name(n))
+            if idx is not None and isinstance(out, Tensor):
+                out = out.clone()
+                out.view(out.shape[0], -1)[:, idx] = 0
+            return out
+
+    with plain_forward():
+        return Crash(gm).run(x)
+
+
+def validate(model: nn.Module, x: Tensor, layer: str, bound: Tensor, *, sets: int, seed: int = 0) -> dict[str, Any]:
+    """Random single crashes in ``layer`` (``sets`` of them, seeded), injected exactly by
+    :func:`crash_outputs`, against the per-input bound ``bound`` (``(N, n_out)``): the largest measured
+    change and the number of (input, output) pairs where it exceeds the bound (must be 0)."""
+    sizes = layer_sizes(model, x)
+    g = torch.Generator().manual_seed(seed)
+    clean = crash_outputs(model, x, {})
+    salient = _salient(model, x, layer, max(1, sets // 2))
+    worst = torch.zeros_like(bound)
+    for k in range(sets):
+        # every other set: the elements whose crash changes the output most to first order (a ViT's
+        # class-token row, say), else uniformly at random
+        idx = salient[k // 2 % len(salient)].reshape(1) if k % 2 else torch.randint(0, sizes[layer], (1,), generator=g)
+        worst = torch.maximum(worst, (crash_outputs(model, x, {layer: idx}) - clean).abs().flatten(1).double())
+    return {"measured_max": float(worst.max()), "violations": int((worst > bound).sum())}
+
+
+def _salient(model: nn.Module, x: Tensor, layer: str, k: int) -> Tensor:
+    """The ``k`` elements of ``layer`` with the largest first-order crash effect on the outputs,
+    ``sum over inputs of |v_i * d(sum |out|)/dv_i|`` (a search heuristic, not a bound)."""
+    gm = trace(model)
+    kept: list[Tensor] = []
+
+    class Grad(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            out = super().run_node(n)
+            if _layer_name(n) == layer and isinstance(out, Tensor) and out.is_floating_point():
+                out = out.detach().requires_grad_(True)
+                kept.append(out)
+            return out
+
+    with torch.enable_grad():
+        y = Grad(gm).run(x)
+        if not kept or not isinstance(y, Tensor) or not y.requires_grad:
+            return torch.zeros(1, dtype=torch.long)
+        (grad,) = torch.autograd.grad(y.abs().sum(), kept[0])
+    score = (kept[0].detach() * grad).abs().flatten(1).sum(0)
+    return torch.topk(score, min(k, score.numel())).indices

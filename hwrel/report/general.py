@@ -351,6 +351,9 @@ def analyse(name: str, target: Any, acc: Any, x: Tensor, y: Tensor, calib: Tenso
                            "engine_refused": target.reason, "hours": float(hours),
                            "max_accuracy_drop": drop, "clean_accuracy": clean, "params": params,
                            "missing": [], "checks_violated": 0, "bitwidth": None}
+    res["graph"] = graph_fep(module, x, cfg, log, seed)
+    if "table" in res["graph"]:
+        res["checks_violated"] = int(res["graph"]["table"]["violations"].sum())
     if quantize:
         log.stage("bitwidth", f"bit width: measuring {len(cfg.bits)} weight-quantized copies on the test inputs")
         res["bitwidth"] = measured_bitwidth(module, x, y, calib, tuple(cfg.bits), drop, progress=log.part)
@@ -377,6 +380,32 @@ def analyse(name: str, target: Any, acc: Any, x: Tensor, y: Tensor, calib: Tenso
         "technology": f"{acc.technology_node_nm:g} nm" + (f", {acc.clock_mhz:g} MHz" if acc.clock_mhz else ""),
         "stored parameter bits": f"{int(params['bits'].sum()):,}"}
     return res
+
+
+def graph_fep(module: nn.Module, x: Tensor, cfg: Any, log: Any, seed: int) -> dict[str, Any]:
+    """Certified neuron-crash bounds over the model's torch.fx graph (:mod:`hwrel.bounds.graph`), one
+    crash per failure layer at a time, on the test inputs, each validated against random crashes
+    injected exactly; ``{"reason": ...}`` where the graph bounds have no rule either."""
+    from hwrel.bounds import graph as G
+
+    try:
+        layers = G.graph_layers(module)
+        G.graph_bound(module, {}, lo=x[:1])  # every operation has a rule
+    except (UnsupportedLayerError, HwrelError) as exc:
+        return {"reason": str(exc).strip().splitlines()[0]}
+    sizes = G.layer_sizes(module, x)
+    rows = []
+    for k, name in enumerate(layers):
+        log.stage("fep", f"graph bound: 1 crash in {name} ({k + 1}/{len(layers)} layers), {len(x)} inputs")
+        cert = G.graph_certificate(module, {name: 1}, inputs=x,
+                                   progress=lambda done, total: log.part(done / total, f"{done}/{total} inputs"))
+        check = G.validate(module, x, name, cert.bound, sets=max(4, cfg.random_sets), seed=seed)
+        rows.append({"layer": name, "elements": sizes.get(name), "failures": 1,
+                     "bound_max": float(cert.per_input.max()), "bound_median": float(cert.per_input.median()),
+                     "certified_top1_fraction": (float(cert.certified.double().mean())
+                                                 if cert.certified is not None else float("nan")),
+                     "measured_max": check["measured_max"], "violations": check["violations"]})
+    return {"table": pd.DataFrame(rows)}
 
 
 __all__ = ["MeasuredBitwidth", "MeasuredSEU", "analyse", "bounds_reason", "general_target", "measured_bitwidth", "measured_seu",

@@ -157,6 +157,29 @@ def seu(s: MeasuredSEU | None, reason: str, hours: float) -> Section:
     ))
 
 
+def fep(graph: dict[str, Any] | None, reason: str) -> Section:
+    """Neuron failures: the graph bounds where they have a rule for every operation, one crash per
+    layer, with their validation; tolerance and certified accuracy at a budget not applicable."""
+    title = "Neuron failures (Forward Error Propagation)"
+    if not graph or "table" not in graph:
+        why = reason if not graph else f"{reason}; the graph bounds: {graph['reason']}"
+        return _na("fep", title, why, "Fep bounds, certified tolerance and certified accuracy")
+    t = graph["table"]
+    return Section("fep", title, (
+        Text("Certified (sound) bounds over the model's torch.fx graph (`hwrel.bounds.graph`: intervals and "
+             "l2 row bounds through LayerNorm, RMSNorm, softmax, attention and products of activations, "
+             "float32 rounding included), per test input, for one crashed element of each failure layer. "
+             "The paper's closed-form Fep: not applicable (LayerNorm and products of two activations have no "
+             "Lipschitz constant independent of the input). Tolerance curves and certified accuracy at the "
+             f"budget: {not_applicable(reason)}.", "note"),
+        Table("graph_fep", "Certified bound per failure layer (1 crash), on the test inputs", t,
+              note="bound_max / bound_median: over the inputs of the largest output change the bound allows "
+                   "(output units); certified_top1_fraction: inputs whose top-1 class provably stays (classifiers); "
+                   "measured_max: the largest change over random single crashes injected exactly in that layer; "
+                   "violations: (input, output) pairs where a measured change exceeds its bound (must be 0)."),
+    ))
+
+
 def provenance(prov: pd.DataFrame, acc: Any) -> Section:
     """The rates behind the FIT estimate, with their sources (no sensitivity: it needs a certified analysis)."""
     return Section("provenance", "Rates and their sources", (
@@ -167,6 +190,21 @@ def provenance(prov: pd.DataFrame, acc: Any) -> Section:
     ))
 
 
+def _validation(graph: dict[str, Any] | None, reason: str) -> Section:
+    title = "Validation against fault injection"
+    if not graph or "table" not in graph:
+        return Section("validation", title, (
+            Text(f"Bound validation: {not_applicable('no certified number to validate; ' + reason)}.", "note"),))
+    t = graph["table"]
+    bad = int(t["violations"].sum())
+    verdict = (f"BOUND VIOLATIONS FOUND: {bad} (input, output) pairs" if bad else
+               "no violation: every measured change is within its certified bound")
+    return Section("validation", title, (
+        Text(f"Graph bounds against random single crashes injected exactly (each layer's elements set to 0 "
+             f"in the model's own forward): {verdict}. Other analyses: "
+             f"{not_applicable('no certified number to validate; ' + reason)}.", "note"),))
+
+
 def assemble(res: dict[str, Any], name: str, acc: Any, versions: dict[str, str], generated: str,
              prov_section: Section | None, reproduce: Section) -> Report:
     """The whole report of :func:`hwrel.report.general.analyse`'s results ``res``."""
@@ -175,18 +213,21 @@ def assemble(res: dict[str, Any], name: str, acc: Any, versions: dict[str, str],
     exe = executive(name, acc, reason, res["clean_accuracy"], len(res["x"]), s, bw, res["checksum"],
                     res["data_source"], generated, res.get("accuracy_note", ""), res["hours"])
     secs = [exe.section(), summary(res["info"], res["params"], res["memories"]),
-            _na("fep", "Neuron failures (Forward Error Propagation)", reason,
-                "Fep bounds, certified tolerance and certified accuracy"),
+            fep(res.get("graph"), reason),
             bitwidth(bw, reason), seu(s, reason, res["hours"])]
     if prov_section is not None:
         secs.append(prov_section)
     secs += [_na("iso26262", "ISO 26262-5 hardware metrics (estimates)", reason,
                  "ISO 26262 metrics (they need the certified vulnerable fractions)"),
-             Section("validation", "Validation against fault injection", (
-                 Text(f"Bound validation: {not_applicable('no certified number to validate; ' + reason)}.", "note"),)),
+             _validation(res.get("graph"), reason),
              reproduce]
-    banner = Text(f"Certified figures: {not_applicable(reason)}. This report shows measurements and estimates only.",
-                  "note")
+    if res.get("graph") and "table" in res["graph"]:
+        banner = Text("Certified figures: only the neuron-crash bounds over the model's graph (section Neuron "
+                      f"failures); every other certified figure: {not_applicable(reason)}. The rest of this report "
+                      "shows measurements and estimates.", "note")
+    else:
+        banner = Text(f"Certified figures: {not_applicable(reason)}. This report shows measurements and estimates only.",
+                      "note")
     sub = (f"{acc.name}, accuracy budget {res['max_accuracy_drop']:.2%}, mission {res['hours']:g} h. "
            f"Generated {generated} by hwrel {versions['hwrel']}. Injection path: general.")
     return Report(f"Reliability report: {name} on {acc.name}", sub, tuple(secs), banner,
