@@ -175,7 +175,8 @@ def test_cli_report_on_the_built_in_vit(tmp_path, capsys):
     assert "hwrel report mnist-vit --quick --accelerator eyeriss-v1" in md  # the command that reproduces it
     assert "weight rounding (per-channel symmetric" in md and "LayerNorm" in md  # Brevitas refused, said why
     summary = pd.read_csv(out / "tables" / "summary.csv")
-    assert "certified" not in set(summary["kind"])
+    # the graph bounds are the only certified item (tests/test_report_general.py's graph test checks it)
+    assert list(summary[summary["kind"] == "certified"]["section"]) == ["fep"]
 
 
 def test_report_on_a_graph_bounded_model_shows_the_graph_fep(tmp_path):
@@ -199,3 +200,7 @@ def test_report_on_a_graph_bounded_model_shows_the_graph_fep(tmp_path):
     body = html.split('<section id="iso26262">')[1].split("</section>")[0]
     assert "not applicable" in body
     assert "no violation: every measured change is within its certified bound" in html
+    s = pd.read_csv(out / "tables" / "summary.csv")
+    row = s[s["kind"] == "certified"]
+    assert len(row) == 1 and row["value"].iloc[0] == pytest.approx(t.loc[1, "bound_max"])
+    assert "No number in this report is a bound" not in html

@@ -32,14 +32,26 @@ def _na(section_id: str, title: str, reason: str, what: str) -> Section:
 
 def executive(name: str, acc: Any, reason: str, clean: float, n: int, seu: MeasuredSEU | None,
               bw: MeasuredBitwidth | None, checksum: str, data_source: str, generated: str,
-              accuracy_note: str = "", hours: float = 0.0) -> ExecutiveSummary:
+              accuracy_note: str = "", hours: float = 0.0, graph: pd.DataFrame | None = None) -> ExecutiveSummary:
     na = not_applicable(reason)
-    rows: list[tuple[str, str, float, str, str, str]] = [
-        ("certified analyses (Fep, tolerance, certified bit width, certified flips, ISO 26262)", na, math.nan, "",
-         "not applicable", "fep"),
+    rows: list[tuple[str, str, float, str, str, str]] = []
+    if graph is not None and len(graph):
+        last = graph.iloc[-1]
+        cert = last["certified_top1_fraction"]
+        rows.append((f"Fep over the graph, 1 crash in {last['layer']} (certified)",
+                     f"output change <= {last['bound_max']:.4g} on every test input (median {last['bound_median']:.4g})"
+                     + ("" if math.isnan(cert) else f"; top-1 certified unchanged on {cert:.1%} of them"),
+                     float(last["bound_max"]), "output units", "certified", "fep"))
+        headline = (f"Certified: only the neuron-crash bounds over the model's graph; every other certified "
+                    f"analysis {na}. The rest is measured (exact general injection path)")
+    else:
+        headline = f"Certified analyses {na}. Only measured figures below (exact general injection path)"
+    rows += [
+        ("certified analyses (" + ("tolerance" if rows else "Fep, tolerance") + ", certified bit width, "
+         "certified flips, ISO 26262)", na, math.nan, "", "not applicable", "fep"),
         ("test accuracy (float)", f"{clean:.2%} on {n} inputs{accuracy_note}", clean, "fraction", "measured",
          "summary")]
-    headline = f"Certified analyses {na}. Only measured figures below (exact general injection path)"
+    certified_rows = bool(graph is not None and len(graph))
     if seu is not None:
         lo, hi = seu.ci
         rows += [
@@ -75,8 +87,11 @@ def executive(name: str, acc: Any, reason: str, clean: float, n: int, seu: Measu
                      "bitwidth"))
     prov = (f"Generated {generated} by hwrel. Model {name}, SHA-256 {checksum[:16]}... (parameters). Data: "
             f"{data_source}. Accelerator: {acc.name} ({acc.path.name}).")
-    notes = ("No number in this report is a bound: measured figures are lower ends of the true worst case "
-             "(random flips on the test inputs), estimates carry their interval.",)
+    notes = (("The only bounds in this report are the graph Fep bounds (marked certified); every other "
+              "measured figure is a lower end of the true worst case (random flips on the test inputs), "
+              "estimates carry their interval." if certified_rows else
+              "No number in this report is a bound: measured figures are lower ends of the true worst case "
+              "(random flips on the test inputs), estimates carry their interval."),)
     return ExecutiveSummary(headline, None, tuple(rows), notes, prov)
 
 
@@ -210,8 +225,9 @@ def assemble(res: dict[str, Any], name: str, acc: Any, versions: dict[str, str],
     """The whole report of :func:`hwrel.report.general.analyse`'s results ``res``."""
     reason = res["reason"]
     s, bw = res["seu"], res["bitwidth"]
+    graph = res.get("graph") or {}
     exe = executive(name, acc, reason, res["clean_accuracy"], len(res["x"]), s, bw, res["checksum"],
-                    res["data_source"], generated, res.get("accuracy_note", ""), res["hours"])
+                    res["data_source"], generated, res.get("accuracy_note", ""), res["hours"], graph.get("table"))
     secs = [exe.section(), summary(res["info"], res["params"], res["memories"]),
             fep(res.get("graph"), reason),
             bitwidth(bw, reason), seu(s, reason, res["hours"])]
