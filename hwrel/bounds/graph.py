@@ -141,6 +141,15 @@ def graph_layers(model: nn.Module) -> list[str]:
     return [_layer_name(n) for n in gm.graph.nodes if _activation_of(gm, n) is not None]
 
 
+def check_supported(model: nn.Module, x: Tensor | None = None) -> list[str]:
+    """The failure layers, once the model traces and (given inputs ``x``) every operation has a rule,
+    checked on ``x[:1]`` before any costly work; else :class:`UnsupportedLayerError` naming the node."""
+    layers = graph_layers(model)
+    if x is not None:
+        graph_bound(model, {}, lo=x[:1])
+    return layers
+
+
 @dataclass
 class GraphBound:
     """Result of :func:`graph_bound`: ``bound[b, j]`` bounds ``|faulty - clean|`` of output

@@ -61,7 +61,7 @@ def _run_graph(args: argparse.Namespace, md, engine_reason: str) -> int:
     """A model the Network bounds do not cover (ViT, LLaMA-style LM, ...): the sound bounds over its
     torch.fx graph (:func:`hwrel.bounds.graph.graph_certificate`), over the input box and on each
     test input; the paper's Fep is not applicable."""
-    from hwrel.bounds.graph import graph_bound, graph_certificate, graph_layers
+    from hwrel.bounds.graph import check_supported, graph_certificate
     from hwrel.report.general import bounds_reason
 
     if args.method not in ("best", "interval"):
@@ -72,9 +72,7 @@ def _run_graph(args: argparse.Namespace, md, engine_reason: str) -> int:
         raise HwrelError(f"--fault {args.fault}: the graph bounds of model {md.name} cover neuron faults "
                          "(crash, byzantine)")
     try:
-        graph_layers(md.module)  # traces: a model it cannot trace is refused before any data is needed
-        if md.x is not None:  # every operation has a rule: checked on one input before the work
-            graph_bound(md.module, {}, lo=md.x[:1])
+        check_supported(md.module, md.x)  # without data: traced only, refused before asking for it
     except UnsupportedLayerError as exc:
         raise HwrelError(_refusal(md.name, engine_reason, str(exc))) from None
     if md.x is None:

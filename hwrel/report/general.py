@@ -389,8 +389,7 @@ def graph_fep(module: nn.Module, x: Tensor, cfg: Any, log: Any, seed: int) -> di
     from hwrel.bounds import graph as G
 
     try:
-        layers = G.graph_layers(module)
-        G.graph_bound(module, {}, lo=x[:1])  # every operation has a rule
+        layers = G.check_supported(module, x)
     except (UnsupportedLayerError, HwrelError) as exc:
         return {"reason": str(exc).strip().splitlines()[0]}
     sizes = G.layer_sizes(module, x)
