@@ -45,7 +45,10 @@ class ReportConfig:
     ``samples``: test inputs analysed (a seeded subset when there are more). ``failure_counts``:
     failed neurons per layer in the Fep tables. ``random_sets``: random failure sets measured per
     configuration; ``adversarial_*``: settings of the adversarial failure search (``steps=0`` and
-    ``restarts=0`` still run the greedy set search). ``seu_campaign``: random single flips
+    ``restarts=0`` still run the greedy set search; ``adversarial_screen``: candidate neurons
+    evaluated exactly per greedy or swap step, those a first-order estimate ranks highest: on
+    mnist-resnet 64 instead of the search's default 256 found the same worst case in 17 of the 20
+    Fep configurations, a larger one in 2 and a smaller one in 1, in 17 s instead of 59 s). ``seu_campaign``: random single flips
     injected; ``seu_samples``: inputs they are measured on. ``bits``: widths swept.
     ``flip_search``: search the fewest bit flips breaking the budget (hwrel's search and the
     progressive bit search baseline, at most ``flip_search_max`` flips each). ``tolerance_curve``:
@@ -62,6 +65,7 @@ class ReportConfig:
     adversarial_restarts: int = 1
     adversarial_pool: int = 8
     adversarial_inputs: int = 16
+    adversarial_screen: int = 64
     seu_campaign: int = 1000
     seu_samples: int = 256
     bits: tuple[int, ...] = tuple(range(2, 17))
@@ -399,7 +403,7 @@ def _analyse(name, module, ref, net, acc, x, y, calib, drop, hours, target, seed
     adv = None
     if cfg.adversarial:
         adv = {"steps": cfg.adversarial_steps, "restarts": cfg.adversarial_restarts,
-               "pool_size": cfg.adversarial_pool, "inputs": cfg.adversarial_inputs}
+               "pool_size": cfg.adversarial_pool, "inputs": cfg.adversarial_inputs, "screen": cfg.adversarial_screen}
     log.stage("fep", f"Fep bounds, tolerance and failure injection ({len(net.layers)} hidden layers)")
     res["fep"] = sections.fep_analysis(net, x, y, capacity=C, counts=cfg.failure_counts, max_accuracy_drop=drop,
                                        random_sets=cfg.random_sets, adversarial=adv, seed=seed, log=log,
