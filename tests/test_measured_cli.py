@@ -103,10 +103,44 @@ def test_bitwidth_certified_only_option_is_a_one_line_error(capsys):
     assert "\n" not in err.strip() and "--per-layer" in err and "Embedding" in err
 
 
-def test_bounds_refusal_points_to_the_measuring_commands(capsys):
-    rc, out, err = _run(capsys, "tolerance", "text-gpt", "--epsilon", "1")
-    assert rc != 0 and "\n" not in err.strip()
-    assert "layer tok (torch.nn.modules.sparse.Embedding)" in err and "hwrel inject, seu, bitwidth" in err
+CUMSUM = """
+import torch
+from torch import nn
+
+
+class Cum(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)).cumsum(1))
+"""
+
+
+def test_bounds_refusal_points_to_the_measuring_commands(capsys, tmp_path):
+    """An operation neither the Network nor the graph bounds cover (cumsum): ``bound`` and
+    ``tolerance`` stop in one line naming it and the commands that measure instead."""
+    from safetensors.torch import save_file
+
+    (tmp_path / "cum.py").write_text(CUMSUM)
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    from torch import nn
+
+    m = nn.ModuleDict({"a": nn.Linear(4, 8), "b": nn.Linear(8, 3)})
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp_path / "cum.safetensors"))
+    np.savez(tmp_path / "d.npz", x=torch.rand(8, 4, generator=g).numpy(), y=np.arange(8) % 3)
+    model = [str(tmp_path / "cum.safetensors"), "--architecture", f"{tmp_path / 'cum.py'}:Cum",
+             "--data", str(tmp_path / "d.npz")]
+    for cmd in (["tolerance", *model, "--epsilon", "1"], ["bound", *model, "--failures", "1"]):
+        rc, out, err = _run(capsys, *cmd)
+        assert rc != 0 and not out and "\n" not in err.strip(), (cmd, err)
+        assert "cumsum" in err and "hwrel inject, seu, bitwidth" in err and "graph bounds" in err, err
+    # the language model the Network refuses (its token embedding) has a tolerance on its graph now
+    rc, out, err = _run(capsys, "tolerance", "text-gpt", "--epsilon", "1000", "--json")
+    assert rc == 0, err
+    assert json.loads(out)["path"] == "graph"
 
 
 def test_bound_runs_on_the_graph_of_a_vit_and_a_language_model(capsys, vit_data):

@@ -516,7 +516,7 @@ def _commands(e: Entry, layers: int = 1) -> dict[str, list[str]]:
 # naming the node and the operation.
 COMMANDS_ON_GENERAL: tuple[str, ...] = ("seu", "bitwidth")
 REFUSED_ON_GENERAL = ("bound", "tolerance")
-# ... except ``bound`` where the graph bounds (hwrel.bounds.graph) have a rule for every operation
+# ... except ``bound`` and ``tolerance`` where the graph bounds (hwrel.bounds.graph) have a rule for every operation
 GRAPH_BOUNDED = ("mnist-vit", "text-gpt", "gpt")
 
 
@@ -546,7 +546,12 @@ def test_every_command_runs(name: str, root: Path) -> None:
             b = json.loads(out)
             assert b["path"] == "graph" and len(b["layer_sizes"]) == layers and b["failures"][0] == 1
             assert 0 < b["per_input_max"] < math.inf and b["inputs"] >= 1
-            refused = tuple(c for c in refused if c != "bound")
+            rc, out, err = _run(["tolerance", *e.cli, "--max-accuracy-drop", "99%", "--json"])
+            assert rc == 0, err
+            t = json.loads(out)
+            assert t["path"] == "graph" and [r["layer"] for r in t["per_layer"]] == b["layers"]
+            assert all(r["tolerated"] >= 0 and r["bound_max_1"] > 0 for r in t["per_layer"])
+            refused = tuple(c for c in refused if c not in ("bound", "tolerance"))
         for cmd in refused:
             rc, out, err = _run(cmds[cmd])
             lines = [ln for ln in err.splitlines() if ln.strip()]
