@@ -175,8 +175,8 @@ def test_cli_report_on_the_built_in_vit(tmp_path, capsys):
     assert "hwrel report mnist-vit --quick --accelerator eyeriss-v1" in md  # the command that reproduces it
     assert "weight rounding (per-channel symmetric" in md and "LayerNorm" in md  # Brevitas refused, said why
     summary = pd.read_csv(out / "tables" / "summary.csv")
-    # the graph bounds are the only certified item (tests/test_report_general.py's graph test checks it)
-    assert list(summary[summary["kind"] == "certified"]["section"]) == ["fep"]
+    # the graph bounds and the tolerance on them are the only certified items (the graph test checks them)
+    assert list(summary[summary["kind"] == "certified"]["section"]) == ["fep", "fep"]
 
 
 def test_report_on_a_graph_bounded_model_shows_the_graph_fep(tmp_path):
@@ -200,7 +200,15 @@ def test_report_on_a_graph_bounded_model_shows_the_graph_fep(tmp_path):
     body = html.split('<section id="iso26262">')[1].split("</section>")[0]
     assert "not applicable" in body
     assert "no violation: every measured change is within its certified bound" in html
+    # the certified tolerance per layer at the report's budget, as graph_tolerance computes it
+    from hwrel.bounds.tolerance import graph_tolerance
+
+    tol = pd.read_csv(out / "tables" / "graph_tolerance.csv")
+    want_tol = graph_tolerance(ref.module, x, y, max_drop=0.01).table
+    assert list(tol["layer"]) == list(t["layer"]) and list(tol["tolerated"]) == list(want_tol["tolerated"])
+    assert tol["certified_fraction"].tolist() == pytest.approx(want_tol["certified_fraction"].tolist())
     s = pd.read_csv(out / "tables" / "summary.csv")
     row = s[s["kind"] == "certified"]
-    assert len(row) == 1 and row["value"].iloc[0] == pytest.approx(t.loc[1, "bound_max"])
+    assert len(row) == 2 and row["value"].iloc[0] == pytest.approx(t.loc[1, "bound_max"])
+    assert row["value"].iloc[1] == tol["tolerated"].iloc[-1]
     assert "No number in this report is a bound" not in html

@@ -351,7 +351,7 @@ def analyse(name: str, target: Any, acc: Any, x: Tensor, y: Tensor, calib: Tenso
                            "engine_refused": target.reason, "hours": float(hours),
                            "max_accuracy_drop": drop, "clean_accuracy": clean, "params": params,
                            "missing": [], "checks_violated": 0, "bitwidth": None}
-    res["graph"] = graph_fep(module, x, cfg, log, seed)
+    res["graph"] = graph_fep(module, x, cfg, log, seed, y=y, drop=drop)
     if "table" in res["graph"]:
         res["checks_violated"] = int(res["graph"]["table"]["violations"].sum())
     if quantize:
@@ -382,11 +382,16 @@ def analyse(name: str, target: Any, acc: Any, x: Tensor, y: Tensor, calib: Tenso
     return res
 
 
-def graph_fep(module: nn.Module, x: Tensor, cfg: Any, log: Any, seed: int) -> dict[str, Any]:
+def graph_fep(module: nn.Module, x: Tensor, cfg: Any, log: Any, seed: int, y: Tensor | None = None,
+              drop: float | None = None) -> dict[str, Any]:
     """Certified neuron-crash bounds over the model's torch.fx graph (:mod:`hwrel.bounds.graph`), one
     crash per failure layer at a time, on the test inputs, each validated against random crashes
-    injected exactly; ``{"reason": ...}`` where the graph bounds have no rule either."""
+    injected exactly; with the accuracy budget ``drop``, the certified tolerance per layer
+    (:func:`hwrel.bounds.tolerance.graph_tolerance`, labels ``y`` for a classifier, top-1 agreement
+    per position for a language model) as ``"tolerance"``. ``{"reason": ...}`` where the graph
+    bounds have no rule either."""
     from hwrel.bounds import graph as G
+    from hwrel.bounds.tolerance import graph_tolerance
 
     try:
         layers = G.check_supported(module, x)
@@ -404,7 +409,15 @@ def graph_fep(module: nn.Module, x: Tensor, cfg: Any, log: Any, seed: int) -> di
                      "certified_top1_fraction": (float(cert.certified.double().mean())
                                                  if cert.certified is not None else float("nan")),
                      "measured_max": check["measured_max"], "violations": check["violations"]})
-    return {"table": pd.DataFrame(rows)}
+    out: dict[str, Any] = {"table": pd.DataFrame(rows)}
+    if drop is not None:
+        log.stage("fep", f"graph tolerance: crashes each layer tolerates within a {drop:.2%} drop, {len(x)} inputs")
+        labels = y if y is not None and y.dim() == 1 else None
+        tol = graph_tolerance(module, x, labels, max_drop=drop, progress=log.part)
+        keep = ["layer", "size", "tolerated", "tolerated_fraction", "bound_max", "bound_median", "certified_fraction"]
+        out["tolerance"] = tol.table[[c for c in keep if c in tol.table]]
+        out["tolerance_what"] = "accuracy" if labels is not None else "top-1 agreement with the clean model"
+    return out
 
 
 __all__ = ["MeasuredBitwidth", "MeasuredSEU", "analyse", "bounds_reason", "general_target", "measured_bitwidth", "measured_seu",

@@ -32,7 +32,8 @@ def _na(section_id: str, title: str, reason: str, what: str) -> Section:
 
 def executive(name: str, acc: Any, reason: str, clean: float, n: int, seu: MeasuredSEU | None,
               bw: MeasuredBitwidth | None, checksum: str, data_source: str, generated: str,
-              accuracy_note: str = "", hours: float = 0.0, graph: pd.DataFrame | None = None) -> ExecutiveSummary:
+              accuracy_note: str = "", hours: float = 0.0, graph: pd.DataFrame | None = None,
+              tolerance: pd.DataFrame | None = None, drop: float | None = None) -> ExecutiveSummary:
     na = not_applicable(reason)
     rows: list[tuple[str, str, float, str, str, str]] = []
     if graph is not None and len(graph):
@@ -42,13 +43,20 @@ def executive(name: str, acc: Any, reason: str, clean: float, n: int, seu: Measu
                      f"output change <= {last['bound_max']:.4g} on every test input (median {last['bound_median']:.4g})"
                      + ("" if math.isnan(cert) else f"; top-1 certified unchanged on {cert:.1%} of them"),
                      float(last["bound_max"]), "output units", "certified", "fep"))
-        headline = (f"Certified: only the neuron-crash bounds over the model's graph; every other certified "
+        if tolerance is not None and len(tolerance):
+            per = ", ".join(f"{r.layer} {int(r.tolerated)}" for r in tolerance.itertuples())
+            rows.append((f"tolerated crashes per failure layer (certified, {drop:.2%} budget)" if drop is not None
+                         else "tolerated crashes per failure layer (certified)",
+                         f"{per} (each layer alone, on every test input)",
+                         float(tolerance["tolerated"].iloc[-1]), "elements", "certified", "fep"))
+        what = "bounds and tolerance" if tolerance is not None and len(tolerance) else "bounds"
+        headline = (f"Certified: only the neuron-crash {what} over the model's graph; every other certified "
                     f"analysis {na}. The rest is measured (exact general injection path)")
     else:
         headline = f"Certified analyses {na}. Only measured figures below (exact general injection path)"
     rows += [
-        ("certified analyses (" + ("tolerance" if rows else "Fep, tolerance") + ", certified bit width, "
-         "certified flips, ISO 26262)", na, math.nan, "", "not applicable", "fep"),
+        ("certified analyses (" + ("" if len(rows) > 1 else "tolerance, " if rows else "Fep, tolerance, ")
+         + "certified bit width, certified flips, ISO 26262)", na, math.nan, "", "not applicable", "fep"),
         ("test accuracy (float)", f"{clean:.2%} on {n} inputs{accuracy_note}", clean, "fraction", "measured",
          "summary")]
     certified_rows = bool(graph is not None and len(graph))
@@ -87,7 +95,7 @@ def executive(name: str, acc: Any, reason: str, clean: float, n: int, seu: Measu
                      "bitwidth"))
     prov = (f"Generated {generated} by hwrel. Model {name}, SHA-256 {checksum[:16]}... (parameters). Data: "
             f"{data_source}. Accelerator: {acc.name} ({acc.path.name}).")
-    notes = (("The only bounds in this report are the graph Fep bounds (marked certified); every other "
+    notes = (("The only bounds in this report are the graph Fep bounds and the tolerance built on them (marked certified); every other "
               "measured figure is a lower end of the true worst case (random flips on the test inputs), "
               "estimates carry their interval." if certified_rows else
               "No number in this report is a bound: measured figures are lower ends of the true worst case "
@@ -180,19 +188,30 @@ def fep(graph: dict[str, Any] | None, reason: str) -> Section:
         why = reason if not graph else f"{reason}; the graph bounds: {graph['reason']}"
         return _na("fep", title, why, "Fep bounds, certified tolerance and certified accuracy")
     t = graph["table"]
-    return Section("fep", title, (
+    blocks: tuple[Any, ...] = (
         Text("Certified (sound) bounds over the model's torch.fx graph (`hwrel.bounds.graph`: intervals and "
              "l2 row bounds through LayerNorm, RMSNorm, softmax, attention and products of activations, "
              "float32 rounding included), per test input, for one crashed element of each failure layer. "
              "The paper's closed-form Fep: not applicable (LayerNorm and products of two activations have no "
-             "Lipschitz constant independent of the input). Tolerance curves and certified accuracy at the "
-             f"budget: {not_applicable(reason)}.", "note"),
+             "Lipschitz constant independent of the input). Tolerance curves over failure counts: "
+             f"{not_applicable(reason)}.", "note"),
         Table("graph_fep", "Certified bound per failure layer (1 crash), on the test inputs", t,
               note="bound_max / bound_median: over the inputs of the largest output change the bound allows "
                    "(output units); certified_top1_fraction: inputs whose top-1 class provably stays (classifiers); "
                    "measured_max: the largest change over random single crashes injected exactly in that layer; "
                    "violations: (input, output) pairs where a measured change exceeds its bound (must be 0)."),
-    ))
+    )
+    tol = graph.get("tolerance")
+    if tol is not None and len(tol):
+        blocks += (Table("graph_tolerance", "Certified tolerated crashes per failure layer (each alone), on the "
+                         "test inputs", tol,
+                         note=f"tolerated: the largest number of crashed elements of the layer for which the "
+                              f"certified {graph.get('tolerance_what', 'accuracy')} stays within the budget "
+                              "(doubling, then bisection; the count shown was itself evaluated; as every rule "
+                              "grows with the failures, any smaller count holds too); bound_max / bound_median "
+                              "and certified_fraction at that count (0 crashes: the bound is 0 and the fraction "
+                              "is the clean model's)."),)
+    return Section("fep", title, blocks)
 
 
 def provenance(prov: pd.DataFrame, acc: Any) -> Section:
@@ -227,7 +246,8 @@ def assemble(res: dict[str, Any], name: str, acc: Any, versions: dict[str, str],
     s, bw = res["seu"], res["bitwidth"]
     graph = res.get("graph") or {}
     exe = executive(name, acc, reason, res["clean_accuracy"], len(res["x"]), s, bw, res["checksum"],
-                    res["data_source"], generated, res.get("accuracy_note", ""), res["hours"], graph.get("table"))
+                    res["data_source"], generated, res.get("accuracy_note", ""), res["hours"], graph.get("table"),
+                    graph.get("tolerance"), res.get("max_accuracy_drop"))
     secs = [exe.section(), summary(res["info"], res["params"], res["memories"]),
             fep(res.get("graph"), reason),
             bitwidth(bw, reason), seu(s, reason, res["hours"])]
