@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from hwrel import activations as A
 from hwrel.bounds import graph_rules as R
 from hwrel.bounds.faults import FaultModel, as_fault
-from hwrel.bounds.fp32 import local_rounding
+from hwrel.bounds.fp32 import _abs_map, local_rounding
 from hwrel.bounds.ibp import affine_interval
 from hwrel.bounds.interval import affine_topsum
 from hwrel.errors import HwrelError, UnsupportedLayerError
@@ -180,11 +180,17 @@ def _counts(layers: list[str], failures: Sequence[int] | dict[str, int]) -> dict
 
 @torch.no_grad()
 def graph_bound(model: nn.Module, failures: Sequence[int] | dict[str, int], fault: str | FaultModel = "crash",
-                *, lo: Tensor, hi: Tensor | None = None, capacity: float | None = None) -> GraphBound:
+                *, lo: Tensor, hi: Tensor | None = None, capacity: float | None = None,
+                weight_radius: dict[str, Tensor] | None = None) -> GraphBound:
     """Sound bound on every output coordinate's error when ``failures[l]`` elements of layer ``l``
     fail, for every input in the box ``[lo, hi]`` (batched, ``(B, *input_shape)``; ``hi=None``: the
     points ``lo``, e.g. token ids). Units: those of the model's output. Raises
-    :class:`UnsupportedLayerError` naming the first node no rule covers."""
+    :class:`UnsupportedLayerError` naming the first node no rule covers.
+
+    ``weight_radius``: parameter name (``"blocks.0.fc1.weight"``) -> ``R`` of the weight's shape: the
+    faulty model's weights may also each be off by up to ``R`` (quantization, :func:`hwrel.quantize.
+    weight_radius`), against the clean model's exact weights. Linear and Conv2d weights only; a name
+    no rule consumes is refused (:class:`UnsupportedLayerError`), never ignored."""
     fault = as_fault(fault, capacity)
     if fault.synapse:
         raise HwrelError(f"fault {fault.kind!r}: the graph bounds cover neuron faults (crash, byzantine)")
@@ -193,14 +199,22 @@ def graph_bound(model: nn.Module, failures: Sequence[int] | dict[str, int], faul
     counts = _counts(layers, failures)
     points = hi is None or bool((lo == hi).all())
     hi = lo if hi is None else hi
+    radius = dict(weight_radius or {})
     if points:  # the clean float32 forward recorded; rounding counted only where a fault reaches
         record = _record(gm, lo)
         with R.rounding_mode(R.RECORDED):
-            out = _Interpreter(gm, fault, counts, record).run(lo, hi)
+            it = _Interpreter(gm, fault, counts, record, radius)
+            out = it.run(lo, hi)
         bound = _output(out).resolved()
     else:  # exact intervals; the faulty and the clean float32 forward each within e of exact
-        bound = _output(_Interpreter(gm, fault, counts).run(lo, hi)).resolved()
-        bound = bound + (_output(_Interpreter(gm, fault, {}).run(lo, hi)).resolved() if any(counts.values()) else bound)
+        it = _Interpreter(gm, fault, counts, radius=radius)
+        bound = _output(it.run(lo, hi)).resolved()
+        perturbed = any(counts.values()) or bool(radius)
+        bound = bound + (_output(_Interpreter(gm, fault, {}).run(lo, hi)).resolved() if perturbed else bound)
+    unused = sorted(set(radius) - it.used)
+    if unused:
+        raise UnsupportedLayerError(f"weight perturbation of {unused[0]}: no rule reads this parameter as the "
+                                    "weight of a Linear or Conv2d (the graph bounds cannot account for it)")
     return GraphBound(bound.flatten(1), layers, counts)
 
 
@@ -232,9 +246,28 @@ def _record(gm: fx.GraphModule, x: Tensor) -> dict[str, Any]:
 
 class _Interpreter:
     def __init__(self, gm: fx.GraphModule, fault: FaultModel, counts: dict[str, int],
-                 record: dict[str, Any] | None = None):
+                 record: dict[str, Any] | None = None, radius: dict[str, Tensor] | None = None):
         self.gm, self.fault, self.counts, self.record = gm, fault, counts, record
         self.affines: dict[str, Node] = {}
+        self.radius = radius or {}
+        self.used: set[str] = set()  # the weight radii a rule has accounted for
+
+    def _perturbed(self, n: fx.Node) -> bool:
+        """Whether node ``n`` is a Linear/Conv2d (module or ``F.linear``) whose weight has a radius."""
+        if not self.radius:
+            return False
+        if n.op == "call_module":
+            return f"{n.target}.weight" in self.radius
+        if n.target is F.linear:
+            w = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
+            return isinstance(w, fx.Node) and w.op == "get_attr" and str(w.target) in self.radius
+        return False
+
+    def _radius(self, param: str | None) -> Tensor | None:
+        if param is None or param not in self.radius:
+            return None
+        self.used.add(param)
+        return self.radius[param].double()
 
     def run(self, lo: Tensor, hi: Tensor) -> Any:
         env: dict[fx.Node, Any] = {}
@@ -277,6 +310,9 @@ class _Interpreter:
         if n.op == "get_attr":
             return _attr(self.gm, str(n.target))
         has_val = any(isinstance(a, R.Val) for a in _flat(args, kwargs))
+        if not has_val and self._perturbed(n) and isinstance(args[0], Tensor) and args[0].is_floating_point():
+            args = (R.Val.const(args[0].double()), *args[1:])  # a constant input, perturbed weights
+            has_val = True
         if not has_val:  # depends on constants only: the model's own computation
             return self._concrete(n, args, kwargs)
         act = _activation_of(self.gm, n)
@@ -319,8 +355,10 @@ class _Interpreter:
             b = args[2] if len(args) > 2 else kwargs.get("bias")
             if isinstance(w, R.Val) or isinstance(b, R.Val):
                 raise UnsupportedLayerError(f"operation {n.name} (linear): a bounded weight has no rule")
+            w_node = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
+            param = str(w_node.target) if isinstance(w_node, fx.Node) and w_node.op == "get_attr" else None
             return self._affine(n.name, Affine("linear", w.detach().float(), None if b is None else b.detach().float()),
-                                args[0])
+                                args[0], self._radius(param))
         if t in (torch.cat, torch.concat, torch.stack):
             return _cat(t, args, kwargs)
         if t in (F.softmax, torch.softmax) or t == "softmax":
@@ -358,7 +396,8 @@ class _Interpreter:
                 from hwrel.extract import _affine_from
 
                 self.affines[name] = _affine_from(name, m)
-            return self._affine(name, self.affines[name], args[0])
+            radius = self._radius(f"{name}.weight") if isinstance(m, (nn.Linear, nn.Conv2d)) else None
+            return self._affine(name, self.affines[name], args[0], radius)
         if isinstance(m, nn.LayerNorm):
             if len(m.normalized_shape) != 1:
                 raise UnsupportedLayerError(f"layer {name} (LayerNorm): only normalization over the last "
@@ -378,12 +417,20 @@ class _Interpreter:
             return _val(args[0]).map(lambda t: t.flatten(m.start_dim, m.end_dim))
         raise UnsupportedLayerError(f"layer {name} ({type(m).__module__}.{type(m).__name__}) is not supported")
 
-    def _affine(self, name: str, a: Affine, x: Any) -> R.Val:
+    def _affine(self, name: str, a: Affine, x: Any, radius: Tensor | None = None) -> R.Val:
         x = _val(x)
         a64 = replace(a, weight=a.weight.double(), bias=None if a.bias is None else a.bias.double(),
                       scale=None, zero_point=None, codes=None, fold_magnitude=None)
         node = Node(name, "affine", (0,), tuple(x.shape[1:]), affine=a64)
         lo, hi = affine_interval(node, x.lo, x.hi)
+        if radius is not None:
+            # perturbed weights W' = W + D, |D| <= R: |W'x' - Wx| <= |W'| |x' - x| + |D| |x|
+            #   <= (|W| + R) e + R |x|, with |x| over the clean interval; no row (l2) bound here
+            wide = replace(a64, weight=a64.abs_weight + radius)
+            e = _abs_map(a64, wide.weight, x.e) + _abs_map(a64, radius, x.mag())
+            if x.extra is not None:
+                e = e + affine_topsum(Node(name, "affine", (0,), tuple(x.shape[1:]), affine=wide), x.extra, x.f)
+            return R.finish(lo, hi, e, local_rounding(node, [x.fmag()], weight_radius=radius))
         e = a64.abs_map(x.e)
         if x.extra is not None:
             e = e + affine_topsum(node, x.extra, x.f)

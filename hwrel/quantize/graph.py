@@ -1,0 +1,133 @@
+"""Certified weight bit width on general graphs (ViTs, LLaMA-style LMs): rounding as a bounded
+perturbation through the graph bounds.
+
+Per width, every Linear/Conv2d weight that :func:`rounded_weights` lists may move by up to half a
+quantization step (:func:`hwrel.quantize.rounding.weight_radius`, per-channel symmetric codes, the
+scales Brevitas computes), and :func:`hwrel.bounds.graph.graph_bound` bounds each output's change
+on each test input (the quantized model's float32 forward against the float model's). From those
+bounds: the inputs (token positions, for a language model) whose top-1 provably stays, the
+certified accuracy, and the smallest width whose certified accuracy drop stays within a budget.
+Sound on each test input; not over the input domain, where these bounds are vacuous.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from hwrel.errors import HwrelError, UnsupportedLayerError
+from hwrel.quantize.rounding import QuantSpec, weight_radius
+
+PER_CHANNEL = QuantSpec(per_channel=True, symmetric=True)
+
+
+def rounded_weights(module: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """(full name, module, parameter name) of every Linear/Conv weight and attention input
+    projection: the tensors weight quantization rounds (every other parameter stays float)."""
+    out = []
+    for name, m in module.named_modules():
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            params = ["weight"]
+        elif isinstance(m, nn.MultiheadAttention):
+            params = [p for p in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+                      if getattr(m, p, None) is not None]
+        else:
+            continue
+        out += [(f"{name}.{p}" if name else p, m, p) for p in params]
+    return out
+
+
+def weight_radii(module: nn.Module, bits: int, spec: QuantSpec = PER_CHANNEL) -> dict[str, Tensor]:
+    """Per rounded weight (:func:`rounded_weights`), the sound elementwise bound on its rounding
+    error at ``bits`` (float64, the weight's units)."""
+    return {name: weight_radius(getattr(m, p).detach().float(), bits, spec) for name, m, p in rounded_weights(module)}
+
+
+@dataclass(frozen=True)
+class GraphBitwidth:
+    """:func:`graph_bitwidth`'s result. ``table``: per width, ``bound_max`` / ``bound_median`` over
+    the inputs of the largest output change (output units), ``certified_fraction`` (inputs, or
+    token positions, whose top-1 provably stays), ``certified_accuracy`` (with labels: provably kept
+    and correct), ``meets_budget_certified``. ``certified_bits``: the smallest swept width from
+    which every wider swept width meets the budget (None if none does). ``metric``: what the
+    accuracy counts (``"class"``, ``"next-token"``, or ``"agreement"`` without labels)."""
+
+    table: pd.DataFrame
+    certified_bits: int | None
+    clean_accuracy: float
+    max_accuracy_drop: float
+    metric: str
+    quantized: tuple[str, ...]
+
+
+def _certified(logits: Tensor, bound: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Per input (or position): certified flag, and certified-and-correct flag (the flag again
+    without labels). ``logits`` ``(B, C)`` or ``(B, T, V)``; ``bound`` the same elements flattened."""
+    from hwrel.bounds.certify import certified_from_bounds
+
+    flat = logits.reshape(-1, logits.shape[-1])
+    pred, cert = certified_from_bounds(flat, bound.reshape(flat.shape))
+    if logits.dim() == 3:
+        pred, cert = pred.reshape(logits.shape[:2]), cert.reshape(logits.shape[:2])
+        if y is not None:  # next token: positions 0..T-2 against the (B, T - 1) targets
+            return cert[:, :-1].flatten(), (cert[:, :-1] & (pred[:, :-1] == y)).flatten()
+        return cert.flatten(), cert.flatten()
+    return cert, cert if y is None else cert & (pred == y)
+
+
+@torch.no_grad()
+def graph_bitwidth(module: nn.Module, x: Tensor, y: Tensor | None = None, *, bits: Sequence[int] = (4, 6, 8, 10, 12, 16),
+                   max_accuracy_drop: float = 0.01, batch: int = 64,
+                   progress: Callable[[float, str], None] | None = None) -> GraphBitwidth:
+    """Certified accuracy per weight width of a general graph, sound on each test input ``x``.
+
+    ``y``: class labels ``(B,)``, next-token targets ``(B, T - 1)`` for a language model's
+    ``(B, T, V)`` logits, or None (top-1 agreement with the float model). Raises
+    :class:`UnsupportedLayerError` where the graph bounds have no rule for an operation or a
+    rounded weight (e.g. Conv1d, attention projections)."""
+    from hwrel.bounds.graph import graph_bound, trace
+    from hwrel.inject.general_sites import plain_forward
+
+    if isinstance(max_accuracy_drop, bool) or not isinstance(max_accuracy_drop, (int, float)) \
+            or not 0 <= max_accuracy_drop < 1:
+        raise HwrelError(f"max_accuracy_drop must be a fraction in [0, 1), got {max_accuracy_drop!r}")
+    widths = sorted({int(b) for b in bits})
+    if not widths:
+        raise HwrelError("no bit widths to sweep")
+    gm = trace(module)
+    batches = [(x[s:s + batch], None if y is None else y[s:s + batch]) for s in range(0, x.shape[0], batch)]
+    with plain_forward():
+        clean = [gm(xb).double() for xb, _ in batches]
+    if clean[0].dim() not in (2, 3):
+        raise UnsupportedLayerError(f"certified bit width needs class or next-token logits; the model outputs "
+                                    f"{tuple(clean[0].shape[1:])} per input")
+    metric = "agreement" if y is None else "next-token" if clean[0].dim() == 3 else "class"
+    zero = [_certified(c, torch.zeros(c.numel() // c.shape[0] * c.shape[0], dtype=torch.float64), yb)[1]
+            for c, (_, yb) in zip(clean, batches)]
+    acc0 = float(torch.cat(zero).double().mean()) if y is not None else 1.0
+    say = progress or (lambda f, m: None)
+    rows = []
+    for i, b in enumerate(sorted(widths, reverse=True)):
+        say(i / len(widths), f"certified bit width: {b} bits ({i + 1} of {len(widths)}), {x.shape[0]} inputs")
+        radii = weight_radii(module, b)
+        per, cert, good = [], [], []
+        for c, (xb, yb) in zip(clean, batches):
+            bound = graph_bound(gm, {}, lo=xb, weight_radius=radii).bound
+            per.append(bound.amax(1))
+            k, g = _certified(c, bound, yb)
+            cert.append(k)
+            good.append(g)
+        per_t = torch.cat(per)
+        acc = float(torch.cat(good).double().mean())
+        rows.append({"bits": b, "bound_max": float(per_t.max()), "bound_median": float(per_t.median()),
+                     "certified_fraction": float(torch.cat(cert).double().mean()), "certified_accuracy": acc,
+                     "meets_budget_certified": acc0 - acc <= max_accuracy_drop + 1e-12})
+    say(1.0, "certified bit width: done")
+    table = pd.DataFrame(rows).sort_values("bits").reset_index(drop=True)
+    meets = table["meets_budget_certified"].to_numpy()
+    good_w = [int(table["bits"][i]) for i in range(len(table)) if meets[i:].all()]
+    return GraphBitwidth(table, good_w[0] if good_w else None, acc0, float(max_accuracy_drop), metric,
+                         tuple(n for n, _, _ in rounded_weights(module)))
