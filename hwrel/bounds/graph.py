@@ -11,7 +11,10 @@ are computed by running the operation itself.
 
 Fault model (the paper's, on this graph): the *layers* are the activation nodes (GELU, ReLU, SiLU,
 ... modules or functions), in graph order; ``failures[l]`` elements of layer ``l``'s output (any of
-them, per sample) crash to 0 or turn Byzantine (``|value| <= capacity``). The bound on each output
+them, per sample) crash to 0 or turn Byzantine (``|value| <= capacity``). ``nn.MultiheadAttention``
+and ``nn.TransformerEncoderLayer`` are traced as the operations they compute
+(:mod:`hwrel.bounds.graph_modules`); an encoder layer's activation is the layer
+``<path>.activation``. The bound on each output
 coordinate is **sound**: it holds for every input in the box, every choice of the failed elements
 and in the model's float32 forward (see :mod:`hwrel.bounds.graph_rules` for each rule's argument and
 the rounding assumptions). Checked against exact injection in ``tests/test_graph_bounds.py``.
@@ -33,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hwrel import activations as A
+from hwrel.bounds import graph_modules as M
 from hwrel.bounds import graph_rules as R
 from hwrel.bounds.faults import FaultModel, as_fault
 from hwrel.bounds.fp32 import local_rounding
@@ -71,6 +75,9 @@ def trace(model: nn.Module) -> fx.GraphModule:
     try:
         # checked before tracing: the tracer intercepts module calls made while it runs
         tracer = _Tracer({id(m) for m in model.modules() if _rms_params(m) is not None})
+        if type(model) is nn.TransformerEncoderLayer:  # the root is traced, not called: call it
+            tracer.whole = model
+            model = _WholeLayer(model)
         graph = tracer.trace(model)
         return fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as exc:  # fx raises many types for dynamic code
@@ -80,14 +87,34 @@ def trace(model: nn.Module) -> fx.GraphModule:
 
 class _Tracer(fx.Tracer):
     """torch.nn modules are leaves, and so are RMSNorm modules written out by hand (LLaMA's,
-    Hugging Face's ``LlamaRMSNorm``) once checked to compute exactly that (:func:`_rms_params`)."""
+    Hugging Face's ``LlamaRMSNorm``) once checked to compute exactly that (:func:`_rms_params`);
+    ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` are traced as the operations they
+    compute (:mod:`hwrel.bounds.graph_modules`)."""
 
     def __init__(self, rms: set[int]):
         super().__init__()
         self.rms = rms
+        self.whole: nn.Module | None = None  # the model itself, where it is one decomposed module
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return id(m) in self.rms or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        decompose = M.DECOMPOSITIONS.get(type(m))  # exact types: a subclass may compute something else
+        if decompose is not None:
+            return decompose(self, m, "" if m is self.whole else self.path_of_module(m), *args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+
+class _WholeLayer(nn.Module):
+    """A model that is one ``nn.TransformerEncoderLayer``, called (so decomposed) from a root."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, src: Tensor) -> Tensor:
+        return self.layer(src)
 
 
 def _rms_params(m: nn.Module) -> tuple[Tensor, float] | None:
@@ -131,12 +158,21 @@ def _activation_of(gm: fx.GraphModule, n: fx.Node) -> A.Activation | None:
 
 
 def _layer_name(n: fx.Node) -> str:
-    return str(n.target) if n.op == "call_module" else n.name
+    named = n.meta.get(M.LAYER)
+    return named if named else str(n.target) if n.op == "call_module" else n.name
+
+
+def _samples(n: fx.Node, t: Tensor) -> Tensor:
+    """A failure layer's output with its sample dimension first (``(T, B, F)`` inside a
+    ``TransformerEncoderLayer`` that is not batch_first)."""
+    d = n.meta.get(M.BATCH_DIM, 0)
+    return t if d == 0 else t.movedim(d, 0)
 
 
 def graph_layers(model: nn.Module) -> list[str]:
-    """Names of the failure layers, in graph order: activation module paths (``blocks.0.act``), or
-    the fx node name of a functional activation (``silu``)."""
+    """Names of the failure layers, in graph order: activation module paths (``blocks.0.act``), the
+    fx node name of a functional activation (``silu``), or ``<layer>.activation`` inside an
+    ``nn.TransformerEncoderLayer`` (``blocks.0.activation``, also where it is ``F.gelu``)."""
     gm = trace(model)
     return [_layer_name(n) for n in gm.graph.nodes if _activation_of(gm, n) is not None]
 
@@ -236,7 +272,8 @@ class _Interpreter:
         self.gm, self.fault, self.counts, self.record = gm, fault, counts, record
         self.affines: dict[str, Node] = {}
 
-    def run(self, lo: Tensor, hi: Tensor) -> Any:
+    def run(self, lo: Tensor, hi: Tensor, e: Tensor | None = None) -> Any:
+        """The output's bounds for inputs in ``[lo, hi]`` (``e``: their own error bound, default 0)."""
         env: dict[fx.Node, Any] = {}
         for n in self.gm.graph.nodes:
             if n.op == "placeholder":
@@ -245,7 +282,8 @@ class _Interpreter:
                 else:
                     if (hi < lo).any():
                         raise HwrelError("input box has lo > hi")
-                    env[n] = R.Val(lo.double(), hi.double(), torch.zeros_like(lo, dtype=torch.float64))
+                    env[n] = R.Val(lo.double(), hi.double(),
+                                   torch.zeros_like(lo, dtype=torch.float64) if e is None else e.double())
                 continue
             if n.op == "output":
                 return fx.node.map_arg(n.args[0], lambda a: env[a])
@@ -314,6 +352,11 @@ class _Interpreter:
             return R.scale(_val(args[0]), 1.0 / (c.double() if isinstance(c, Tensor) else float(c)))
         if t in (operator.matmul, torch.matmul, torch.bmm) or t in ("matmul", "bmm"):
             return R.matmul(_val(args[0]), _val(args[1]))
+        if t is torch.baddbmm:
+            if isinstance(args[0], R.Val) or kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1 or len(args) > 3:
+                raise UnsupportedLayerError(f"operation {n.name} (baddbmm): only a constant added term, "
+                                            "beta = alpha = 1, has a rule")
+            return R.masked_matmul(_val(args[1]), _val(args[2]), args[0])
         if t is F.linear:
             w = args[1] if len(args) > 1 else kwargs["weight"]
             b = args[2] if len(args) > 2 else kwargs.get("bias")
@@ -484,6 +527,8 @@ def _index(n: fx.Node, args: tuple, kwargs: dict) -> Any:
         method = str(n.target)
         if method in ("float", "contiguous", "clone", "detach"):
             return x
+        if method == "view" and all(isinstance(a, int) for a in args[1:]) and not kwargs:
+            method = "reshape"  # the bounds' parts need not share the tensor's strides: same values
         fn = lambda t: getattr(t, method)(*args[1:], **kwargs)  # noqa: E731
     elif n.target is operator.getitem:
         idx = args[1]
@@ -587,10 +632,15 @@ def _sdpa(n: fx.Node, args: tuple, kwargs: dict) -> R.Val:
     if mask is not None:
         if isinstance(mask, R.Val):
             raise UnsupportedLayerError(f"operation {n.name} (scaled_dot_product_attention): an input-dependent mask")
-        if mask.dtype != torch.bool:
-            raise UnsupportedLayerError(f"operation {n.name} (scaled_dot_product_attention): a float mask has no rule; "
-                                        "use a boolean mask or is_causal")
+        if mask.dtype != torch.bool:  # additive: 0 leaves a score exactly as it is, -inf removes it
+            if not bool(((mask == 0) | torch.isneginf(mask)).all()):
+                raise UnsupportedLayerError(f"operation {n.name} (scaled_dot_product_attention): a float mask with "
+                                            "values other than 0 and -inf has no rule")
+            mask = ~torch.isneginf(mask)
         masked = ~mask if masked is None else masked | ~mask
+        if bool(masked.all(-1).any()):
+            raise UnsupportedLayerError(f"operation {n.name} (scaled_dot_product_attention): a fully masked row "
+                                        "(its output is NaN)")
     return R.attention(q, k, v, float(scale), masked)
 
 
@@ -598,7 +648,7 @@ def layer_sizes(model: nn.Module, x: Tensor) -> dict[str, int]:
     """Elements per sample of each failure layer's output, from one forward of ``x[:1]``."""
     gm = trace(model)
     values = _record(gm, x[:1])
-    return {_layer_name(n): int(values[n.name][0].numel()) for n in gm.graph.nodes
+    return {_layer_name(n): int(_samples(n, values[n.name])[0].numel()) for n in gm.graph.nodes
             if _activation_of(gm, n) is not None and isinstance(values.get(n.name), Tensor)}
 
 
@@ -672,7 +722,9 @@ def crash_outputs(model: nn.Module, x: Tensor, at: dict[str, Tensor]) -> Tensor:
             idx = at.get(_layer_name(n))
             if idx is not None and isinstance(out, Tensor):
                 out = out.clone()
-                out.view(out.shape[0], -1)[:, idx] = 0
+                per = _samples(n, out)  # a view of the clone: writes reach it
+                where = torch.unravel_index(torch.as_tensor(idx, dtype=torch.long), per.shape[1:])
+                per[(slice(None), *where)] = 0
             return out
 
     with plain_forward():
@@ -707,13 +759,14 @@ def _salient(model: nn.Module, x: Tensor, layer: str, k: int) -> Tensor:
             out = super().run_node(n)
             if _layer_name(n) == layer and isinstance(out, Tensor) and out.is_floating_point():
                 out = out.detach().requires_grad_(True)
-                kept.append(out)
+                kept.append((n, out))
             return out
 
     with torch.enable_grad():
         y = Grad(gm).run(x)
         if not kept or not isinstance(y, Tensor) or not y.requires_grad:
             return torch.zeros(1, dtype=torch.long)
-        (grad,) = torch.autograd.grad(y.abs().sum(), kept[0])
-    score = (kept[0].detach() * grad).abs().flatten(1).sum(0)
+        node, v = kept[0]
+        (grad,) = torch.autograd.grad(y.abs().sum(), v)
+    score = _samples(node, v.detach() * grad).abs().flatten(1).sum(0)
     return torch.topk(score, min(k, score.numel())).indices

@@ -259,6 +259,23 @@ def matmul(a: Val, b: Val) -> Val:
     return finish(c - rad, c + rad, e, r)
 
 
+def masked_matmul(a: Val, b: Val, c: Tensor) -> Val:
+    """``c + a @ b`` for a constant ``c`` that broadcasts (``torch.baddbmm``, as attention adds
+    its mask): where ``c = -inf`` the entry is exactly ``-inf`` in both forwards (``lo = hi = -inf``,
+    ``e = 0``: :func:`softmax` reads it as masked); elsewhere the product's bounds shifted by ``c``,
+    plus, where ``c != 0``, the rounding of a sum of ``k + 1`` terms in any order (fused or not)."""
+    out = matmul(a, b)
+    c = c.double()
+    neg = torch.isneginf(c)
+    fin = c.masked_fill(neg, 0.0)
+    if bool((fin != 0).any()):
+        k = a.shape[-1]
+        r = (gamma(k + 2) * (a.fmag() @ b.fmag() + fin.abs()) + TINY) * (fin != 0)
+        out = finish(out.lo + fin, out.hi + fin, out.e, r.expand_as(out.lo))
+    neg = neg.expand_as(out.lo)
+    return Val(out.lo.masked_fill(neg, -math.inf), out.hi.masked_fill(neg, -math.inf), out.e.masked_fill(neg, 0.0))
+
+
 def _p_interval(lo: Tensor, hi: Tensor, masked: Tensor | None) -> tuple[Tensor, Tensor]:
     """Sound softmax interval over the last dimension: ``p_i`` is least with ``s_i`` at ``lo`` and
     every other score at ``hi`` (and most the other way round); masked entries are exactly 0."""
@@ -278,9 +295,14 @@ def _p_interval(lo: Tensor, hi: Tensor, masked: Tensor | None) -> tuple[Tensor, 
 
 def softmax(a: Val, masked: Tensor | None = None) -> Val:
     """Softmax over the last dimension; ``masked`` (bool, broadcasts): entries set to ``-inf``
-    before it (a causal or padding mask), which are exactly 0 in both forwards."""
+    before it (a causal or padding mask), which are exactly 0 in both forwards, as are entries
+    that are exactly ``-inf`` in both (``lo = hi = -inf``, ``e = 0``: :func:`masked_matmul`'s)."""
     a = a.plain()
     n = a.shape[-1]
+    minus_inf = torch.isneginf(a.lo) & torch.isneginf(a.hi) & (a.e == 0)
+    if bool(minus_inf.any()):
+        masked = minus_inf if masked is None else masked.expand_as(a.lo) | minus_inf
+        a = Val(a.lo.masked_fill(masked, 0.0), a.hi.masked_fill(masked, 0.0), a.e)
     if masked is not None:
         masked = masked.expand_as(a.lo)
     lo, hi = _p_interval(a.lo, a.hi, masked)
