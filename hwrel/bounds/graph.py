@@ -9,6 +9,10 @@ interval over the input box, and how far the faulty forward can be from the clea
 that do not depend on the input (position tables, masks, shapes, token embeddings of fixed ids)
 are computed by running the operation itself.
 
+Convolutions: ``nn.Conv2d`` and ``nn.Conv1d`` / ``F.conv1d`` (the 1-D one as the 2-D one on
+``(B, C, 1, T)``: the same dot products, so the same interval, ``|W|`` error map and rounding),
+``nn.MaxPool1d`` / ``F.max_pool1d``.
+
 Fault model (the paper's, on this graph): the *layers* are the activation nodes (GELU, ReLU, SiLU,
 ... modules or functions), in graph order; ``failures[l]`` elements of layer ``l``'s output (any of
 them, per sample) crash to 0 or turn Byzantine (``|value| <= capacity``). ``nn.MultiheadAttention``
@@ -364,6 +368,28 @@ class _Interpreter:
                 raise UnsupportedLayerError(f"operation {n.name} (linear): a bounded weight has no rule")
             return self._affine(n.name, Affine("linear", w.detach().float(), None if b is None else b.detach().float()),
                                 args[0])
+        if t in (F.conv1d, torch.conv1d):
+            names = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
+            p = dict(zip(names, args))
+            p.update(kwargs)
+            if isinstance(p["weight"], R.Val) or isinstance(p.get("bias"), R.Val):
+                raise UnsupportedLayerError(f"operation {n.name} (conv1d): a bounded weight has no rule")
+
+            def one(v: Any) -> Any:
+                return v[0] if isinstance(v, (tuple, list)) and len(v) == 1 else v
+
+            a = _conv1d_affine(n.name, p["weight"], p.get("bias"), one(p.get("stride", 1)), one(p.get("padding", 0)),
+                               one(p.get("dilation", 1)), int(p.get("groups", 1)))
+            return self._conv1d(n.name, a, p["input"])
+        if t in (F.max_pool1d, torch.max_pool1d):
+            names = ["input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"]
+            p = dict(zip(names, args))
+            p.update(kwargs)
+            if p.get("return_indices", False):
+                raise UnsupportedLayerError(f"operation {n.name} (max_pool1d): return_indices has no rule")
+            k = p["kernel_size"]
+            return _max_pool1d(_val(p["input"]), k, p.get("stride") or k, p.get("padding", 0), p.get("dilation", 1),
+                               bool(p.get("ceil_mode", False)))
         if t in (torch.cat, torch.concat, torch.stack):
             return _cat(t, args, kwargs)
         if t in (F.softmax, torch.softmax) or t == "softmax":
@@ -402,6 +428,20 @@ class _Interpreter:
 
                 self.affines[name] = _affine_from(name, m)
             return self._affine(name, self.affines[name], args[0])
+        if isinstance(m, nn.Conv1d):
+            if type(m) is not nn.Conv1d:  # a quantized subclass computes with other weights
+                raise UnsupportedLayerError(f"layer {name} ({type(m).__module__}.{type(m).__name__}) is not supported")
+            if m.padding_mode != "zeros":
+                raise UnsupportedLayerError(f"layer {name} (Conv1d): padding_mode {m.padding_mode!r} has no rule; "
+                                            "use zero padding")
+            if name not in self.affines:
+                self.affines[name] = _conv1d_affine(name, m.weight, m.bias, m.stride[0], m.padding, m.dilation[0],
+                                                    m.groups)
+            return self._conv1d(name, self.affines[name], args[0])
+        if type(m) is nn.MaxPool1d:
+            if m.return_indices:
+                raise UnsupportedLayerError(f"layer {name} (MaxPool1d): return_indices has no rule")
+            return _max_pool1d(_val(args[0]), m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
         if isinstance(m, nn.LayerNorm):
             if len(m.normalized_shape) != 1:
                 raise UnsupportedLayerError(f"layer {name} (LayerNorm): only normalization over the last "
@@ -420,6 +460,15 @@ class _Interpreter:
         if isinstance(m, nn.Flatten):
             return _val(args[0]).map(lambda t: t.flatten(m.start_dim, m.end_dim))
         raise UnsupportedLayerError(f"layer {name} ({type(m).__module__}.{type(m).__name__}) is not supported")
+
+    def _conv1d(self, name: str, a: Affine, x: Any) -> R.Val:
+        """A 1-D convolution as the 2-D one on ``(B, C, 1, T)`` with ``(1, k)`` kernels: the same
+        dot products (so the same rounding), the rules of :meth:`_affine`."""
+        x = _val(x)
+        if len(x.shape) != 3:
+            raise UnsupportedLayerError(f"operation {name} (conv1d): the input must be (batch, channels, time), "
+                                        f"got {len(x.shape)} dimensions")
+        return self._affine(name, a, x.map(lambda t: t.unsqueeze(2))).map(lambda t: t.squeeze(2))
 
     def _affine(self, name: str, a: Affine, x: Any) -> R.Val:
         x = _val(x)
@@ -448,6 +497,36 @@ class _Interpreter:
 
 
 # --- helpers ----------------------------------------------------------------------------------
+
+def _max_pool1d(x: R.Val, kernel: Any, stride: Any, padding: Any, dilation: Any, ceil_mode: bool) -> R.Val:
+    k, st, d = (v[0] if isinstance(v, (tuple, list)) else v for v in (kernel, stride, dilation))
+    reach = min(k, (k - 1) * d // st + 1)  # the windows that hold any one input
+    return R.max_pool(x, lambda t: F.max_pool1d(t, kernel, stride, padding, dilation, ceil_mode), reach)
+
+
+def _conv1d_affine(name: str, w: Tensor, b: Tensor | None, stride: Any, padding: Any, dilation: Any,
+                   groups: int) -> Affine:
+    """The 2-D convolution that computes a 1-D one on ``(B, C, 1, T)`` (zero padding)."""
+    k = w.shape[-1]
+    if isinstance(padding, (tuple, list)):
+        padding = padding[0]
+    if padding == "valid":
+        padding = 0
+    elif padding == "same":
+        total = int(dilation) * (k - 1)
+        if int(stride) != 1 or total % 2:
+            raise UnsupportedLayerError(f"layer {name} (conv1d): padding 'same' with stride {stride} or an odd total "
+                                        f"padding ({total}) has no rule; give integer padding")
+        padding = total // 2
+    if not all(isinstance(v, int) for v in (stride, padding, dilation)):
+        raise UnsupportedLayerError(f"layer {name} (conv1d): stride, padding and dilation must be integers, got "
+                                    f"{stride!r}, {padding!r}, {dilation!r}")
+    weight = w.detach().float().unsqueeze(2)
+    bias = None if b is None else b.detach().float()
+    if not bool(torch.isfinite(weight).all()) or (bias is not None and not bool(torch.isfinite(bias).all())):
+        raise HwrelError(f"layer {name} (conv1d): weight or bias is not finite")
+    return Affine("conv2d", weight, bias, (1, stride), (0, padding), (1, dilation), int(groups))
+
 
 def _row_topsum(v: Tensor, f: int) -> Tensor:
     """Sum of the ``f`` largest entries of each row (last dimension), ``(..., 1)``."""

@@ -234,13 +234,31 @@ def rsqrt(a: Val) -> Val:
     return finish(lo, hi, e, SAFETY * EXP_ULPS * U * f_hi + TINY)
 
 
+def max_pool(a: Val, pool, reach: int) -> Val:  # noqa: ANN001 - torch's pool, applied to each part
+    """A max pool: monotone, so its interval is the pool of the bounds; 1-Lipschitz in the max
+    norm (``|max x' - max x| <= max |x' - x|``), so its error is the window's largest ``e``;
+    exact in float32 (a max rounds nothing). Padding is ``-inf``, which no bound reaches. A failing
+    layer stays one: each input lies in at most ``reach`` windows, so at most ``reach * f`` outputs
+    see a failed input, each off by at most the window's largest ``e + extra``."""
+    if a.extra is None:
+        return Val(pool(a.lo), pool(a.hi), pool(a.e))
+    e = pool(a.e)
+    return Val(pool(a.lo), pool(a.hi), e, (pool(a.resolved()) - e).clamp_min(0), a.f * reach)
+
+
 # --- reductions and products ------------------------------------------------------------------
 
 def mean(a: Val, dim: int, keepdim: bool) -> Val:
-    """Mean over ``dim``: a positive linear map; a sum of ``n`` terms and one division."""
-    a = a.plain()
+    """Mean over ``dim``: a positive linear map; a sum of ``n`` terms and one division. A failing
+    layer's at most ``f`` failed entries per reduced row add at most the ``f`` largest ``extra``
+    over ``n``."""
     n = a.shape[dim]
     lo, hi, e = (t.mean(dim, keepdim=keepdim) for t in (a.lo, a.hi, a.e))
+    if a.extra is not None:
+        from hwrel.bounds.interval import topsum
+
+        pending = topsum(a.extra, a.f, dim) / n
+        e = e + (pending.unsqueeze(dim) if keepdim else pending)
     r = gamma(n + 1) * a.fmag().mean(dim, keepdim=keepdim) + TINY
     return finish(lo, hi, e, r)
 
