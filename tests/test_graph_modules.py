@@ -125,6 +125,60 @@ def test_traced_encoder_layers_compute_what_the_modules_compute():
                 with plain_forward():
                     assert torch.equal(gm(x), layer(x)), (norm_first, act, batch_first)
                 assert graph_layers(layer) == ["activation"]
+    enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()  # a root encoder
+    with plain_forward():
+        assert torch.equal(trace(enc)(x), enc(x))
+    assert graph_layers(enc) == ["layers.0.activation", "layers.1.activation"]
+
+
+class Encoder(nn.Module):
+    """``nn.TransformerEncoder`` (2 layers, final norm) on embedded inputs, with masks."""
+
+    def __init__(self, batch_first: bool, causal: str, padding: bool, t: int = 6):
+        super().__init__()
+        self.embed = nn.Linear(3, 8)
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=batch_first)
+        self.enc = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(8), enable_nested_tensor=False)
+        self.batch_first, self.causal = batch_first, causal
+        mask = None
+        if causal in ("bool", "detected"):  # "detected": a float causal mask the encoder recognizes
+            mask = torch.ones(t, t, dtype=torch.bool).triu(1)
+            if causal == "detected":
+                mask = nn.Transformer.generate_square_subsequent_mask(t)
+        self.register_buffer("mask", mask)
+        self.register_buffer("pad", torch.tensor([False] * (t - 1) + [True]) if padding else None)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        h = h if self.batch_first else h.transpose(0, 1)
+        pad = None if self.pad is None else _batch_of(self.pad, x.shape[0])
+        h = self.enc(h, mask=self.mask, src_key_padding_mask=pad)
+        h = h if self.batch_first else h.transpose(0, 1)
+        return self.head(h[:, 0])
+
+
+ENCODERS = [(bf, c, p) for bf in (True, False) for c in ("none", "bool", "detected") for p in (False, True)]
+
+
+@pytest.mark.parametrize("cfg", ENCODERS)
+def test_traced_transformer_encoder_computes_what_the_module_computes(cfg):
+    torch.manual_seed(0)
+    model = Encoder(*cfg).eval()
+    x = torch.randn(4, 6, 3, generator=torch.Generator().manual_seed(1))
+    with plain_forward():
+        assert torch.equal(trace(model)(x), model(x)), cfg
+    assert graph_layers(model) == ["enc.layers.0.activation", "enc.layers.1.activation"]
+
+
+@pytest.mark.parametrize("cfg", [(True, "detected", True), (False, "bool", False)])
+def test_transformer_encoder_bound_holds_on_random_crashes(cfg):
+    torch.manual_seed(1)
+    model = Encoder(*cfg).eval()
+    x = torch.randn(10, 6, 3, generator=torch.Generator().manual_seed(2))
+    for failures in ({"enc.layers.1.activation": 1}, {"enc.layers.0.activation": 2, "enc.layers.1.activation": 1}):
+        bound, worst = _crash_check(model, x, failures, trials=8, first=16)  # every other set: token 0's row
+        assert (worst <= bound).all() and bool(worst.max() > 0)
 
 
 def _attention_rule(m: nn.Module):

@@ -79,7 +79,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
     try:
         # checked before tracing: the tracer intercepts module calls made while it runs
         tracer = _Tracer({id(m) for m in model.modules() if _rms_params(m) is not None})
-        if type(model) is nn.TransformerEncoderLayer:  # the root is traced, not called: call it
+        if type(model) in (nn.TransformerEncoderLayer, nn.TransformerEncoder):  # a root is traced, not called
             tracer.whole = model
             model = _WholeLayer(model)
         graph = tracer.trace(model)
@@ -111,7 +111,7 @@ class _Tracer(fx.Tracer):
 
 
 class _WholeLayer(nn.Module):
-    """A model that is one ``nn.TransformerEncoderLayer``, called (so decomposed) from a root."""
+    """A model that is one encoder (layer), called (so decomposed) from a root."""
 
     def __init__(self, layer: nn.Module):
         super().__init__()

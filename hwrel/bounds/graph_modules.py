@@ -1,5 +1,5 @@
 """Trace-time decompositions of the torch.nn modules the graph bounds read operation by operation:
-``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer``.
+``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder``.
 
 torch.fx keeps torch.nn modules whole (leaves), and these two have data-dependent control flow it
 cannot trace. :class:`hwrel.bounds.graph._Tracer` calls the functions here instead of the module,
@@ -36,14 +36,22 @@ BATCH_DIM = "hwrel_batch_dim"  # node.meta key: the sample dimension of a failur
 
 
 def mha_mask(attn_mask: Tensor | None, key_padding_mask: Tensor | None, bsz: int, num_heads: int,
-             tgt_len: int, src_len: int, extra_keys: int, sdpa: bool) -> Tensor | None:
+             tgt_len: int, src_len: int, extra_keys: int, need_weights: bool,
+             is_causal: bool) -> tuple[Tensor | None, bool]:
     """The additive float attention mask ``F.multi_head_attention_forward`` builds from the
-    module's masks (its own steps, in its order): canonical float masks (bool ``True``: ``-inf``),
-    ``attn_mask`` 3-D, padded by ``extra_keys`` columns (``bias_k``, ``add_zero_attn``), the key
-    padding mask merged in, and shaped for SDPA (``sdpa``) or ``baddbmm``."""
+    module's masks, and its ``is_causal`` (its own steps, in its order): canonical float masks
+    (bool ``True``: ``-inf``), the mask dropped for SDPA's causal hint where it may be, ``attn_mask``
+    3-D, padded by ``extra_keys`` columns (``bias_k``, ``add_zero_attn``), the key padding mask
+    merged in, and shaped for SDPA (``need_weights`` False) or ``baddbmm``."""
     key_padding_mask = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
                                          other_type=F._none_or_dtype(attn_mask), other_name="attn_mask",
                                          target_type=torch.float32)
+    if is_causal and attn_mask is None:
+        raise RuntimeError("is_causal needs attn_mask (torch's rule for MultiheadAttention)")
+    if is_causal and key_padding_mask is None and not need_weights:
+        return None, True  # SDPA's causal hint in place of the mask
+    if key_padding_mask is not None:
+        is_causal = False
     attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
                                   target_type=torch.float32, check_other=False)
     if attn_mask is not None:
@@ -63,12 +71,21 @@ def mha_mask(attn_mask: Tensor | None, key_padding_mask: Tensor | None, bsz: int
         key_padding_mask = (key_padding_mask.view(bsz, 1, 1, src_len).expand(-1, num_heads, -1, -1)
                             .reshape(bsz * num_heads, 1, src_len))
         attn_mask = key_padding_mask if attn_mask is None else attn_mask + key_padding_mask
-    if sdpa and attn_mask is not None:
+    if not need_weights and attn_mask is not None:
         if attn_mask.size(0) == 1 and attn_mask.dim() == 3:
             attn_mask = attn_mask.unsqueeze(0)
         else:
             attn_mask = attn_mask.view(bsz, num_heads, -1, src_len)
-    return attn_mask
+    return attn_mask, bool(is_causal)
+
+
+def encoder_causal(mask: Tensor, is_causal: bool | None, size: int) -> bool:
+    """``nn.TransformerEncoder``'s causal hint: its own detection on its canonical float mask."""
+    from torch.nn.modules.transformer import _detect_is_causal_mask
+
+    mask = F._canonical_mask(mask=mask, mask_name="mask", other_type=None, other_name="", target_type=torch.float32,
+                             check_other=False)
+    return _detect_is_causal_mask(mask, is_causal, size)
 
 
 def _parts(b: Any, split: Callable[[Any], Any], n: int) -> list[Any]:
@@ -103,13 +120,9 @@ def multihead_attention(tracer: fx.Tracer, m: nn.MultiheadAttention, name: str, 
     E, H = m.embed_dim, m.num_heads
     D = E // H
     tgt_len, bsz, src_len = query.size(0), query.size(1), key.size(0)
-    if is_causal and attn_mask is None:
+    masked = attn_mask is not None or key_padding_mask is not None
+    if not masked and is_causal is True:
         raise UnsupportedLayerError(f"layer {name} (MultiheadAttention): is_causal needs attn_mask (torch's rule)")
-    sdpa_causal = is_causal and key_padding_mask is None and not need_weights
-    if sdpa_causal:
-        attn_mask = None
-    elif key_padding_mask is not None:
-        is_causal = False
     # in-projection (F._in_projection_packed / F._in_projection)
     w, b = m.in_proj_weight, m.in_proj_bias
     if m._qkv_same_embed_dim:
@@ -139,11 +152,11 @@ def multihead_attention(tracer: fx.Tracer, m: nn.MultiheadAttention, name: str, 
         v = torch.cat([v, torch.zeros((bsz * H, 1, D), dtype=v.dtype, device=v.device)], dim=1)
         extra += 1
     src_len = k.size(1)
-    mask = None
-    if attn_mask is not None or key_padding_mask is not None:
-        mask = tracer.create_proxy("call_function", mha_mask,
-                                   (attn_mask, key_padding_mask, bsz, H, tgt_len, src_len - extra, extra,
-                                    not need_weights), {})
+    mask, causal = None, False  # is_causal is a value of the trace where masks are (the encoder detects it)
+    if masked:
+        both = tracer.create_proxy("call_function", mha_mask, (attn_mask, key_padding_mask, bsz, H, tgt_len,
+                                                               src_len - extra, extra, need_weights, is_causal), {})
+        mask, causal = both[0], both[1]
     weights = None
     if need_weights:
         q_scaled = q * math.sqrt(1.0 / float(D))
@@ -156,7 +169,7 @@ def multihead_attention(tracer: fx.Tracer, m: nn.MultiheadAttention, name: str, 
             weights = weights.mean(dim=1)
     else:
         q, k, v = q.view(bsz, H, tgt_len, D), k.view(bsz, H, src_len, D), v.view(bsz, H, src_len, D)
-        out = F.scaled_dot_product_attention(q, k, v, mask, 0.0, is_causal)
+        out = F.scaled_dot_product_attention(q, k, v, mask, 0.0, causal)
         out = out.permute(2, 0, 1, 3).reshape(bsz * tgt_len, E)
     out = F.linear(out, m.out_proj.weight, m.out_proj.bias)
     out = out.view(tgt_len, bsz, out.size(1))
@@ -193,9 +206,26 @@ def transformer_encoder_layer(tracer: fx.Tracer, m: nn.TransformerEncoderLayer, 
     return m.norm2(x + ff(x))
 
 
+def transformer_encoder(tracer: fx.Tracer, m: nn.TransformerEncoder, name: str, src: Any, mask: Any = None,
+                        src_key_padding_mask: Any = None, is_causal: bool | None = None) -> Any:
+    """``m(src, ...)`` with the fast path off (so no nested tensors): its causal detection, each
+    layer by :func:`transformer_encoder_layer`, the final norm."""
+    if mask is None:
+        is_causal = is_causal is True
+    else:
+        size = src.size(1 if m.layers[0].self_attn.batch_first else 0)
+        is_causal = tracer.create_proxy("call_function", encoder_causal, (mask, is_causal, size), {})
+    out = src
+    for layer in m.layers:
+        out = layer(out, src_mask=mask, is_causal=is_causal, src_key_padding_mask=src_key_padding_mask)
+    return out if m.norm is None else m.norm(out)
+
+
 DECOMPOSITIONS: dict[type, Callable[..., Any]] = {
     nn.MultiheadAttention: multihead_attention,
     nn.TransformerEncoderLayer: transformer_encoder_layer,
+    nn.TransformerEncoder: transformer_encoder,
 }
 
-__all__ = ["BATCH_DIM", "DECOMPOSITIONS", "LAYER", "mha_mask", "multihead_attention", "transformer_encoder_layer"]
+__all__ = ["BATCH_DIM", "DECOMPOSITIONS", "LAYER", "encoder_causal", "mha_mask", "multihead_attention",
+           "transformer_encoder", "transformer_encoder_layer"]
