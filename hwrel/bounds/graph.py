@@ -106,7 +106,10 @@ class _Tracer(fx.Tracer):
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         decompose = M.DECOMPOSITIONS.get(type(m))  # exact types: a subclass may compute something else
         if decompose is not None:
-            return decompose(self, m, "" if m is self.whole else self.path_of_module(m), *args, **kwargs)
+            path = self.path_of_module(m)
+            if self.whole is not None:  # names relative to the model, not to its wrapper
+                path = "" if m is self.whole else path.removeprefix("layer.")
+            return decompose(self, m, path, *args, **kwargs)
         return super().call_module(m, forward, args, kwargs)
 
 
