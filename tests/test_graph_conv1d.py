@@ -23,7 +23,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from general_models import ConvSeq  # noqa: E402
-from test_graph_bounds import _box, _check  # noqa: E402
+from test_graph_bounds import _box, _check, _points  # noqa: E402
 from test_graph_modules import _crash_check  # noqa: E402
 
 from hwrel.bounds import graph_rules as R  # noqa: E402
@@ -81,11 +81,18 @@ def test_conv1d_rule_is_sound(seed, groups, per, k, stride, padding, dilation, b
 @given(seed=st.integers(0, 10_000), k=st.integers(1, 4), stride=st.integers(1, 3), dilation=st.integers(1, 2),
        ceil=st.booleans(), err=st.sampled_from([0.0, 1e-3, 0.3]))
 def test_max_pool1d_rule_is_sound(seed, k, stride, dilation, ceil, err):
+    """A max rounds nothing, so here the faulty inputs must respect their bound exactly: points
+    whose float32 rounding took them past ``e`` are moved back to the clean point."""
     pool = nn.MaxPool1d(k, stride, k // 2, dilation, ceil_mode=ceil)
     rule, f32, f64 = _rule(nn.Sequential(pool) if seed % 2 else pool)  # the module, or F.max_pool1d
     g = torch.Generator().manual_seed(seed)
     v = _box(g, (3, 2, 11), 1.0, 0.2, err)
-    assert _check(rule, [v], f32, f64, g) == 0
+    out = rule(v)
+    for x, xf in _points(g, v):
+        xf = torch.where((xf.double() - x.double()).abs() <= v.e, xf, x)
+        exact, faulty = f64(x.double()), f32(xf).double()
+        assert ((exact >= out.lo) & (exact <= out.hi)).all()
+        assert ((faulty - exact).abs() <= out.e).all()
 
 
 def test_conv1d_harness_finds_a_weakened_rule():
@@ -96,6 +103,17 @@ def test_conv1d_harness_finds_a_weakened_rule():
             v = _box(torch.Generator().manual_seed(0), (4, conv.in_channels, 9), 1.0, 0.0, 0.3)
             assert _check(rule, [v], f32, f64, torch.Generator().manual_seed(1)) == 0
             assert _check(rule, [v], f32, f64, torch.Generator().manual_seed(1), shrink=0.5) > 0
+
+
+def test_max_pool1d_error_is_attained():
+    """The pool's error bound is reached (halved, points exceed it): one window, both errors at
+    the same entry."""
+    rule, f32, f64 = _rule(nn.Sequential(nn.MaxPool1d(2)))
+    x = torch.tensor([[[0.5, -0.25]]])
+    e = torch.tensor([[[0.125, 0.0]]], dtype=torch.float64)
+    out = rule(R.Val(x.double(), x.double(), e))
+    change = (f32(x + torch.tensor([[[0.125, 0.0]]])).double() - f64(x.double())).abs()
+    assert bool((change <= out.e).all()) and bool((change > 0.5 * out.e).any())
 
 
 class ConvNet(nn.Module):

@@ -249,9 +249,11 @@ def max_pool(a: Val, pool, reach: int) -> Val:  # noqa: ANN001 - torch's pool, a
 # --- reductions and products ------------------------------------------------------------------
 
 def mean(a: Val, dim: int, keepdim: bool) -> Val:
-    """Mean over ``dim``: a positive linear map; a sum of ``n`` terms and one division. A failing
-    layer's at most ``f`` failed entries per reduced row add at most the ``f`` largest ``extra``
-    over ``n``."""
+    """Mean over ``dim``: a positive linear map; a sum of ``n`` terms and one division. Over the
+    last dimension a failing layer's at most ``f`` failed entries per row (a row lies in one
+    sample, as for a linear layer) add at most the ``f`` largest ``extra`` over ``n``."""
+    if dim % len(a.shape) != len(a.shape) - 1:
+        a = a.plain()
     n = a.shape[dim]
     lo, hi, e = (t.mean(dim, keepdim=keepdim) for t in (a.lo, a.hi, a.e))
     if a.extra is not None:
