@@ -20,6 +20,9 @@ clean to the faulty input, which lies in the faulty box ``[lo - e, hi + e]``):
   ``|dy_i| <= |gamma_i| / s_min (e_i + mean(e) + |xhat_i|_max ||e||_2 / sqrt(n))``; the standard
   deviation over a box of centre ``c`` and radius ``r`` is within ``||r||_2 / sqrt(n)`` of
   ``std(c)`` (the centring map is a projection), and ``|xhat_i| <= sqrt(n - 1)`` always;
+- an additive attention mask (``baddbmm``, :func:`masked_matmul`): ``-inf`` entries are exactly
+  ``-inf`` in both forwards and the softmax gives them exactly 0; finite entries shift the interval;
+- max pool (:func:`max_pool`): monotone and 1-Lipschitz in the max norm, exact in float32;
 - every error is also capped by the width of the output's faulty interval.
 
 Float32 rounding (same assumptions and ``SAFETY`` factor as :mod:`hwrel.bounds.fp32`; the
