@@ -15,8 +15,8 @@ Convolutions: ``nn.Conv2d`` and ``nn.Conv1d`` / ``F.conv1d`` (the 1-D one as the
 
 Fault model (the paper's, on this graph): the *layers* are the activation nodes (GELU, ReLU, SiLU,
 ... modules or functions), in graph order; ``failures[l]`` elements of layer ``l``'s output (any of
-them, per sample) crash to 0 or turn Byzantine (``|value| <= capacity``). ``nn.MultiheadAttention``
-and ``nn.TransformerEncoderLayer`` are traced as the operations they compute
+them, per sample) crash to 0 or turn Byzantine (``|value| <= capacity``). ``nn.MultiheadAttention``,
+``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` are traced as the operations they compute
 (:mod:`hwrel.bounds.graph_modules`); an encoder layer's activation is the layer
 ``<path>.activation``. The bound on each output
 coordinate is **sound**: it holds for every input in the box, every choice of the failed elements
@@ -92,8 +92,8 @@ def trace(model: nn.Module) -> fx.GraphModule:
 class _Tracer(fx.Tracer):
     """torch.nn modules are leaves, and so are RMSNorm modules written out by hand (LLaMA's,
     Hugging Face's ``LlamaRMSNorm``) once checked to compute exactly that (:func:`_rms_params`);
-    ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` are traced as the operations they
-    compute (:mod:`hwrel.bounds.graph_modules`)."""
+    ``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` are
+    traced as the operations they compute (:mod:`hwrel.bounds.graph_modules`)."""
 
     def __init__(self, rms: set[int]):
         super().__init__()
