@@ -393,7 +393,7 @@ def vit_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def test_cli_inject_says_general_path_and_bound_says_unsupported(vit_files: Path, capsys) -> None:
+def test_cli_inject_says_general_path_and_bound_takes_the_graph(vit_files: Path, capsys) -> None:
     from hwrel.cli import main
 
     args = [str(vit_files / "vit.safetensors"), "--architecture", f"{vit_files / 'gmodels.py'}:TinyViT",
@@ -405,8 +405,16 @@ def test_cli_inject_says_general_path_and_bound_says_unsupported(vit_files: Path
     info = json.loads(capsys.readouterr().out)
     assert info["injection_path"] == "general" and info["storage"] == "int-codes"
     assert info["configs"] == 12 and info["summary"][-1]["layer"] == "all"
-    for cmd in (["bound", *args, "--failures", "1,0"], ["tolerance", *args, "--epsilon", "1"],
-                ["expected", *args, "-p", "0.01"]):
+    # bound: the Network bounds refuse the TransformerEncoderLayers, the graph bounds cover them
+    assert main(["bound", *args, "--failures", "0,1", "--json"]) == 0
+    b = json.loads(capsys.readouterr().out)
+    assert b["path"] == "graph" and b["layers"] == ["blocks.0.activation", "blocks.1.activation"]
+    assert "getattr" in b["engine_refused"] and 0 < b["per_input_max"] < math.inf
+    assert main(["tolerance", *args, "--epsilon", "10", "--epsilon-prime", "0", "--json"]) == 0
+    t = json.loads(capsys.readouterr().out)
+    assert t["path"] == "graph" and [r["layer"] for r in t["per_layer"]] == b["layers"]
+    assert t["per_layer"][1]["tolerated"] >= 1 and t["per_layer"][1]["bound_max"] <= 10
+    for cmd in (["expected", *args, "-p", "0.01"],):
         assert main(cmd) == 2
         errs = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
         assert len(errs) == 1 and "bounds do not support" in errs[0] and "getattr" in errs[0], cmd

@@ -9,9 +9,16 @@ interval over the input box, and how far the faulty forward can be from the clea
 that do not depend on the input (position tables, masks, shapes, token embeddings of fixed ids)
 are computed by running the operation itself.
 
+Convolutions: ``nn.Conv2d`` and ``nn.Conv1d`` / ``F.conv1d`` (the 1-D one as the 2-D one on
+``(B, C, 1, T)``: the same dot products, so the same interval, ``|W|`` error map and rounding),
+``nn.MaxPool1d`` / ``F.max_pool1d``.
+
 Fault model (the paper's, on this graph): the *layers* are the activation nodes (GELU, ReLU, SiLU,
 ... modules or functions), in graph order; ``failures[l]`` elements of layer ``l``'s output (any of
-them, per sample) crash to 0 or turn Byzantine (``|value| <= capacity``). The bound on each output
+them, per sample) crash to 0 or turn Byzantine (``|value| <= capacity``). ``nn.MultiheadAttention``,
+``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` are traced as the operations they compute
+(:mod:`hwrel.bounds.graph_modules`); an encoder layer's activation is the layer
+``<path>.activation``. The bound on each output
 coordinate is **sound**: it holds for every input in the box, every choice of the failed elements
 and in the model's float32 forward (see :mod:`hwrel.bounds.graph_rules` for each rule's argument and
 the rounding assumptions). Checked against exact injection in ``tests/test_graph_bounds.py``.
@@ -33,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hwrel import activations as A
+from hwrel.bounds import graph_modules as M
 from hwrel.bounds import graph_rules as R
 from hwrel.bounds.faults import FaultModel, as_fault
 from hwrel.bounds.fp32 import _abs_map, local_rounding
@@ -71,6 +79,9 @@ def trace(model: nn.Module) -> fx.GraphModule:
     try:
         # checked before tracing: the tracer intercepts module calls made while it runs
         tracer = _Tracer({id(m) for m in model.modules() if _rms_params(m) is not None})
+        if type(model) in (nn.TransformerEncoderLayer, nn.TransformerEncoder):  # a root is traced, not called
+            tracer.whole = model
+            model = _WholeLayer(model)
         graph = tracer.trace(model)
         return fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as exc:  # fx raises many types for dynamic code
@@ -80,14 +91,37 @@ def trace(model: nn.Module) -> fx.GraphModule:
 
 class _Tracer(fx.Tracer):
     """torch.nn modules are leaves, and so are RMSNorm modules written out by hand (LLaMA's,
-    Hugging Face's ``LlamaRMSNorm``) once checked to compute exactly that (:func:`_rms_params`)."""
+    Hugging Face's ``LlamaRMSNorm``) once checked to compute exactly that (:func:`_rms_params`);
+    ``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` are
+    traced as the operations they compute (:mod:`hwrel.bounds.graph_modules`)."""
 
     def __init__(self, rms: set[int]):
         super().__init__()
         self.rms = rms
+        self.whole: nn.Module | None = None  # the model itself, where it is one decomposed module
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return id(m) in self.rms or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        decompose = M.DECOMPOSITIONS.get(type(m))  # exact types: a subclass may compute something else
+        if decompose is not None:
+            path = self.path_of_module(m)
+            if self.whole is not None:  # names relative to the model, not to its wrapper
+                path = "" if m is self.whole else path.removeprefix("layer.")
+            return decompose(self, m, path, *args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+
+class _WholeLayer(nn.Module):
+    """A model that is one encoder (layer), called (so decomposed) from a root."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, src: Tensor) -> Tensor:
+        return self.layer(src)
 
 
 def _rms_params(m: nn.Module) -> tuple[Tensor, float] | None:
@@ -131,12 +165,21 @@ def _activation_of(gm: fx.GraphModule, n: fx.Node) -> A.Activation | None:
 
 
 def _layer_name(n: fx.Node) -> str:
-    return str(n.target) if n.op == "call_module" else n.name
+    named = n.meta.get(M.LAYER)
+    return named if named else str(n.target) if n.op == "call_module" else n.name
+
+
+def _samples(n: fx.Node, t: Tensor) -> Tensor:
+    """A failure layer's output with its sample dimension first (``(T, B, F)`` inside a
+    ``TransformerEncoderLayer`` that is not batch_first)."""
+    d = n.meta.get(M.BATCH_DIM, 0)
+    return t if d == 0 else t.movedim(d, 0)
 
 
 def graph_layers(model: nn.Module) -> list[str]:
-    """Names of the failure layers, in graph order: activation module paths (``blocks.0.act``), or
-    the fx node name of a functional activation (``silu``)."""
+    """Names of the failure layers, in graph order: activation module paths (``blocks.0.act``), the
+    fx node name of a functional activation (``silu``), or ``<layer>.activation`` inside an
+    ``nn.TransformerEncoderLayer`` (``blocks.0.activation``, also where it is ``F.gelu``)."""
     gm = trace(model)
     return [_layer_name(n) for n in gm.graph.nodes if _activation_of(gm, n) is not None]
 
@@ -269,7 +312,8 @@ class _Interpreter:
         self.used.add(param)
         return self.radius[param].double()
 
-    def run(self, lo: Tensor, hi: Tensor) -> Any:
+    def run(self, lo: Tensor, hi: Tensor, e: Tensor | None = None) -> Any:
+        """The output's bounds for inputs in ``[lo, hi]`` (``e``: their own error bound, default 0)."""
         env: dict[fx.Node, Any] = {}
         for n in self.gm.graph.nodes:
             if n.op == "placeholder":
@@ -278,7 +322,8 @@ class _Interpreter:
                 else:
                     if (hi < lo).any():
                         raise HwrelError("input box has lo > hi")
-                    env[n] = R.Val(lo.double(), hi.double(), torch.zeros_like(lo, dtype=torch.float64))
+                    env[n] = R.Val(lo.double(), hi.double(),
+                                   torch.zeros_like(lo, dtype=torch.float64) if e is None else e.double())
                 continue
             if n.op == "output":
                 return fx.node.map_arg(n.args[0], lambda a: env[a])
@@ -350,6 +395,11 @@ class _Interpreter:
             return R.scale(_val(args[0]), 1.0 / (c.double() if isinstance(c, Tensor) else float(c)))
         if t in (operator.matmul, torch.matmul, torch.bmm) or t in ("matmul", "bmm"):
             return R.matmul(_val(args[0]), _val(args[1]))
+        if t is torch.baddbmm:
+            if isinstance(args[0], R.Val) or kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1 or len(args) > 3:
+                raise UnsupportedLayerError(f"operation {n.name} (baddbmm): only a constant added term, "
+                                            "beta = alpha = 1, has a rule")
+            return R.masked_matmul(_val(args[1]), _val(args[2]), args[0])
         if t is F.linear:
             w = args[1] if len(args) > 1 else kwargs["weight"]
             b = args[2] if len(args) > 2 else kwargs.get("bias")
@@ -359,6 +409,28 @@ class _Interpreter:
             param = str(w_node.target) if isinstance(w_node, fx.Node) and w_node.op == "get_attr" else None
             return self._affine(n.name, Affine("linear", w.detach().float(), None if b is None else b.detach().float()),
                                 args[0], self._radius(param))
+        if t in (F.conv1d, torch.conv1d):
+            names = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
+            p = dict(zip(names, args))
+            p.update(kwargs)
+            if isinstance(p["weight"], R.Val) or isinstance(p.get("bias"), R.Val):
+                raise UnsupportedLayerError(f"operation {n.name} (conv1d): a bounded weight has no rule")
+
+            def one(v: Any) -> Any:
+                return v[0] if isinstance(v, (tuple, list)) and len(v) == 1 else v
+
+            a = _conv1d_affine(n.name, p["weight"], p.get("bias"), one(p.get("stride", 1)), one(p.get("padding", 0)),
+                               one(p.get("dilation", 1)), int(p.get("groups", 1)))
+            return self._conv1d(n.name, a, p["input"])
+        if t in (F.max_pool1d, torch.max_pool1d):
+            names = ["input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"]
+            p = dict(zip(names, args))
+            p.update(kwargs)
+            if p.get("return_indices", False):
+                raise UnsupportedLayerError(f"operation {n.name} (max_pool1d): return_indices has no rule")
+            k = p["kernel_size"]
+            return _max_pool1d(_val(p["input"]), k, p.get("stride") or k, p.get("padding", 0), p.get("dilation", 1),
+                               bool(p.get("ceil_mode", False)))
         if t in (torch.cat, torch.concat, torch.stack):
             return _cat(t, args, kwargs)
         if t in (F.softmax, torch.softmax) or t == "softmax":
@@ -398,6 +470,21 @@ class _Interpreter:
                 self.affines[name] = _affine_from(name, m)
             radius = self._radius(f"{name}.weight") if isinstance(m, (nn.Linear, nn.Conv2d)) else None
             return self._affine(name, self.affines[name], args[0], radius)
+        if isinstance(m, nn.Conv1d):
+            if type(m) is not nn.Conv1d:  # a quantized subclass computes with other weights
+                raise UnsupportedLayerError(f"layer {name} ({type(m).__module__}.{type(m).__name__}) is not supported")
+            if m.padding_mode != "zeros":
+                raise UnsupportedLayerError(f"layer {name} (Conv1d): padding_mode {m.padding_mode!r} has no rule; "
+                                            "use zero padding")
+            if name not in self.affines:
+                self.affines[name] = _conv1d_affine(name, m.weight, m.bias, m.stride[0], m.padding, m.dilation[0],
+                                                    m.groups)
+            radius = self._radius(f"{name}.weight")  # (C_out, C_in, k) -> the (1, k) kernels of the 2-D rule
+            return self._conv1d(name, self.affines[name], args[0], None if radius is None else radius.unsqueeze(2))
+        if type(m) is nn.MaxPool1d:
+            if m.return_indices:
+                raise UnsupportedLayerError(f"layer {name} (MaxPool1d): return_indices has no rule")
+            return _max_pool1d(_val(args[0]), m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
         if isinstance(m, nn.LayerNorm):
             if len(m.normalized_shape) != 1:
                 raise UnsupportedLayerError(f"layer {name} (LayerNorm): only normalization over the last "
@@ -416,6 +503,15 @@ class _Interpreter:
         if isinstance(m, nn.Flatten):
             return _val(args[0]).map(lambda t: t.flatten(m.start_dim, m.end_dim))
         raise UnsupportedLayerError(f"layer {name} ({type(m).__module__}.{type(m).__name__}) is not supported")
+
+    def _conv1d(self, name: str, a: Affine, x: Any, radius: Tensor | None = None) -> R.Val:
+        """A 1-D convolution as the 2-D one on ``(B, C, 1, T)`` with ``(1, k)`` kernels: the same
+        dot products (so the same rounding), the rules of :meth:`_affine`."""
+        x = _val(x)
+        if len(x.shape) != 3:
+            raise UnsupportedLayerError(f"operation {name} (conv1d): the input must be (batch, channels, time), "
+                                        f"got {len(x.shape)} dimensions")
+        return self._affine(name, a, x.map(lambda t: t.unsqueeze(2)), radius).map(lambda t: t.squeeze(2))
 
     def _affine(self, name: str, a: Affine, x: Any, radius: Tensor | None = None) -> R.Val:
         x = _val(x)
@@ -452,6 +548,36 @@ class _Interpreter:
 
 
 # --- helpers ----------------------------------------------------------------------------------
+
+def _max_pool1d(x: R.Val, kernel: Any, stride: Any, padding: Any, dilation: Any, ceil_mode: bool) -> R.Val:
+    k, st, d = (v[0] if isinstance(v, (tuple, list)) else v for v in (kernel, stride, dilation))
+    reach = min(k, (k - 1) * d // st + 1)  # the windows that hold any one input
+    return R.max_pool(x, lambda t: F.max_pool1d(t, kernel, stride, padding, dilation, ceil_mode), reach)
+
+
+def _conv1d_affine(name: str, w: Tensor, b: Tensor | None, stride: Any, padding: Any, dilation: Any,
+                   groups: int) -> Affine:
+    """The 2-D convolution that computes a 1-D one on ``(B, C, 1, T)`` (zero padding)."""
+    k = w.shape[-1]
+    if isinstance(padding, (tuple, list)):
+        padding = padding[0]
+    if padding == "valid":
+        padding = 0
+    elif padding == "same":
+        total = int(dilation) * (k - 1)
+        if int(stride) != 1 or total % 2:
+            raise UnsupportedLayerError(f"layer {name} (conv1d): padding 'same' with stride {stride} or an odd total "
+                                        f"padding ({total}) has no rule; give integer padding")
+        padding = total // 2
+    if not all(isinstance(v, int) for v in (stride, padding, dilation)):
+        raise UnsupportedLayerError(f"layer {name} (conv1d): stride, padding and dilation must be integers, got "
+                                    f"{stride!r}, {padding!r}, {dilation!r}")
+    weight = w.detach().float().unsqueeze(2)
+    bias = None if b is None else b.detach().float()
+    if not bool(torch.isfinite(weight).all()) or (bias is not None and not bool(torch.isfinite(bias).all())):
+        raise HwrelError(f"layer {name} (conv1d): weight or bias is not finite")
+    return Affine("conv2d", weight, bias, (1, stride), (0, padding), (1, dilation), int(groups))
+
 
 def _row_topsum(v: Tensor, f: int) -> Tensor:
     """Sum of the ``f`` largest entries of each row (last dimension), ``(..., 1)``."""
@@ -531,6 +657,8 @@ def _index(n: fx.Node, args: tuple, kwargs: dict) -> Any:
         method = str(n.target)
         if method in ("float", "contiguous", "clone", "detach"):
             return x
+        if method == "view" and all(isinstance(a, int) for a in args[1:]) and not kwargs:
+            method = "reshape"  # the bounds' parts need not share the tensor's strides: same values
         fn = lambda t: getattr(t, method)(*args[1:], **kwargs)  # noqa: E731
     elif n.target is operator.getitem:
         idx = args[1]
@@ -634,10 +762,15 @@ def _sdpa(n: fx.Node, args: tuple, kwargs: dict) -> R.Val:
     if mask is not None:
         if isinstance(mask, R.Val):
             raise UnsupportedLayerError(f"operation {n.name} (scaled_dot_product_attention): an input-dependent mask")
-        if mask.dtype != torch.bool:
-            raise UnsupportedLayerError(f"operation {n.name} (scaled_dot_product_attention): a float mask has no rule; "
-                                        "use a boolean mask or is_causal")
+        if mask.dtype != torch.bool:  # additive: 0 leaves a score exactly as it is, -inf removes it
+            if not bool(((mask == 0) | torch.isneginf(mask)).all()):
+                raise UnsupportedLayerError(f"operation {n.name} (scaled_dot_product_attention): a float mask with "
+                                            "values other than 0 and -inf has no rule")
+            mask = ~torch.isneginf(mask)
         masked = ~mask if masked is None else masked | ~mask
+        if bool(masked.all(-1).any()):
+            raise UnsupportedLayerError(f"operation {n.name} (scaled_dot_product_attention): a fully masked row "
+                                        "(its output is NaN)")
     return R.attention(q, k, v, float(scale), masked)
 
 
@@ -645,7 +778,7 @@ def layer_sizes(model: nn.Module, x: Tensor) -> dict[str, int]:
     """Elements per sample of each failure layer's output, from one forward of ``x[:1]``."""
     gm = trace(model)
     values = _record(gm, x[:1])
-    return {_layer_name(n): int(values[n.name][0].numel()) for n in gm.graph.nodes
+    return {_layer_name(n): int(_samples(n, values[n.name])[0].numel()) for n in gm.graph.nodes
             if _activation_of(gm, n) is not None and isinstance(values.get(n.name), Tensor)}
 
 
@@ -719,7 +852,9 @@ def crash_outputs(model: nn.Module, x: Tensor, at: dict[str, Tensor]) -> Tensor:
             idx = at.get(_layer_name(n))
             if idx is not None and isinstance(out, Tensor):
                 out = out.clone()
-                out.view(out.shape[0], -1)[:, idx] = 0
+                per = _samples(n, out)  # a view of the clone: writes reach it
+                where = torch.unravel_index(torch.as_tensor(idx, dtype=torch.long), per.shape[1:])
+                per[(slice(None), *where)] = 0
             return out
 
     with plain_forward():
@@ -754,13 +889,14 @@ def _salient(model: nn.Module, x: Tensor, layer: str, k: int) -> Tensor:
             out = super().run_node(n)
             if _layer_name(n) == layer and isinstance(out, Tensor) and out.is_floating_point():
                 out = out.detach().requires_grad_(True)
-                kept.append(out)
+                kept.append((n, out))
             return out
 
     with torch.enable_grad():
         y = Grad(gm).run(x)
         if not kept or not isinstance(y, Tensor) or not y.requires_grad:
             return torch.zeros(1, dtype=torch.long)
-        (grad,) = torch.autograd.grad(y.abs().sum(), kept[0])
-    score = (kept[0].detach() * grad).abs().flatten(1).sum(0)
+        node, v = kept[0]
+        (grad,) = torch.autograd.grad(y.abs().sum(), v)
+    score = _samples(node, v.detach() * grad).abs().flatten(1).sum(0)
     return torch.topk(score, min(k, score.numel())).indices

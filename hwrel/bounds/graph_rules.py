@@ -20,6 +20,9 @@ clean to the faulty input, which lies in the faulty box ``[lo - e, hi + e]``):
   ``|dy_i| <= |gamma_i| / s_min (e_i + mean(e) + |xhat_i|_max ||e||_2 / sqrt(n))``; the standard
   deviation over a box of centre ``c`` and radius ``r`` is within ``||r||_2 / sqrt(n)`` of
   ``std(c)`` (the centring map is a projection), and ``|xhat_i| <= sqrt(n - 1)`` always;
+- an additive attention mask (``baddbmm``, :func:`masked_matmul`): ``-inf`` entries are exactly
+  ``-inf`` in both forwards and the softmax gives them exactly 0; finite entries shift the interval;
+- max pool (:func:`max_pool`): monotone and 1-Lipschitz in the max norm, exact in float32;
 - every error is also capped by the width of the output's faulty interval.
 
 Float32 rounding (same assumptions and ``SAFETY`` factor as :mod:`hwrel.bounds.fp32`; the
@@ -234,13 +237,33 @@ def rsqrt(a: Val) -> Val:
     return finish(lo, hi, e, SAFETY * EXP_ULPS * U * f_hi + TINY)
 
 
+def max_pool(a: Val, pool, reach: int) -> Val:  # noqa: ANN001 - torch's pool, applied to each part
+    """A max pool: monotone, so its interval is the pool of the bounds; 1-Lipschitz in the max
+    norm (``|max x' - max x| <= max |x' - x|``), so its error is the window's largest ``e``;
+    exact in float32 (a max rounds nothing). Padding is ``-inf``, which no bound reaches. A failing
+    layer stays one: each input lies in at most ``reach`` windows, so at most ``reach * f`` outputs
+    see a failed input, each off by at most the window's largest ``e + extra``."""
+    if a.extra is None:
+        return Val(pool(a.lo), pool(a.hi), pool(a.e))
+    e = pool(a.e)
+    return Val(pool(a.lo), pool(a.hi), e, (pool(a.resolved()) - e).clamp_min(0), a.f * reach)
+
+
 # --- reductions and products ------------------------------------------------------------------
 
 def mean(a: Val, dim: int, keepdim: bool) -> Val:
-    """Mean over ``dim``: a positive linear map; a sum of ``n`` terms and one division."""
-    a = a.plain()
+    """Mean over ``dim``: a positive linear map; a sum of ``n`` terms and one division. Over the
+    last dimension a failing layer's at most ``f`` failed entries per row (a row lies in one
+    sample, as for a linear layer) add at most the ``f`` largest ``extra`` over ``n``."""
+    if dim % len(a.shape) != len(a.shape) - 1:
+        a = a.plain()
     n = a.shape[dim]
     lo, hi, e = (t.mean(dim, keepdim=keepdim) for t in (a.lo, a.hi, a.e))
+    if a.extra is not None:
+        from hwrel.bounds.interval import topsum
+
+        pending = topsum(a.extra, a.f, dim) / n
+        e = e + (pending.unsqueeze(dim) if keepdim else pending)
     r = gamma(n + 1) * a.fmag().mean(dim, keepdim=keepdim) + TINY
     return finish(lo, hi, e, r)
 
@@ -257,6 +280,23 @@ def matmul(a: Val, b: Val) -> Val:
     e = a.fmag() @ b.e + a.e @ b.mag()
     r = gamma(k + 1) * (a.fmag() @ b.fmag()) + (k + 1) * TINY
     return finish(c - rad, c + rad, e, r)
+
+
+def masked_matmul(a: Val, b: Val, c: Tensor) -> Val:
+    """``c + a @ b`` for a constant ``c`` that broadcasts (``torch.baddbmm``, as attention adds
+    its mask): where ``c = -inf`` the entry is exactly ``-inf`` in both forwards (``lo = hi = -inf``,
+    ``e = 0``: :func:`softmax` reads it as masked); elsewhere the product's bounds shifted by ``c``,
+    plus, where ``c != 0``, the rounding of a sum of ``k + 1`` terms in any order (fused or not)."""
+    out = matmul(a, b)
+    c = c.double()
+    neg = torch.isneginf(c)
+    fin = c.masked_fill(neg, 0.0)
+    if bool((fin != 0).any()):
+        k = a.shape[-1]
+        r = (gamma(k + 2) * (a.fmag() @ b.fmag() + fin.abs()) + TINY) * (fin != 0)
+        out = finish(out.lo + fin, out.hi + fin, out.e, r.expand_as(out.lo))
+    neg = neg.expand_as(out.lo)
+    return Val(out.lo.masked_fill(neg, -math.inf), out.hi.masked_fill(neg, -math.inf), out.e.masked_fill(neg, 0.0))
 
 
 def _p_interval(lo: Tensor, hi: Tensor, masked: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -278,9 +318,14 @@ def _p_interval(lo: Tensor, hi: Tensor, masked: Tensor | None) -> tuple[Tensor, 
 
 def softmax(a: Val, masked: Tensor | None = None) -> Val:
     """Softmax over the last dimension; ``masked`` (bool, broadcasts): entries set to ``-inf``
-    before it (a causal or padding mask), which are exactly 0 in both forwards."""
+    before it (a causal or padding mask), which are exactly 0 in both forwards, as are entries
+    that are exactly ``-inf`` in both (``lo = hi = -inf``, ``e = 0``: :func:`masked_matmul`'s)."""
     a = a.plain()
     n = a.shape[-1]
+    minus_inf = torch.isneginf(a.lo) & torch.isneginf(a.hi) & (a.e == 0)
+    if bool(minus_inf.any()):
+        masked = minus_inf if masked is None else masked.expand_as(a.lo) | minus_inf
+        a = Val(a.lo.masked_fill(masked, 0.0), a.hi.masked_fill(masked, 0.0), a.e)
     if masked is not None:
         masked = masked.expand_as(a.lo)
     lo, hi = _p_interval(a.lo, a.hi, masked)
