@@ -179,7 +179,7 @@ def test_cli_report_on_the_built_in_vit(tmp_path, capsys):
     assert "weight rounding (per-channel symmetric" in md and "LayerNorm" in md  # Brevitas refused, said why
     summary = pd.read_csv(out / "tables" / "summary.csv")
     # the graph bounds and the tolerance on them are the only certified items (the graph test checks them)
-    assert list(summary[summary["kind"] == "certified"]["section"]) == ["fep", "fep"]
+    assert list(summary[summary["kind"] == "certified"]["section"]) == ["fep", "fep", "bitwidth"]
 
 
 def test_report_on_a_graph_bounded_model_shows_the_graph_fep(tmp_path):
@@ -199,7 +199,8 @@ def test_report_on_a_graph_bounded_model_shows_the_graph_fep(tmp_path):
     assert t.loc[1, "bound_max"] == pytest.approx(float(want.max()))
     assert (t["measured_max"] <= t["bound_max"]).all() and t["certified_top1_fraction"].between(0, 1).all()
     html = (out / "index.html").read_text(encoding="utf-8")
-    assert "only the neuron-crash bounds over the model" in html
+    assert "only the neuron-crash bounds and tolerance over the model" in html
+    assert "the certified bit width over it (section Safe bit width)" in html
     body = html.split('<section id="iso26262">')[1].split("</section>")[0]
     assert "not applicable" in body
     assert "no violation: every measured change is within its certified bound" in html
@@ -212,6 +213,10 @@ def test_report_on_a_graph_bounded_model_shows_the_graph_fep(tmp_path):
     assert tol["certified_fraction"].tolist() == pytest.approx(want_tol["certified_fraction"].tolist())
     s = pd.read_csv(out / "tables" / "summary.csv")
     row = s[s["kind"] == "certified"]
-    assert len(row) == 2 and row["value"].iloc[0] == pytest.approx(t.loc[1, "bound_max"])
+    assert len(row) == 3 and row["value"].iloc[0] == pytest.approx(t.loc[1, "bound_max"])
     assert row["value"].iloc[1] == tol["tolerated"].iloc[-1]
+    # the certified bit width over the graph, checked against the rounded copy (vacuous on this ViT)
+    qb = pd.read_csv(out / "tables" / "graph_bitwidth.csv")
+    assert (qb["violations"] == 0).all() and list(qb["bits"]) == [4, 8]
+    assert "Certified bit width against the rounded copy at every evaluated width: no violation" in html
     assert "No number in this report is a bound" not in html

@@ -139,20 +139,48 @@ def _run_measured(args: argparse.Namespace, md, general) -> int:
     say = (lambda f, m: print(f"hwrel bitwidth: {m}", file=sys.stderr, flush=True)) if not args.json else None
     res = gen.measured_bitwidth(md.module, x, y, calib, tuple(args.bits), args.max_accuracy_drop, progress=say)
     lm = y.dim() == 2
+    gbw = _graph_certified(md, x, y, args, say)
     if args.json:
         from hwrel.cli.common import print_json
 
-        print_json({**model_info(md), "certified": gen.not_applicable(reason), "method": res.method,
-                    "note": res.note, "metric": "next-token" if lm else "class",
+        cert = gbw if isinstance(gbw, str) else None
+        print_json({**model_info(md), "certified": gen.not_applicable(f"{reason}; the graph bounds: {cert}")
+                    if cert else ("graph" if gbw is not None else gen.not_applicable(reason)),
+                    "method": res.method, "note": res.note, "metric": "next-token" if lm else "class",
                     "max_accuracy_drop": res.max_accuracy_drop, "float_accuracy": res.float_accuracy,
-                    "measured_bits": res.measured_bits, "certified_bits": None, "quantized": list(res.quantized),
-                    "table": res.table.to_dict("records")})
+                    "measured_bits": res.measured_bits,
+                    "certified_bits": gbw.certified_bits if gbw is not None and not cert else None,
+                    "certified_table": gbw.table.to_dict("records") if gbw is not None and not cert else None,
+                    "quantized": list(res.quantized), "table": res.table.to_dict("records")})
         return 0
     print(f"model {md.name}, budget accuracy drop <= {res.max_accuracy_drop:g}"
           f"{' (next-token top-1)' if lm else ''}; {md.domain_note}")
-    print(f"  certified    bits: {gen.not_applicable(reason)}")
+    from hwrel.report.general_sections import _certified_width
+
+    print(f"  certified    bits: {_certified_width(gbw, reason)}")
     print(f"  measured     bits: {res.measured_bits} (on {len(x)} test {'sequences' if lm else 'inputs'}: "
           "an estimate, not a certificate)")
     print(f"  quantizer: {res.method}" + (f"; {res.note}" if res.note else ""))
     print(res.table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if gbw is not None and not isinstance(gbw, str):
+        print("certified over the graph (sound on each test input; violations: rounded copy beyond its bound):")
+        print(gbw.table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return 0
+
+
+def _graph_certified(md, x, y, args: argparse.Namespace, say):
+    """The certified width over the model's graph where the graph bounds cover it (None where they
+    do not trace or run it; the one-line reason where a rounded weight has no rule)."""
+    from hwrel.bounds.graph import check_supported
+    from hwrel.errors import UnsupportedLayerError
+    from hwrel.quantize.graph import graph_bitwidth
+
+    try:
+        check_supported(md.module, x)
+    except (UnsupportedLayerError, HwrelError):
+        return None
+    try:
+        return graph_bitwidth(md.module, x, y, bits=tuple(args.bits), max_accuracy_drop=args.max_accuracy_drop,
+                              progress=say)
+    except (UnsupportedLayerError, HwrelError) as exc:
+        return str(exc).strip().splitlines()[0]

@@ -15,7 +15,6 @@ certified flips, ISO metrics and validation, and measures what injection and pla
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -241,33 +240,18 @@ class MeasuredBitwidth:
 
 
 def _rounded_weights(module: nn.Module) -> list[tuple[str, nn.Module, str]]:
-    """(full name, module, parameter name) of every Linear/Conv weight and attention input projection."""
-    out = []
-    for name, m in module.named_modules():
-        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            params = ["weight"]
-        elif isinstance(m, nn.MultiheadAttention):
-            params = [p for p in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
-                      if getattr(m, p, None) is not None]
-        else:
-            continue
-        out += [(f"{name}.{p}" if name else p, m, p) for p in params]
-    return out
+    """:func:`hwrel.quantize.graph.rounded_weights` (imported on use: hwrel.quantize loads Brevitas)."""
+    from hwrel.quantize.graph import rounded_weights
+
+    return rounded_weights(module)
 
 
 def round_weights(module: nn.Module, bits: int) -> nn.Module:
-    """A copy of ``module`` whose Linear/Conv weights (and attention input projections) are rounded to
-    ``bits``-bit per-channel symmetric codes (:func:`hwrel.quantize.weight_storage`), dequantized; every
-    other parameter, and the activations, stay float. The module itself is not changed."""
-    from hwrel.quantize.rounding import QuantSpec, weight_storage
+    """:func:`hwrel.quantize.graph.round_weights`: a copy with its Linear/Conv weights (and attention
+    input projections) rounded to ``bits``-bit per-channel symmetric codes, dequantized."""
+    from hwrel.quantize.graph import round_weights as rw
 
-    q = copy.deepcopy(module).eval()
-    spec = QuantSpec(per_channel=True, symmetric=True)
-    with torch.no_grad():
-        for _, m, p in _rounded_weights(q):
-            w = getattr(m, p)
-            w.copy_(weight_storage(w.detach().float(), bits, spec).dequantize().to(w.dtype))
-    return q
+    return rw(module, bits)
 
 
 def accuracy(out: Tensor, y: Tensor) -> float:
@@ -357,6 +341,11 @@ def analyse(name: str, target: Any, acc: Any, x: Tensor, y: Tensor, calib: Tenso
     if quantize:
         log.stage("bitwidth", f"bit width: measuring {len(cfg.bits)} weight-quantized copies on the test inputs")
         res["bitwidth"] = measured_bitwidth(module, x, y, calib, tuple(cfg.bits), drop, progress=log.part)
+        res["graph_bitwidth"] = certified_graph_bitwidth(module, x, y, tuple(cfg.bits), drop, log) \
+            if "table" in res["graph"] else None
+        gbw = res["graph_bitwidth"]
+        if gbw is not None and not isinstance(gbw, str):
+            res["checks_violated"] += int(gbw.table["violations"].sum())
     log.stage("seu", f"SEU on {acc.name}: {cfg.seu_campaign} random single flips, exact general injection path")
     res["seu"] = measured_seu(target, acc, x, y, params, fmt=fmt, campaign=cfg.seu_campaign,
                               max_samples=cfg.seu_samples, seed=seed, hours=hours, target_name=target_name,
@@ -380,6 +369,19 @@ def analyse(name: str, target: Any, acc: Any, x: Tensor, y: Tensor, calib: Tenso
         "technology": f"{acc.technology_node_nm:g} nm" + (f", {acc.clock_mhz:g} MHz" if acc.clock_mhz else ""),
         "stored parameter bits": f"{int(params['bits'].sum()):,}"}
     return res
+
+
+def certified_graph_bitwidth(module: nn.Module, x: Tensor, y: Tensor, bits: tuple[int, ...], drop: float,
+                             log: Any) -> Any:
+    """The certified bit width over the model's graph (:func:`hwrel.quantize.graph.graph_bitwidth`,
+    verified against the rounded copy), or the one-line reason the graph bounds cannot give it."""
+    from hwrel.quantize.graph import graph_bitwidth
+
+    log.stage("bitwidth", f"certified bit width over the graph: {len(bits)} widths, {len(x)} inputs")
+    try:
+        return graph_bitwidth(module, x, y, bits=bits, max_accuracy_drop=drop, progress=log.part)
+    except (UnsupportedLayerError, HwrelError) as exc:
+        return str(exc).strip().splitlines()[0]
 
 
 def graph_fep(module: nn.Module, x: Tensor, cfg: Any, log: Any, seed: int, y: Tensor | None = None,

@@ -33,7 +33,7 @@ def _na(section_id: str, title: str, reason: str, what: str) -> Section:
 def executive(name: str, acc: Any, reason: str, clean: float, n: int, seu: MeasuredSEU | None,
               bw: MeasuredBitwidth | None, checksum: str, data_source: str, generated: str,
               accuracy_note: str = "", hours: float = 0.0, graph: pd.DataFrame | None = None,
-              tolerance: pd.DataFrame | None = None, drop: float | None = None) -> ExecutiveSummary:
+              tolerance: pd.DataFrame | None = None, drop: float | None = None, gbw: Any = None) -> ExecutiveSummary:
     na = not_applicable(reason)
     rows: list[tuple[str, str, float, str, str, str]] = []
     if graph is not None and len(graph):
@@ -56,7 +56,7 @@ def executive(name: str, acc: Any, reason: str, clean: float, n: int, seu: Measu
         headline = f"Certified analyses {na}. Only measured figures below (exact general injection path)"
     rows += [
         ("certified analyses (" + ("" if len(rows) > 1 else "tolerance, " if rows else "Fep, tolerance, ")
-         + "certified bit width, certified flips, ISO 26262)", na, math.nan, "", "not applicable", "fep"),
+         + "certified flips, ISO 26262)", na, math.nan, "", "not applicable", "fep"),
         ("test accuracy (float)", f"{clean:.2%} on {n} inputs{accuracy_note}", clean, "fraction", "measured",
          "summary")]
     certified_rows = bool(graph is not None and len(graph))
@@ -86,7 +86,13 @@ def executive(name: str, acc: Any, reason: str, clean: float, n: int, seu: Measu
             "the adversarial bit-flip search needs the fast engine"), math.nan, "flips", "not applicable", "seu"))
         rows.append(("mission failure probability (estimate)", _mission(seu, hours), seu.mission_failure_probability,
                      "probability", "estimate given the rates", "seu"))
-    rows.append(("safe bit width (certified)", na, math.nan, "bits", "not applicable", "bitwidth"))
+    if gbw is not None and not isinstance(gbw, str):
+        cb = gbw.certified_bits
+        rows.append(("safe bit width (certified)", _certified_width(gbw, reason),
+                     float(cb) if cb is not None else math.nan, "bits", "certified", "bitwidth"))
+    else:
+        rows.append(("safe bit width (certified)", _certified_width(gbw, reason), math.nan, "bits", "not applicable",
+                     "bitwidth"))
     if bw is not None:
         shown = (f"{bw.measured_bits} bits" if bw.measured_bits is not None else "none in the sweep")
         rows.append(("bit width meeting the budget (measured on the test inputs)",
@@ -114,12 +120,27 @@ def summary(info: dict[str, Any], params: pd.DataFrame, memories: pd.DataFrame) 
         Table("memories", "Accelerator memories and the model bits stored in each", memories)))
 
 
-def bitwidth(bw: MeasuredBitwidth | None, reason: str) -> Section:
+def _certified_width(gbw: Any, reason: str) -> str:
+    """The certified-width fact: the width, none in the sweep (with the best bound), or why not."""
+    if gbw is None:
+        return not_applicable(reason)
+    if isinstance(gbw, str):
+        return not_applicable(f"{reason}; the graph bounds: {gbw}")
+    if gbw.certified_bits is not None:
+        return (f"{gbw.certified_bits} bits (sound on each of the test inputs, over the model's graph; weight "
+                "rounding per-channel symmetric, float activations)")
+    top = gbw.table.iloc[-1]
+    return (f"none in the sweep: at {int(top['bits'])} bits the bound over the graph is {top['bound_max']:.3g} "
+            f"(output units; certified {top['certified_fraction']:.1%} of the inputs): interval precision through "
+            "normalization and attention makes the bound on perturbing every layer vacuous")
+
+
+def bitwidth(bw: MeasuredBitwidth | None, reason: str, gbw: Any = None) -> Section:
     title = "Safe bit width (quantization)"
     if bw is None:
         return _na("bitwidth", title, reason, "Safe bit-width analysis")
     facts = Facts((
-        ("recommended width (certified)", not_applicable(reason)),
+        ("recommended width (certified)", _certified_width(gbw, reason)),
         ("width meeting the budget, measured on the test inputs (an estimate, not a certificate)",
          f"{bw.measured_bits} bits" if bw.measured_bits is not None else
          "none in the sweep (every swept width, or a wider one, drops the accuracy beyond the budget)"),
@@ -135,6 +156,16 @@ def bitwidth(bw: MeasuredBitwidth | None, reason: str) -> Section:
                         note="Measured: accuracy and largest logit change of the weight-quantized copy against the "
                              "float model on the test inputs. A width from which every wider swept width keeps the "
                              "budget is the measured recommendation; other inputs may differ (no certificate)."))
+    if gbw is not None and not isinstance(gbw, str):
+        blocks.append(Table("graph_bitwidth", "Per bit width: certified over the model's graph, on the test inputs",
+                            gbw.table,
+                            note="Certified (sound per test input): bound_max / bound_median of the largest output "
+                                 "change when every rounded weight moves by up to half a quantization step; "
+                                 "certified_fraction: inputs (token positions) whose top-1 provably stays; "
+                                 "certified_accuracy: provably kept and correct; below a width that certifies "
+                                 "nothing the narrower ones are not evaluated (certified 0). measured_max: the "
+                                 "largest change of the rounded copy; violations: (input, output) pairs beyond "
+                                 "their bound (must be 0)."))
     return Section("bitwidth", title, tuple(blocks))
 
 
@@ -224,7 +255,7 @@ def provenance(prov: pd.DataFrame, acc: Any) -> Section:
     ))
 
 
-def _validation(graph: dict[str, Any] | None, reason: str) -> Section:
+def _validation(graph: dict[str, Any] | None, reason: str, gbw: Any = None) -> Section:
     title = "Validation against fault injection"
     if not graph or "table" not in graph:
         return Section("validation", title, (
@@ -233,9 +264,15 @@ def _validation(graph: dict[str, Any] | None, reason: str) -> Section:
     bad = int(t["violations"].sum())
     verdict = (f"BOUND VIOLATIONS FOUND: {bad} (input, output) pairs" if bad else
                "no violation: every measured change is within its certified bound")
+    quant = ""
+    if gbw is not None and not isinstance(gbw, str):
+        qbad = int(gbw.table["violations"].sum())
+        quant = (" Certified bit width against the rounded copy at every evaluated width: "
+                 + (f"BOUND VIOLATIONS FOUND: {qbad} (input, output) pairs." if qbad else
+                    "no violation: every output change is within its bound."))
     return Section("validation", title, (
         Text(f"Graph bounds against random single crashes injected exactly (each layer's elements set to 0 "
-             f"in the model's own forward): {verdict}. Other analyses: "
+             f"in the model's own forward): {verdict}.{quant} Other analyses: "
              f"{not_applicable('no certified number to validate; ' + reason)}.", "note"),))
 
 
@@ -247,20 +284,23 @@ def assemble(res: dict[str, Any], name: str, acc: Any, versions: dict[str, str],
     graph = res.get("graph") or {}
     exe = executive(name, acc, reason, res["clean_accuracy"], len(res["x"]), s, bw, res["checksum"],
                     res["data_source"], generated, res.get("accuracy_note", ""), res["hours"], graph.get("table"),
-                    graph.get("tolerance"), res.get("max_accuracy_drop"))
+                    graph.get("tolerance"), res.get("max_accuracy_drop"), res.get("graph_bitwidth"))
     secs = [exe.section(), summary(res["info"], res["params"], res["memories"]),
             fep(res.get("graph"), reason),
-            bitwidth(bw, reason), seu(s, reason, res["hours"])]
+            bitwidth(bw, reason, res.get("graph_bitwidth")), seu(s, reason, res["hours"])]
     if prov_section is not None:
         secs.append(prov_section)
     secs += [_na("iso26262", "ISO 26262-5 hardware metrics (estimates)", reason,
                  "ISO 26262 metrics (they need the certified vulnerable fractions)"),
-             _validation(res.get("graph"), reason),
+             _validation(res.get("graph"), reason, res.get("graph_bitwidth")),
              reproduce]
     if res.get("graph") and "table" in res["graph"]:
-        banner = Text("Certified figures: only the neuron-crash bounds over the model's graph (section Neuron "
-                      f"failures); every other certified figure: {not_applicable(reason)}. The rest of this report "
-                      "shows measurements and estimates.", "note")
+        gbw = res.get("graph_bitwidth")
+        extra = (" and the certified bit width over it (section Safe bit width)"
+                 if gbw is not None and not isinstance(gbw, str) else "")
+        banner = Text("Certified figures: only the neuron-crash bounds and tolerance over the model's graph (section "
+                      f"Neuron failures){extra}; every other certified figure: {not_applicable(reason)}. The rest "
+                      "of this report shows measurements and estimates.", "note")
     else:
         banner = Text(f"Certified figures: {not_applicable(reason)}. This report shows measurements and estimates only.",
                       "note")
