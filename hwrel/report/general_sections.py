@@ -49,8 +49,10 @@ def executive(name: str, acc: Any, reason: str, clean: float, n: int, seu: Measu
                          else "tolerated crashes per failure layer (certified)",
                          f"{per} (each layer alone, on every test input)",
                          float(tolerance["tolerated"].iloc[-1]), "elements", "certified", "fep"))
-        what = "bounds and tolerance" if tolerance is not None and len(tolerance) else "bounds"
-        headline = (f"Certified: only the neuron-crash {what} over the model's graph; every other certified "
+        parts = ["bounds"] + (["tolerance"] if tolerance is not None and len(tolerance) else []) \
+            + (["weight bit width"] if gbw is not None and not isinstance(gbw, str) else [])
+        what = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+        headline = (f"Certified over the model's graph: only the neuron-crash {what}; every other certified "
                     f"analysis {na}. The rest is measured (exact general injection path)")
     else:
         headline = f"Certified analyses {na}. Only measured figures below (exact general injection path)"
@@ -101,7 +103,9 @@ def executive(name: str, acc: Any, reason: str, clean: float, n: int, seu: Measu
                      "bitwidth"))
     prov = (f"Generated {generated} by hwrel. Model {name}, SHA-256 {checksum[:16]}... (parameters). Data: "
             f"{data_source}. Accelerator: {acc.name} ({acc.path.name}).")
-    notes = (("The only bounds in this report are the graph Fep bounds and the tolerance built on them (marked certified); every other "
+    notes = (("The only bounds in this report are the graph Fep bounds and what is built on them: tolerance"
+              + (" and the certified bit width" if gbw is not None and not isinstance(gbw, str) else "")
+              + " (marked certified); every other "
               "measured figure is a lower end of the true worst case (random flips on the test inputs), "
               "estimates carry their interval." if certified_rows else
               "No number in this report is a bound: measured figures are lower ends of the true worst case "
