@@ -147,3 +147,27 @@ def test_cli_bitwidth_prints_the_certified_width(tmp_path, capsys):
     assert main(["bitwidth", *args]) == 0
     out = capsys.readouterr().out
     assert f"certified    bits: {r['certified_bits']} bits (sound on each of the test inputs" in out
+
+
+def test_report_on_a_conv1d_model_shows_the_certified_width(tmp_path):
+    """The general report's bit-width section and executive summary: the width certified over the
+    graph, the same as graph_bitwidth computes, checked against the rounded copy."""
+    import pandas as pd
+
+    from hwrel.report import ReportConfig, build_report
+
+    model, x = build("conv1d")
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    cfg = ReportConfig(samples=8, failure_counts=(1,), random_sets=2, adversarial=False, seu_campaign=20,
+                       seu_samples=8, bits=(4, 6, 8), flip_search=False, tolerance_curve=False)
+    out = build_report(model, "eyeriss-v1", out=tmp_path / "r", data=(x, y), config=cfg, progress=False,
+                       input_domain=(0.0, 1.0))
+    want = graph_bitwidth(model, x, y, bits=(4, 6, 8), max_accuracy_drop=0.01)
+    qb = pd.read_csv(out / "tables" / "graph_bitwidth.csv")
+    assert list(qb["certified_accuracy"]) == pytest.approx(list(want.table["certified_accuracy"]))
+    assert (qb["violations"] == 0).all()
+    s = pd.read_csv(out / "tables" / "summary.csv").set_index("item")
+    assert want.certified_bits is not None
+    assert s.loc["safe bit width (certified)", "kind"] == "certified"
+    assert s.loc["safe bit width (certified)", "value"] == want.certified_bits
