@@ -70,11 +70,14 @@ def trace(model: nn.Module) -> fx.GraphModule:
     """The model's ``torch.fx`` graph (standard leaves: torch.nn modules). One-line error if it
     does not trace (data-dependent control flow, ...)."""
     if isinstance(model, fx.GraphModule):
-        aten = next((n for n in model.graph.nodes
-                     if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)), None)
-        if aten is not None:  # torch.export's ATen graphs: the rules are written for module-level graphs
-            raise UnsupportedLayerError("an exported program (ATen graph): the graph bounds read "
-                                        "module-level torch.fx graphs")
+        from hwrel.bounds.graph_aten import from_aten, is_aten
+
+        if is_aten(model) and not getattr(model, "_hwrel_translated", False):  # torch.export's ATen graphs
+            cached = getattr(model, "_hwrel_module_graph", None)
+            if cached is None:
+                cached = from_aten(model)
+                object.__setattr__(model, "_hwrel_module_graph", cached)  # a plain attribute, not a submodule
+            return cached
         return model
     try:
         # checked before tracing: the tracer intercepts module calls made while it runs
@@ -189,7 +192,9 @@ def check_supported(model: nn.Module, x: Tensor | None = None) -> list[str]:
     checked on ``x[:1]`` before any costly work; else :class:`UnsupportedLayerError` naming the node."""
     layers = graph_layers(model)
     if x is not None:
-        graph_bound(model, {}, lo=x[:1])
+        # with a failure: token inputs leave every operation constant (run as the model runs it) until a
+        # bounded value reaches it, so a dry run without one would check no rule
+        graph_bound(model, {layers[0]: 1} if layers else {}, lo=x[:1])
     return layers
 
 
@@ -262,6 +267,8 @@ def graph_bound(model: nn.Module, failures: Sequence[int] | dict[str, int], faul
 
 
 def _output(out: Any) -> R.Val:
+    while isinstance(out, (tuple, list)) and len(out) == 1:  # an exported program's one-leaf output
+        out = out[0]
     if isinstance(out, Tensor) and out.is_floating_point():  # no fault reaches it: exactly the clean output
         return R.Val.const(out)
     if not isinstance(out, R.Val):
@@ -337,6 +344,7 @@ class _Interpreter:
                 detail = str(exc).splitlines()[0] if str(exc) else ""
                 raise UnsupportedLayerError(f"operation {n.name} ({_label(n)}) with these arguments "
                                             f"({type(exc).__name__}: {detail}) is not supported") from None
+            out = _no_nan(out)
             if self.record is not None:
                 out = _recorded(out, self.record.get(n.name))
             act = _activation_of(self.gm, n)
@@ -584,6 +592,22 @@ def _row_topsum(v: Tensor, f: int) -> Tensor:
     from hwrel.bounds.interval import topsum
 
     return topsum(v, f, dim=-1).unsqueeze(-1)
+
+def _no_nan(out: Any) -> Any:
+    """A rule's error bounds with NaN (``inf * 0`` once a bound has overflowed) read as ``inf``: a NaN
+    compares false and could otherwise be dropped by a later rule, turning a vacuous bound finite."""
+    if isinstance(out, tuple):
+        return tuple(_no_nan(o) for o in out)
+    if not isinstance(out, R.Val):
+        return out
+    fix = [t for t in (out.e, out.extra, out.l2) if t is not None and bool(torch.isnan(t).any())]
+    if not fix:
+        return out
+    def inf(t: Tensor | None) -> Tensor | None:
+        return None if t is None else torch.nan_to_num(t, nan=math.inf, posinf=math.inf, neginf=-math.inf)
+
+    return R.Val(out.lo, out.hi, inf(out.e), inf(out.extra), out.f, inf(out.l2))
+
 
 def _recorded(out: Any, rec: Any) -> Any:
     """The rule's bounds with the clean value replaced by the recorded float32 one."""

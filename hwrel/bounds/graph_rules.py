@@ -155,7 +155,7 @@ def add(a: Val, b: Val, sign: float = 1.0) -> Val:
     e = (a.e + b.e).expand_as(lo)
     r = SAFETY * U * (a.fmag() + b.fmag()) + TINY
     out = finish(lo, hi, e, r.expand_as(lo))
-    if a.shape[-1] == b.shape[-1] == lo.shape[-1]:  # no broadcast along the rows: norms add
+    if a.lo.dim() and b.lo.dim() and a.shape[-1] == b.shape[-1] == lo.shape[-1]:  # rows not broadcast: norms add
         out = with_l2(out, e, (a.row_l2() + b.row_l2()).expand(*lo.shape[:-1], 1))
     return out
 

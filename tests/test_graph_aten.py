@@ -1,0 +1,79 @@
+"""Graph bounds on torch.export ATen graphs (a Hugging Face LLaMA folder as ``hwrel`` loads it):
+the translated graph computes the exported program bit for bit, the bounds hold against exact crash
+injection, an overflowed bound reads inf (never NaN), and ``hwrel bound FOLDER`` takes the graph."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hwrel.bounds import graph_rules as R
+from hwrel.bounds.graph import _no_nan, crash_outputs, graph_bound, graph_layers, layer_sizes, trace, validate
+from hwrel.inject.general_sites import plain_forward
+
+VOCAB, T = 64, 16
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    from hwrel.loading import load_model
+
+    folder = tmp_path_factory.mktemp("hf") / "llama"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2,
+                                       num_key_value_heads=2, intermediate_size=64, vocab_size=VOCAB,
+                                       max_position_embeddings=32, bos_token_id=0, eos_token_id=0)
+        transformers.LlamaForCausalLM(cfg).eval().save_pretrained(str(folder), safe_serialization=True)
+    x = torch.randint(0, VOCAB, (6, T), generator=torch.Generator().manual_seed(1))
+    program = load_model(folder).module_for((T,), x.dtype)
+    return folder, program, x
+
+
+def test_translated_graph_computes_the_exported_program(llama):
+    _, program, x = llama
+    gm = trace(program)
+    assert not any(n.op == "call_function" and str(n.target).startswith("aten.linear") for n in gm.graph.nodes)
+    with plain_forward():
+        assert torch.equal(program(x), gm(x))
+    assert graph_layers(program) == ["silu", "silu_1"] and trace(program) is gm  # translated once
+
+
+def test_bounds_hold_against_exact_crashes(llama):
+    _, program, x = llama
+    sizes = layer_sizes(program, x)
+    b = graph_bound(program, {"silu_1": 1}, lo=x).bound
+    assert bool(torch.isfinite(b).all()) and float(b.max()) < 1.0
+    check = validate(program, x, "silu_1", b, sets=16)
+    assert check["violations"] == 0 and 0 < check["measured_max"] <= float(b.max())
+    f = 4  # several crashes at once, random sets
+    b4 = graph_bound(program, {"silu_1": f}, lo=x).bound
+    clean = crash_outputs(program, x, {})
+    g = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        idx = torch.randperm(sizes["silu_1"], generator=g)[:f]
+        d = (crash_outputs(program, x, {"silu_1": idx}) - clean).abs().flatten(1).double()
+        assert bool((d <= b4).all())
+    # the first block overflows (interval precision through attention): inf, never NaN or a huge finite
+    first = graph_bound(program, {"silu": 1}, lo=x).bound
+    assert not bool(torch.isnan(first).any()) and math.isinf(float(first.max()))
+
+
+def test_nan_errors_read_inf():
+    v = R.Val(torch.zeros(2), torch.ones(2), torch.tensor([math.nan, 1.0]))
+    assert _no_nan(v).e.tolist() == [math.inf, 1.0]
+
+
+def test_cli_bound_on_a_hugging_face_folder(llama, tmp_path, capsys):
+    from hwrel.cli import main
+
+    folder, _, x = llama
+    np.savez(tmp_path / "d.npz", x=x.numpy(), y=x[:, 1:].numpy())
+    assert main(["bound", str(folder), "--data", str(tmp_path / "d.npz"), "--failures", "0,1", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["path"] == "graph" and r["layers"] == ["silu", "silu_1"] and r["inputs"] == 6
+    assert 0 < r["per_input_max"] < 1.0
