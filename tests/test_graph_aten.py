@@ -77,3 +77,22 @@ def test_cli_bound_on_a_hugging_face_folder(llama, tmp_path, capsys):
     r = json.loads(capsys.readouterr().out)
     assert r["path"] == "graph" and r["layers"] == ["silu", "silu_1"] and r["inputs"] == 6
     assert 0 < r["per_input_max"] < 1.0
+
+
+def test_weights_of_an_exported_program_are_rounded_and_bounded(llama):
+    import copy
+
+    from hwrel.quantize.graph import graph_bitwidth, round_weights, rounded_weights
+
+    _, program, x = llama
+    names = [n for n, _, _ in rounded_weights(program)]
+    assert len(names) == 15 and all(n.endswith("_proj.weight") or n.endswith("lm_head.weight") for n in names)
+    q = round_weights(program, 8)
+    with plain_forward():
+        assert not torch.equal(q(x), program(x))  # the copy computes with the rounded weights
+    # a deep copy is translated anew (its own weights), never served the original's translation
+    assert trace(copy.deepcopy(program)) is not trace(program)
+    with torch.no_grad():
+        y = program(x)[:, :-1].argmax(-1)
+    res = graph_bitwidth(program, x, y, bits=(12, 16))
+    assert (res.table["violations"] == 0).all() and res.clean_accuracy == 1.0

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import operator
+import weakref
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
@@ -66,6 +67,9 @@ def _label(n: fx.Node) -> str:
     return t if isinstance(t, str) else getattr(t, "__name__", str(t))
 
 
+_TRANSLATED: "weakref.WeakKeyDictionary[fx.GraphModule, fx.GraphModule]" = weakref.WeakKeyDictionary()
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
     """The model's ``torch.fx`` graph (standard leaves: torch.nn modules). One-line error if it
     does not trace (data-dependent control flow, ...)."""
@@ -73,10 +77,10 @@ def trace(model: nn.Module) -> fx.GraphModule:
         from hwrel.bounds.graph_aten import from_aten, is_aten
 
         if is_aten(model) and not getattr(model, "_hwrel_translated", False):  # torch.export's ATen graphs
-            cached = getattr(model, "_hwrel_module_graph", None)
+            # kept per module object, not as an attribute: a deep copy (with other weights) translates anew
+            cached = _TRANSLATED.get(model)
             if cached is None:
-                cached = from_aten(model)
-                object.__setattr__(model, "_hwrel_module_graph", cached)  # a plain attribute, not a submodule
+                cached = _TRANSLATED[model] = from_aten(model)
             return cached
         return model
     try:

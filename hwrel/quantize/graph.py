@@ -29,6 +29,15 @@ def rounded_weights(module: nn.Module) -> list[tuple[str, nn.Module, str]]:
     """(full name, module, parameter name) of every Linear/Conv weight and attention input
     projection: the tensors weight quantization rounds (every other parameter stays float)."""
     out = []
+    if isinstance(module, torch.fx.GraphModule):  # an exported program: weights are graph constants
+        seen = set()
+        for n in module.graph.nodes:
+            if n.op == "call_function" and n.target in (torch.ops.aten.linear.default, torch.nn.functional.linear):
+                w = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
+                if isinstance(w, torch.fx.Node) and w.op == "get_attr" and str(w.target) not in seen:
+                    seen.add(str(w.target))
+                    owner, _, attr = str(w.target).rpartition(".")
+                    out.append((str(w.target), module.get_submodule(owner) if owner else module, attr))
     for name, m in module.named_modules():
         if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             params = ["weight"]
@@ -114,6 +123,8 @@ def graph_bitwidth(module: nn.Module, x: Tensor, y: Tensor | None = None, *, bit
     widths = sorted({int(b) for b in bits})
     if not widths:
         raise HwrelError("no bit widths to sweep")
+    if not rounded_weights(module):
+        raise HwrelError("the model has no Linear or Conv weight to round: a certified width would certify nothing")
     gm = trace(module)
     batches = [(x[s:s + batch], None if y is None else y[s:s + batch]) for s in range(0, x.shape[0], batch)]
     with plain_forward():
