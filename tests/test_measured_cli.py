@@ -79,7 +79,7 @@ def test_bitwidth_on_a_language_model_is_measured_per_width(capsys):
     r = json.loads(out)
     # certified over the graph (the Network refuses its Embedding); vacuous when every weight is rounded
     assert r["certified"] == "graph" and r["certified_bits"] is None and r["metric"] == "next-token"
-    assert all(row["violations"] == 0 for row in r["certified_table"])
+    assert all(row["violations"] in (0, None) for row in r["certified_table"])
     assert r["method"].startswith("weight rounding")  # Brevitas cannot quantize an Embedding model
     # each row is the accuracy of the rounded copy, recomputed here
     ref = models.load("text-gpt")

@@ -251,7 +251,7 @@ def graph_bound(model: nn.Module, failures: Sequence[int] | dict[str, int], faul
     counts = _counts(layers, failures)
     points = hi is None or bool((lo == hi).all())
     hi = lo if hi is None else hi
-    radius = dict(weight_radius or {})
+    radius = _resolve_radii(model, gm, weight_radius or {})
     if points:  # the clean float32 forward recorded; rounding counted only where a fault reaches
         record = _record(gm, lo)
         with R.rounding_mode(R.RECORDED):
@@ -263,11 +263,32 @@ def graph_bound(model: nn.Module, failures: Sequence[int] | dict[str, int], faul
         bound = _output(it.run(lo, hi)).resolved()
         perturbed = any(counts.values()) or bool(radius)
         bound = bound + (_output(_Interpreter(gm, fault, {}).run(lo, hi)).resolved() if perturbed else bound)
-    unused = sorted(set(radius) - it.used)
+    unused = sorted(name for key, (name, _) in radius.items() if key not in it.used)
     if unused:
         raise UnsupportedLayerError(f"weight perturbation of {unused[0]}: no rule reads this parameter as the "
                                     "weight of a Linear or Conv2d (the graph bounds cannot account for it)")
     return GraphBound(bound.flatten(1), layers, counts)
+
+
+def _resolve_radii(model: nn.Module, gm: fx.GraphModule, radius: dict[str, Tensor]) -> dict[int, tuple[str, Tensor]]:
+    """The radii keyed by the identity of the parameter tensor they perturb: a weight tied to another
+    name (an embedding table shared with the output layer) or read twice is the same tensor."""
+    out: dict[int, tuple[str, Tensor]] = {}
+    for name, r in radius.items():
+        t = next((t for t in (_lookup(model, name), _lookup(gm, name)) if isinstance(t, Tensor)), None)
+        if t is None:
+            raise UnsupportedLayerError(f"weight perturbation of {name}: the model has no such parameter")
+        out[id(t)] = (name, r)
+    return out
+
+
+def _lookup(root: Any, name: str) -> Any:
+    obj = root
+    for part in name.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
 
 
 def _output(out: Any) -> R.Val:
@@ -303,25 +324,35 @@ class _Interpreter:
                  record: dict[str, Any] | None = None, radius: dict[str, Tensor] | None = None):
         self.gm, self.fault, self.counts, self.record = gm, fault, counts, record
         self.affines: dict[str, Node] = {}
-        self.radius = radius or {}
-        self.used: set[str] = set()  # the weight radii a rule has accounted for
+        self.radius = radius or {}  # id(parameter tensor) -> (name, R)
+        self.used: set[int] = set()  # the weight radii a rule has accounted for
+        self.weights: dict[int, tuple[Tensor, Tensor]] = {}  # id(Val of a perturbed weight) -> (W, R)
 
     def _perturbed(self, n: fx.Node) -> bool:
-        """Whether node ``n`` is a Linear/Conv2d (module or ``F.linear``) whose weight has a radius."""
+        """Whether node ``n`` reads a perturbed weight: a module owning one, or ``F.linear`` of one."""
         if not self.radius:
             return False
         if n.op == "call_module":
-            return f"{n.target}.weight" in self.radius
+            return any(id(p) in self.radius for p in self.gm.get_submodule(str(n.target)).parameters())
         if n.target is F.linear:
             w = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
-            return isinstance(w, fx.Node) and w.op == "get_attr" and str(w.target) in self.radius
+            return isinstance(w, fx.Node) and w.op == "get_attr" and id(_lookup(self.gm, str(w.target))) in self.radius
         return False
 
-    def _radius(self, param: str | None) -> Tensor | None:
-        if param is None or param not in self.radius:
+    def _radius(self, t: Tensor) -> Tensor | None:
+        if id(t) not in self.radius:
             return None
-        self.used.add(param)
-        return self.radius[param].double()
+        self.used.add(id(t))
+        return self.radius[id(t)][1].double()
+
+    def _check_reads(self, n: fx.Node, m: nn.Module) -> None:
+        """A module may read a perturbed parameter only as the weight of a plain Linear/Conv (the rule
+        that bounds it); any other read (a tied embedding table, a norm's weight) is refused."""
+        ok = isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and not type(m).__name__.startswith("Quant")
+        for pn, p in m.named_parameters():
+            if id(p) in self.radius and not (ok and pn == "weight"):
+                raise UnsupportedLayerError(f"layer {n.target} ({type(m).__name__}) reads the perturbed parameter "
+                                            f"{self.radius[id(p)][0]} as {pn}: no rule bounds that read")
 
     def run(self, lo: Tensor, hi: Tensor, e: Tensor | None = None) -> Any:
         """The output's bounds for inputs in ``[lo, hi]`` (``e``: their own error bound, default 0)."""
@@ -349,7 +380,7 @@ class _Interpreter:
                 raise UnsupportedLayerError(f"operation {n.name} ({_label(n)}) with these arguments "
                                             f"({type(exc).__name__}: {detail}) is not supported") from None
             out = _no_nan(out)
-            if self.record is not None:
+            if self.record is not None and n.op != "get_attr":  # a perturbed weight keeps its identity
                 out = _recorded(out, self.record.get(n.name))
             act = _activation_of(self.gm, n)
             if act is not None and isinstance(out, (R.Val, Tensor)):
@@ -365,7 +396,16 @@ class _Interpreter:
 
     def _eval(self, n: fx.Node, args: tuple, kwargs: dict) -> Any:
         if n.op == "get_attr":
+            raw = _lookup(self.gm, str(n.target))
+            if self.radius and id(raw) in self.radius:  # a perturbed weight read directly: a bounded value
+                r = self._radius(raw)
+                w = raw.detach().double()
+                v = R.Val(w, w, r.expand_as(w).clone())
+                self.weights[id(v)] = (raw.detach(), r)
+                return v
             return _attr(self.gm, str(n.target))
+        if self.radius and n.op == "call_module":
+            self._check_reads(n, self.gm.get_submodule(str(n.target)))
         has_val = any(isinstance(a, R.Val) for a in _flat(args, kwargs))
         if not has_val and self._perturbed(n) and isinstance(args[0], Tensor) and args[0].is_floating_point():
             args = (R.Val.const(args[0].double()), *args[1:])  # a constant input, perturbed weights
@@ -415,12 +455,13 @@ class _Interpreter:
         if t is F.linear:
             w = args[1] if len(args) > 1 else kwargs["weight"]
             b = args[2] if len(args) > 2 else kwargs.get("bias")
+            radius = None
+            if isinstance(w, R.Val) and id(w) in self.weights:  # a perturbed weight, read as it is stored
+                w, radius = self.weights[id(w)]
             if isinstance(w, R.Val) or isinstance(b, R.Val):
                 raise UnsupportedLayerError(f"operation {n.name} (linear): a bounded weight has no rule")
-            w_node = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
-            param = str(w_node.target) if isinstance(w_node, fx.Node) and w_node.op == "get_attr" else None
             return self._affine(n.name, Affine("linear", w.detach().float(), None if b is None else b.detach().float()),
-                                args[0], self._radius(param))
+                                args[0], radius)
         if t in (F.conv1d, torch.conv1d):
             names = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
             p = dict(zip(names, args))
@@ -480,7 +521,7 @@ class _Interpreter:
                 from hwrel.extract import _affine_from
 
                 self.affines[name] = _affine_from(name, m)
-            radius = self._radius(f"{name}.weight") if isinstance(m, (nn.Linear, nn.Conv2d)) else None
+            radius = self._radius(m.weight) if isinstance(m, (nn.Linear, nn.Conv2d)) else None
             return self._affine(name, self.affines[name], args[0], radius)
         if isinstance(m, nn.Conv1d):
             if type(m) is not nn.Conv1d:  # a quantized subclass computes with other weights
@@ -491,7 +532,7 @@ class _Interpreter:
             if name not in self.affines:
                 self.affines[name] = _conv1d_affine(name, m.weight, m.bias, m.stride[0], m.padding, m.dilation[0],
                                                     m.groups)
-            radius = self._radius(f"{name}.weight")  # (C_out, C_in, k) -> the (1, k) kernels of the 2-D rule
+            radius = self._radius(m.weight)  # (C_out, C_in, k) -> the (1, k) kernels of the 2-D rule
             return self._conv1d(name, self.affines[name], args[0], None if radius is None else radius.unsqueeze(2))
         if type(m) is nn.MaxPool1d:
             if m.return_indices:

@@ -115,6 +115,6 @@ def _run_graph(args: argparse.Namespace, md, engine_reason: str) -> int:
         print(f"fault {res.fault}, budget: certified {what} at most {res.budget:.2%} below "
               + (f"the clean {res.clean_accuracy:.2%}" if res.clean_accuracy is not None else "100%"))
     print(res.table.to_string(index=False))
-    print("tolerated: the largest count whose bound meets the budget, each layer alone (as every rule grows "
-          "with the failures, any smaller count too)")
+    print("tolerated: the largest count whose bound meets the budget, each layer alone (each bound covers "
+          "every set of at most that many failed elements)")
     return 0

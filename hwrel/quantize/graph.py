@@ -113,7 +113,7 @@ def graph_bitwidth(module: nn.Module, x: Tensor, y: Tensor | None = None, *, bit
     ``(B, T, V)`` logits, or None (top-1 agreement with the float model). Raises
     :class:`UnsupportedLayerError` where the graph bounds have no rule for an operation or a
     rounded weight. ``verify``: inject the rounding (:func:`round_weights`) at every evaluated width
-    and count the outputs beyond their bound."""
+    and count the outputs beyond their bound (NaN where the width was not evaluated)."""
     from hwrel.bounds.graph import graph_bound, trace
     from hwrel.inject.general_sites import plain_forward
 
@@ -144,7 +144,7 @@ def graph_bitwidth(module: nn.Module, x: Tensor, y: Tensor | None = None, *, bit
             # lower end of the accuracy) is recorded without the evaluation
             rows.append({"bits": b, "bound_max": float("nan"), "bound_median": float("nan"), "certified_fraction": 0.0,
                          "certified_accuracy": 0.0, "meets_budget_certified": acc0 <= max_accuracy_drop + 1e-12,
-                         **({"measured_max": float("nan"), "violations": 0} if verify else {})})
+                         **({"measured_max": float("nan"), "violations": float("nan")} if verify else {})})
             continue
         say(i / len(widths), f"certified bit width: {b} bits ({i + 1} of {len(widths)}), {x.shape[0]} inputs")
         radii = weight_radii(module, b)
