@@ -96,3 +96,81 @@ def test_weights_of_an_exported_program_are_rounded_and_bounded(llama):
         y = program(x)[:, :-1].argmax(-1)
     res = graph_bitwidth(program, x, y, bits=(12, 16))
     assert (res.table["violations"].dropna() == 0).all() and res.clean_accuracy == 1.0
+
+
+# --------------------------------------------------------------------------- GPT-2 (Conv1D = addmm)
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    """A transformers GPT-2: ``Conv1D`` layers (``addmm`` with weights stored (in, out)), the tanh
+    GELU written out (``x ** 3``), q/k/v by ``split``, the output layer tied to the embedding."""
+    transformers = pytest.importorskip("transformers")
+    from hwrel.loading import load_model
+
+    folder = tmp_path_factory.mktemp("hf") / "gpt2"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32,
+                                      bos_token_id=0, eos_token_id=0)
+        transformers.GPT2LMHeadModel(cfg).eval().save_pretrained(str(folder), safe_serialization=True)
+    x = torch.randint(0, VOCAB, (6, T), generator=torch.Generator().manual_seed(1))
+    program = load_model(folder).module_for((T,), x.dtype)
+    return folder, program, x
+
+
+def test_gpt2_translated_graph_computes_the_exported_program(gpt2):
+    _, program, x = gpt2
+    gm = trace(program)
+    targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    assert torch.addmm in targets and torch.split in targets and torch.ops.aten.addmm.default not in targets
+    with plain_forward():
+        assert torch.equal(program(x), gm(x))
+    assert graph_layers(program) == ["tanh", "tanh_1"]
+
+
+def test_gpt2_bounds_hold_against_exact_crashes(gpt2):
+    _, program, x = gpt2
+    sizes = layer_sizes(program, x)
+    b = graph_bound(program, {"tanh_1": 1}, lo=x).bound
+    assert bool(torch.isfinite(b).all())
+    check = validate(program, x, "tanh_1", b, sets=16)
+    assert check["violations"] == 0 and 0 < check["measured_max"] <= float(b.max())
+    f = 4
+    b4 = graph_bound(program, {"tanh_1": f}, lo=x).bound
+    clean = crash_outputs(program, x, {})
+    g = torch.Generator().manual_seed(0)
+    for layer in ("tanh", "tanh_1"):
+        bl = b4 if layer == "tanh_1" else graph_bound(program, {"tanh": f}, lo=x).bound
+        assert not bool(torch.isnan(bl).any())
+        for _ in range(6):
+            idx = torch.randperm(sizes[layer], generator=g)[:f]
+            d = (crash_outputs(program, x, {layer: idx}) - clean).abs().flatten(1).double()
+            assert bool((d <= bl).all()), layer
+
+
+def test_gpt2_weights_are_rounded_per_output_channel_and_the_tied_output_layer_stays_float(gpt2):
+    from hwrel.quantize.graph import graph_bitwidth, round_weights, rounded_weights, weight_radii
+    from hwrel.quantize.rounding import weight_storage
+    from hwrel.quantize.graph import PER_CHANNEL
+
+    _, program, x = gpt2
+    found = rounded_weights(program)
+    names = [n for n, _, _ in found]
+    assert len(names) == 8 and all(n.split(".")[-2] in ("c_attn", "c_proj", "c_fc") for n in names), names
+    assert not any("wte" in n or "lm_head" in n for n in names)  # tied to the embedding: not rounded
+    q = round_weights(program, 4)
+    radii = weight_radii(program, 4)
+    qs = dict(q.named_parameters(remove_duplicate=False)) | dict(q.named_buffers())
+    for name, m, p in found:
+        w = getattr(m, p).detach()
+        wq = qs[name].detach() if name in qs else None
+        if wq is None:  # constants of an exported program live as attributes
+            owner, _, attr = name.rpartition(".")
+            wq = getattr(q.get_submodule(owner), attr).detach()
+        # one scale per output channel: the stored (in, out) tensor is rounded column by column
+        assert torch.equal(wq, weight_storage(w.t().contiguous(), 4, PER_CHANNEL).dequantize().t())
+        assert bool(((wq.double() - w.double()).abs() <= radii[name]).all()) and radii[name].shape == w.shape
+    with torch.no_grad():
+        y = program(x)[:, :-1].argmax(-1)
+    res = graph_bitwidth(program, x, y, bits=(12, 16))
+    assert (res.table["violations"].dropna() == 0).all() and res.table["violations"].notna().any()

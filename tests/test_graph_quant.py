@@ -174,7 +174,8 @@ def test_report_on_a_conv1d_model_shows_the_certified_width(tmp_path):
 
 
 def test_every_read_of_a_perturbed_weight_is_bounded_or_refused():
-    """A weight tied to an embedding table is refused (no rule bounds a perturbed lookup); a weight
+    """A weight tied to an embedding table is not rounded, and a radius on it is refused (no rule
+    bounds a perturbed lookup); a weight
     read twice (as a Linear and directly in a matmul) is bounded at both reads; a bare encoder layer's
     radii (named without its tracing wrapper) are found."""
     from torch import nn
@@ -199,8 +200,10 @@ def test_every_read_of_a_perturbed_weight_is_bounded_or_refused():
     torch.manual_seed(0)
     tied = Tied().eval()
     ids = torch.randint(0, 16, (2, 5))
+    assert rounded_weights(tied) == []  # rounding the tied table would move the lookup too: it stays float
+    radius = {"lm_head.weight": torch.full((16, 8), 1e-3, dtype=torch.float64)}
     with pytest.raises(UnsupportedLayerError, match="wte .*reads the perturbed parameter lm_head.weight"):
-        graph_bound(tied, {}, lo=ids, weight_radius=weight_radii(tied, 4))
+        graph_bound(tied, {}, lo=ids, weight_radius=radius)
     twice = Twice().eval()
     with torch.no_grad():  # every weight half a step from its grid point: the rounding moves each one far
         k = torch.arange(64.0).reshape(8, 8)

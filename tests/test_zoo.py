@@ -517,7 +517,7 @@ def _commands(e: Entry, layers: int = 1) -> dict[str, list[str]]:
 COMMANDS_ON_GENERAL: tuple[str, ...] = ("seu", "bitwidth")
 REFUSED_ON_GENERAL = ("bound", "tolerance")
 # ... except ``bound`` and ``tolerance`` where the graph bounds (hwrel.bounds.graph) have a rule for every operation
-GRAPH_BOUNDED = ("mnist-vit", "text-gpt", "gpt", "vit", "conv1d", "hf-llama")
+GRAPH_BOUNDED = ("mnist-vit", "text-gpt", "gpt", "vit", "conv1d", "hf-llama", "hf-gpt2")
 
 
 @pytest.mark.parametrize("name", ZOO)

@@ -329,15 +329,18 @@ class _Interpreter:
         self.weights: dict[int, tuple[Tensor, Tensor]] = {}  # id(Val of a perturbed weight) -> (W, R)
 
     def _perturbed(self, n: fx.Node) -> bool:
-        """Whether node ``n`` reads a perturbed weight: a module owning one, or ``F.linear`` of one."""
+        """Whether node ``n`` reads a perturbed weight: a module owning one, or ``F.linear`` / ``addmm`` of one."""
         if not self.radius:
             return False
         if n.op == "call_module":
             return any(id(p) in self.radius for p in self.gm.get_submodule(str(n.target)).parameters())
         if n.target is F.linear:
             w = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
-            return isinstance(w, fx.Node) and w.op == "get_attr" and id(_lookup(self.gm, str(w.target))) in self.radius
-        return False
+        elif n.target is torch.addmm and len(n.args) > 2:
+            w = n.args[2]
+        else:
+            return False
+        return isinstance(w, fx.Node) and w.op == "get_attr" and id(_lookup(self.gm, str(w.target))) in self.radius
 
     def _radius(self, t: Tensor) -> Tensor | None:
         if id(t) not in self.radius:
@@ -445,7 +448,7 @@ class _Interpreter:
                 raise UnsupportedLayerError(f"operation {n.name} ({label}): division by a bounded tensor has no rule")
             c = args[1]
             return R.scale(_val(args[0]), 1.0 / (c.double() if isinstance(c, Tensor) else float(c)))
-        if t in (operator.matmul, torch.matmul, torch.bmm) or t in ("matmul", "bmm"):
+        if t in (operator.matmul, torch.matmul, torch.bmm, torch.mm) or t in ("matmul", "bmm", "mm"):
             return R.matmul(_val(args[0]), _val(args[1]))
         if t is torch.baddbmm:
             if isinstance(args[0], R.Val) or kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1 or len(args) > 3:
@@ -462,6 +465,18 @@ class _Interpreter:
                 raise UnsupportedLayerError(f"operation {n.name} (linear): a bounded weight has no rule")
             return self._affine(n.name, Affine("linear", w.detach().float(), None if b is None else b.detach().float()),
                                 args[0], radius)
+        if t is torch.addmm:  # bias + x @ W with W stored (in, out): the linear map of W^T
+            b, x, w = args[:3]
+            radius = None
+            if isinstance(w, R.Val) and id(w) in self.weights:
+                w, radius = self.weights[id(w)]
+                radius = radius.expand_as(w).t()
+            if (len(args) > 3 or kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1 or isinstance(w, R.Val)
+                    or isinstance(b, R.Val) or not isinstance(b, Tensor) or b.dim() != 1):
+                raise UnsupportedLayerError(f"operation {n.name} (addmm): only bias + x @ W with a constant or "
+                                            "perturbed W and a constant 1-d bias, beta = alpha = 1, has a rule")
+            return self._affine(n.name, Affine("linear", w.detach().float().t().contiguous(), b.detach().float()),
+                                x, radius)
         if t in (F.conv1d, torch.conv1d):
             names = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
             p = dict(zip(names, args))
@@ -496,9 +511,10 @@ class _Interpreter:
         if t in (torch.mean,) or t == "mean":
             return _mean(n, args, kwargs)
         if t in (operator.pow, torch.pow) or t == "pow":
-            if args[1] != 2:
-                raise UnsupportedLayerError(f"operation {n.name} (pow): only the square has a rule, got exponent {args[1]}")
-            return R.power2(_val(args[0]))
+            if isinstance(args[1], R.Val) or args[1] not in (2, 3):
+                raise UnsupportedLayerError(f"operation {n.name} (pow): only the square and the cube have a rule, "
+                                            f"got exponent {args[1]}")
+            return R.power2(_val(args[0])) if args[1] == 2 else R.power3(_val(args[0]))
         if t in (torch.square,) or t == "square":
             return R.power2(_val(args[0]))
         if t in (torch.rsqrt,) or t == "rsqrt":

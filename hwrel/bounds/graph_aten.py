@@ -2,7 +2,7 @@
 the rules of :mod:`hwrel.bounds.graph` read them.
 
 Each ATen operation on a bounded value is replaced by the torch function that computes exactly it
-(``aten.linear`` -> ``F.linear``, ``aten.slice.Tensor`` -> basic indexing, ``aten.view`` -> the
+(``aten.linear`` -> ``F.linear``, ``aten.addmm`` -> ``torch.addmm``, ``aten.slice.Tensor`` -> basic indexing, ``aten.view`` -> the
 ``view`` method, ...), so the translated graph's forward equals the exported program's bit for bit
 (tested). Metadata assertions and export guards, which compute nothing, are dropped. Operations
 outside the table stay as they are: on constants they run as before; on a bounded value the
@@ -26,11 +26,13 @@ _FUNCTIONS: dict[Any, Any] = {
     aten.unsqueeze.default: torch.unsqueeze, aten.squeeze.dim: torch.squeeze, aten.cat.default: torch.cat,
     aten.transpose.int: torch.transpose, aten.permute.default: torch.permute,
     aten.pow.Tensor_Scalar: torch.pow, aten.rsqrt.default: torch.rsqrt, aten.mean.dim: torch.mean,
-    aten.matmul.default: torch.matmul, aten.bmm.default: torch.bmm,
+    aten.matmul.default: torch.matmul, aten.bmm.default: torch.bmm, aten.mm.default: torch.mm,
+    aten.addmm.default: torch.addmm,  # GPT-2's Conv1D: bias + x @ W, W stored (in, out)
     aten.scaled_dot_product_attention.default: F.scaled_dot_product_attention,
     aten.silu.default: F.silu, aten.gelu.default: F.gelu, aten.relu.default: F.relu, aten.tanh.default: torch.tanh,
     aten.sigmoid.default: torch.sigmoid, aten.softmax.int: torch.softmax,
-    aten.flatten.using_ints: torch.flatten,
+    aten.flatten.using_ints: torch.flatten, aten.split.Tensor: torch.split,
+    aten.split_with_sizes.default: torch.split, aten.chunk.default: torch.chunk, aten.unbind.int: torch.unbind,
 }
 _METHODS = {aten.view.default: "reshape",  # the same values; bounds may not share the layout
              aten.reshape.default: "reshape", aten.expand.default: "expand",

@@ -222,6 +222,17 @@ def power2(a: Val) -> Val:
     return finish(lo, hi, e, SAFETY * U * a.fmag() ** 2 + TINY)
 
 
+def power3(a: Val) -> Val:
+    """``x ** 3`` (the tanh GELU written out, GPT-2's ``gelu_new``): increasing, so the interval is
+    the cubes of the ends; ``|x'^3 - x^3| = |x' - x| |x'^2 + x' x + x^2|`` with ``|x'|`` up to the
+    faulty box's magnitude. Rounding: at most two float32 products (``x * x * x``) or one ``pow``
+    within an ulp, ``<= 2u |x|^3`` before ``SAFETY``."""
+    a = a.plain()
+    m, fm = a.mag(), a.fmag()
+    e = (fm * fm + fm * m + m * m) * a.e
+    return finish(a.lo ** 3, a.hi ** 3, e, SAFETY * 2 * U * fm ** 3 + TINY)
+
+
 def rsqrt(a: Val) -> Val:
     """``1 / sqrt(x)``, decreasing and convex on ``x > 0``; unbounded (inf) where ``x`` may be <= 0."""
     a = a.plain()

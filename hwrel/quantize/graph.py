@@ -26,18 +26,40 @@ PER_CHANNEL = QuantSpec(per_channel=True, symmetric=True)
 
 
 def rounded_weights(module: nn.Module) -> list[tuple[str, nn.Module, str]]:
-    """(full name, module, parameter name) of every Linear/Conv weight and attention input
-    projection: the tensors weight quantization rounds (every other parameter stays float)."""
-    out = []
+    """(full name, module, parameter name) of every Linear/Conv weight, attention input projection
+    and, in an exported program, every ``linear`` / ``addmm`` weight (GPT-2's ``Conv1D``): the tensors
+    weight quantization rounds (every other parameter stays float). A weight that is also read as
+    something else (an output layer tied to the embedding table, as GPT-2's is) stays float: rounding
+    it would move the embedding too, which no rule bounds."""
+    return [(n, m, p) for n, m, p, _ in _rounded(module)]
+
+
+def _rounded(module: nn.Module) -> list[tuple[str, nn.Module, str, bool]]:
+    """:func:`rounded_weights` with, per weight, whether it is stored (in, out) (``addmm``'s layout)."""
+    out: list[tuple[str, nn.Module, str, bool]] = []
     if isinstance(module, torch.fx.GraphModule):  # an exported program: weights are graph constants
-        seen = set()
+        reads: dict[int, list[torch.fx.Node]] = {}  # id(tensor) -> every node that reads it
         for n in module.graph.nodes:
-            if n.op == "call_function" and n.target in (torch.ops.aten.linear.default, torch.nn.functional.linear):
-                w = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
-                if isinstance(w, torch.fx.Node) and w.op == "get_attr" and str(w.target) not in seen:
-                    seen.add(str(w.target))
-                    owner, _, attr = str(w.target).rpartition(".")
-                    out.append((str(w.target), module.get_submodule(owner) if owner else module, attr))
+            if n.op == "get_attr":
+                reads.setdefault(id(_attr(module, str(n.target))), []).extend(n.users)
+        seen: set[int] = set()
+        for n in module.graph.nodes:
+            w = _weight_arg(n)
+            if w is None or w.op != "get_attr":
+                continue
+            t = _attr(module, str(w.target))
+            if id(t) in seen or not all(_weight_arg(u) is not None and _weight_arg(u).op == "get_attr"
+                                        and _attr(module, str(_weight_arg(u).target)) is t
+                                        and sum(a is w for a in _flat_args(u)) == 1 for u in reads[id(t)]):
+                continue
+            seen.add(id(t))
+            owner, _, attr = str(w.target).rpartition(".")
+            out.append((str(w.target), module.get_submodule(owner) if owner else module, attr,
+                        n.target in _ADDMM))
+    readers: dict[int, int] = {}  # id(parameter) -> how many modules own it
+    for m in module.modules():
+        for p in m.parameters(recurse=False):
+            readers[id(p)] = readers.get(id(p), 0) + 1
     for name, m in module.named_modules():
         if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             params = ["weight"]
@@ -46,28 +68,65 @@ def rounded_weights(module: nn.Module) -> list[tuple[str, nn.Module, str]]:
                       if getattr(m, p, None) is not None]
         else:
             continue
-        out += [(f"{name}.{p}" if name else p, m, p) for p in params]
+        out += [(f"{name}.{p}" if name else p, m, p, False) for p in params if readers[id(getattr(m, p))] == 1]
     return out
+
+
+_LINEAR = (torch.ops.aten.linear.default, torch.nn.functional.linear)
+_ADDMM = (torch.ops.aten.addmm.default, torch.addmm)
+
+
+def _weight_arg(n: torch.fx.Node) -> torch.fx.Node | None:
+    """The weight node of a ``linear`` (``(x, W, b)``) or a plain ``addmm`` (``(b, x, W)``) node."""
+    if n.op == "call_function" and n.target in _LINEAR:
+        w = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
+    elif n.op == "call_function" and n.target in _ADDMM and len(n.args) == 3 and not n.kwargs:
+        w = n.args[2]
+    else:
+        return None
+    return w if isinstance(w, torch.fx.Node) else None
+
+
+def _flat_args(n: torch.fx.Node) -> list:
+    return list(n.args) + list(n.kwargs.values())
+
+
+def _attr(gm: torch.fx.GraphModule, target: str):  # noqa: ANN202 - a tensor or a module
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _per_output_channel(w: Tensor, transposed: bool, fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """``fn`` (a per-channel map along dim 0) on the output channels of a weight stored (out, in) or,
+    ``transposed``, (in, out)."""
+    return fn(w.t()).t() if transposed else fn(w)
 
 
 def round_weights(module: nn.Module, bits: int) -> nn.Module:
     """A copy of ``module`` whose rounded weights (:func:`rounded_weights`) are rounded to ``bits``-bit
-    per-channel symmetric codes (:func:`hwrel.quantize.rounding.weight_storage`), dequantized; every
-    other parameter, and the activations, stay float. The module itself is not changed."""
+    per-channel symmetric codes (:func:`hwrel.quantize.rounding.weight_storage`, one scale per output
+    channel), dequantized; every other parameter, and the activations, stay float. The module itself
+    is not changed."""
     from hwrel.quantize.rounding import weight_storage
 
     q = copy.deepcopy(module).eval()
     with torch.no_grad():
-        for _, m, p in rounded_weights(q):
+        for _, m, p, tr in _rounded(q):
             w = getattr(m, p)
-            w.copy_(weight_storage(w.detach().float(), bits, PER_CHANNEL).dequantize().to(w.dtype))
+            rounded = _per_output_channel(
+                w.detach().float(), tr, lambda t: weight_storage(t.contiguous(), bits, PER_CHANNEL).dequantize())
+            w.copy_(rounded.to(w.dtype))
     return q
 
 
 def weight_radii(module: nn.Module, bits: int, spec: QuantSpec = PER_CHANNEL) -> dict[str, Tensor]:
     """Per rounded weight (:func:`rounded_weights`), the sound elementwise bound on its rounding
-    error at ``bits`` (float64, the weight's units)."""
-    return {name: weight_radius(getattr(m, p).detach().float(), bits, spec) for name, m, p in rounded_weights(module)}
+    error at ``bits`` (float64, the weight's units, the weight's own layout)."""
+    return {name: _per_output_channel(getattr(m, p).detach().float(), tr,
+                                      lambda t: weight_radius(t.contiguous(), bits, spec).expand_as(t))
+            for name, m, p, tr in _rounded(module)}
 
 
 @dataclass(frozen=True)
