@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 
@@ -52,3 +53,38 @@ def test_stub_help_equals_each_commands_own() -> None:
     assert {a.dest: a.help for a in sub._choices_actions} == HELP
     lazy = build_parser(only="")
     assert lazy.format_help() == parser.format_help()
+
+
+@pytest.mark.parametrize("command,load,given,want", [
+    ("report", 0.0, None, None),  # idle cores: OpenMP's own short spin (passive waits cost 1.5-1.9x)
+    ("report", 1.7, None, "PASSIVE"),  # shared cores: spinning threads cost up to 30x
+    ("inject", 0.6, None, "PASSIVE"),
+    ("bound", 3.0, None, None),  # no injection campaign: left alone
+    ("report", 3.0, "ACTIVE", "ACTIVE"),  # the user's own setting wins
+])
+def test_openmp_waits_passively_only_on_busy_cores(command: str, load: float, given: str | None,
+                                                    want: str | None) -> None:
+    """The policy is set before torch loads, from how busy the cores are when the command starts."""
+    code = ("import os, sys; import hwrel.cli as cli; cli._cores_in_use = lambda: {load}\n"
+            "cli._omp_environment({command!r}); assert 'torch' not in sys.modules\n"
+            "print(os.environ.get('OMP_WAIT_POLICY'))").format(load=load, command=command)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.strip() == str(want)
+
+
+def test_cores_in_use_sees_a_busy_core() -> None:
+    """One spinning process beside an otherwise quiet machine reads as about a core in use."""
+    from hwrel.cli import _cores_in_use
+
+    if not os.path.exists("/proc/stat"):
+        pytest.skip("no /proc/stat")
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        import time
+        time.sleep(0.3)
+        assert _cores_in_use(0.3) >= 0.7
+    finally:
+        hog.kill()

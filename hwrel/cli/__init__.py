@@ -11,6 +11,7 @@ import argparse
 import importlib
 import os
 import sys
+import time
 
 from hwrel.errors import HwrelError
 
@@ -37,12 +38,47 @@ HELP = {
 }
 
 
-# Environment a command sets (unless already set) before it imports torch. OpenMP threads that
-# spin while they wait cost fault injection (many small parallel steps) most of its time as soon as
-# the cores are shared with anything else: measured 30x slower on a busy 2-core machine.
-# `hwrel report` injects too (1,000-flip campaigns; mnist-vit's on the general path: 143 s spinning vs
-# 6 s passive on the busy 2-core machine, 2026-12-03).
-_ENV = {"inject": {"OMP_WAIT_POLICY": "PASSIVE"}, "report": {"OMP_WAIT_POLICY": "PASSIVE"}}
+# OpenMP threads that spin while they wait cost fault injection (many small parallel steps) most of
+# its time as soon as the cores are shared with anything else: measured 30x slower on a busy 2-core
+# machine, and `hwrel report mnist-vit` 143 s spinning vs 6 s passive (2026-12-03). On idle cores
+# the passive wait costs instead: every parallel step wakes its threads from sleep (the report's
+# bit-width certificates on mnist-resnet 1.5-1.9x slower, 2026-12-04: 123-150 s vs 77 s). So
+# `inject` and `report` wait passively where other work already keeps the cores busy when they
+# start (at least BUSY_CORES cores' worth, sampled from /proc/stat over 0.1 s; else the 1-minute load
+# average; neither: passive), unless the variable is set. libgomp reads it once, when torch loads:
+# it cannot follow the load during a run.
+_PASSIVE_WHEN_BUSY = ("inject", "report")
+BUSY_CORES = 0.5
+
+
+def _cores_in_use(interval: float = 0.1) -> float:
+    """Cores' worth of CPU time the rest of the machine used over ``interval`` seconds (this process
+    sleeps meanwhile); the 1-minute load average where /proc/stat is missing."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as fh:
+            v = [int(t) for t in fh.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        return sum(v), v[3] + v[4]
+
+    try:
+        t0, i0 = sample()
+        time.sleep(interval)
+        t1, i1 = sample()
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0]
+    total = t1 - t0
+    return (total - (i1 - i0)) / total * (os.cpu_count() or 1) if total > 0 else 0.0
+
+
+def _omp_environment(command: str | None) -> None:
+    """Set ``OMP_WAIT_POLICY=PASSIVE`` for ``command`` where :data:`_PASSIVE_WHEN_BUSY` says so."""
+    if command not in _PASSIVE_WHEN_BUSY or "torch" in sys.modules or "OMP_WAIT_POLICY" in os.environ:
+        return
+    try:
+        busy = _cores_in_use() >= BUSY_CORES
+    except (AttributeError, OSError):  # no load figure at all (Windows): the safe choice on shared cores
+        busy = True
+    if busy:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 
 def _command_of(argv: list[str]) -> str | None:
@@ -83,9 +119,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = _command_of(argv)
-    if "torch" not in sys.modules:
-        for key, value in _ENV.get(command or "", {}).items():
-            os.environ.setdefault(key, value)
+    _omp_environment(command)
     parser = build_parser(only=command or "")
     try:
         args = parser.parse_args(argv)
