@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: as `hwrel inject` runs
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: as `hwrel inject` runs on busy cores
 
 import argparse  # noqa: E402
 import json  # noqa: E402

@@ -17,7 +17,7 @@ CNN (``hwrel.models.ResNet18Like``, 11.2 M parameters, 32x32x3 inputs, batch 64,
 to the command line as a ``.safetensors`` state dict with ``--architecture``. Start-up: ``hwrel
 --help``, ``hwrel models``, ``python -c "import torch"`` and ``hwrel inject digits-mlp --count 1``
 (best of 3). Every process (and this one) runs with ``OMP_WAIT_POLICY=PASSIVE``, as ``hwrel
-inject`` sets it. Writes ``benchmarks/results/cli.json`` and ``.md``.
+inject`` sets it on busy cores (fixed here, so runs compare whatever the load). Writes ``benchmarks/results/cli.json`` and ``.md``.
 
     python benchmarks/bench_cli.py [--faults 200000] [--resnet-faults 200] [--quick]
 """
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: as `hwrel inject` runs
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: as `hwrel inject` runs on busy cores
 
 import argparse  # noqa: E402
 import json  # noqa: E402

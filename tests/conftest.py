@@ -1,7 +1,7 @@
 """Suite-wide settings (loaded before any test module imports torch)."""
 import os
 
-# As `hwrel` sets it for its own commands: idle OpenMP threads sleep instead of spinning, so the
+# As `hwrel inject` and `report` set it on busy cores (a suite run is one): idle OpenMP threads sleep instead of spinning, so the
 # subprocesses many tests start (and parallel test jobs) do not fight the suite's own threads for
 # the two cores.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
