@@ -96,16 +96,26 @@ def reference_output(stored: nn.Module, x: torch.Tensor, writes=(), acts=()) -> 
         for name, index, value in writes:
             params[name].view(-1)[index] = value
     handles = []
+
+    def changed(t, index, fn):
+        t = t.clone()
+        pos = np.unravel_index(index, tuple(t.shape[1:])) if t.shape[0] == x.shape[0] else None
+        if pos is None:  # not batched (a position embedding): indexed whole
+            t[np.unravel_index(index, tuple(t.shape))] = fn(t[np.unravel_index(index, tuple(t.shape))])
+        else:
+            at = (slice(None), *[int(v) for v in pos])
+            t[at] = fn(t[at])
+        return t
+
     for module, slot, index, fn in acts:
+        if module not in mods:  # an encoder layer's activation given by name (a function): patched
+            parent = mods[module.rpartition(".")[0]]
+            assert isinstance(parent, nn.TransformerEncoderLayer) and not isinstance(parent.activation, nn.Module)
+            parent.activation = lambda t, f0=parent.activation, index=index, fn=fn: changed(f0(t), index, fn)
+            continue
+
         def hook(mod, inp, out, slot=slot, index=index, fn=fn):
-            t = out if slot is None else out[slot]
-            t = t.clone()
-            pos = np.unravel_index(index, tuple(t.shape[1:])) if t.shape[0] == x.shape[0] else None
-            if pos is None:  # not batched (a position embedding): indexed whole
-                t[np.unravel_index(index, tuple(t.shape))] = fn(t[np.unravel_index(index, tuple(t.shape))])
-            else:
-                at = (slice(None), *[int(v) for v in pos])
-                t[at] = fn(t[at])
+            t = changed(out if slot is None else out[slot], index, fn)
             return t if slot is None else (t, *out[1:]) if slot == 0 else (*out[:slot], t, *out[slot + 1:])
         handles.append(mods[module].register_forward_hook(hook))
     prev = torch.backends.mha.get_fastpath_enabled()
@@ -652,3 +662,60 @@ def test_brevitas_layers_flip_their_integer_codes() -> None:
     df = run_campaign(m, {"count": 30}, x, progress=False)
     conv_w = df[(df["layer"] == "0") & (df["site"] == "weight")]
     assert set(conv_w["format"]) == {"int4"} and set(df.loc[df["site"] == "bias", "format"]) <= {"fp32"}
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_an_encoder_activation_given_by_name_is_an_injection_site(activation: str) -> None:
+    """``TransformerEncoderLayer(activation="gelu")`` calls ``F.gelu``, no module: the injector exposes
+    it as ``<layer>.activation``, the graph bounds' failure layer, and a fault there equals the same
+    function with those elements changed, patched into a deep copy of the layer; the user's model
+    keeps its function."""
+    from hwrel.bounds.graph import crash_outputs, graph_layers
+
+    class Enc(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(4, 16)
+            self.enc = nn.TransformerEncoderLayer(16, 2, 24, dropout=0.0, activation=activation, batch_first=True)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.enc(self.embed(x)).mean(1))
+
+    torch.manual_seed(0)
+    model = Enc().eval()
+    x = torch.randn(5, 6, 4)
+    fn = model.enc.activation
+    inj = GeneralInjector(model, x)
+    assert model.enc.activation is fn and not isinstance(fn, nn.Module)  # the user's model untouched
+    assert graph_layers(model) == ["enc.activation"] and inj.acts["enc.activation"].shape == (6, 24)
+
+    def patched(change, index: int) -> torch.Tensor:
+        m = copy.deepcopy(model)
+
+        def act(t: torch.Tensor) -> torch.Tensor:
+            t = fn(t).clone()
+            at = (slice(None), *[int(v) for v in np.unravel_index(index, tuple(t.shape[1:]))])
+            t[at] = change(t[at])
+            return t
+        m.enc.activation = act
+        prev = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            with torch.no_grad():
+                return m(x)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(prev)
+
+    moved = 0
+    for index in (0, 31, 6 * 24 - 1):
+        for f, change in [(Fault("neuron", "enc.activation", index, "crash"), torch.zeros_like),
+                          (Fault("neuron", "enc.activation", index, "stuck", value=3.5),
+                           lambda t: torch.full_like(t, 3.5))]:
+            got = inj.outputs(f)
+            assert same_bits(got, patched(change, index)), (index, f.kind)
+            moved += not same_bits(got, inj.clean)
+        # the graph bounds' own crash reference at the same element agrees
+        assert same_bits(inj.outputs(Fault("neuron", "enc.activation", index, "crash")),
+                         crash_outputs(model, x, {"enc.activation": torch.tensor([index])}))
+    assert moved >= 3

@@ -57,7 +57,7 @@ from hwrel.inject.faults import Fault, FaultConfig, as_config
 from hwrel.inject.metrics import Metric, resolve_metric
 from hwrel.inject.general_sites import (_DTYPE_FORMATS, _NO_SITE, ActSite, ParamSite, _act_name,
                                        _brevitas_weights, _code_hook, _eval, _tensors, _Write,
-                                       model_output, plain_forward, site_kind)
+                                       expose_functional_activations, model_output, plain_forward, site_kind)
 from hwrel.inject.replay import GraphReplay
 
 FP32 = parse_format("fp32")
@@ -93,6 +93,7 @@ class GeneralInjector:
             check(math.isfinite(self.range_limit) and self.range_limit > 0,
                   f"range_limit must be a positive finite number, got {range_limit!r}")
         self.model = _eval(copy.deepcopy(model)).to(self.device)
+        expose_functional_activations(self.model)  # encoder activations given by name: sites too
         self.inputs = x.to(self.device)
         self.batch = int(x.shape[0])
         self._tensors: dict[str, Tensor] = {}

@@ -35,6 +35,32 @@ def plain_forward() -> Iterator[None]:
             mha.set_fastpath_enabled(prev)
 
 
+class FunctionalActivation(nn.Module):
+    """The activation function an encoder layer calls as ``self.activation`` (``F.relu`` and
+    ``F.gelu`` when given by name), held as a module so that its output is an activation site, named
+    ``<layer>.activation`` like the graph bounds' failure layer. Computes exactly the function."""
+
+    def __init__(self, fn: Any) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fn(x)
+
+
+def expose_functional_activations(model: nn.Module) -> list[str]:
+    """Wrap, in place, every ``TransformerEncoderLayer`` activation that is a plain function in a
+    :class:`FunctionalActivation` (the same values, bit for bit); the wrapped names. For the
+    injector's own copy of a model: the user's model is never changed."""
+    done = []
+    for name, m in model.named_modules():
+        fn = m.__dict__.get("activation") if isinstance(m, nn.TransformerEncoderLayer) else None
+        if fn is not None and callable(fn) and not isinstance(fn, nn.Module):
+            m.activation = FunctionalActivation(fn)
+            done.append(f"{name}.activation" if name else "activation")
+    return done
+
+
 def _eval(model: nn.Module) -> nn.Module:
     """Eval mode (a torch.export program's module refuses ``eval()``: it is fixed at export)."""
     try:
