@@ -218,3 +218,20 @@ def test_every_read_of_a_perturbed_weight_is_bounded_or_refused():
     xs = torch.rand(2, 3, 8)
     b = graph_bound(layer, {}, lo=xs, weight_radius=weight_radii(layer, 8)).bound
     assert bool(((_out(round_weights(layer, 8), xs) - _out(layer, xs)).abs() <= b).all())
+
+
+def test_a_width_certified_without_any_certified_input_says_so():
+    """A budget larger than the clean accuracy is met with nothing certified (an untrained model):
+    the certified-width line says that the budget, not a certificate, carried it."""
+    import pandas as pd
+
+    from hwrel.quantize.graph import GraphBitwidth
+    from hwrel.report.general_sections import _certified_width
+
+    table = pd.DataFrame({"bits": [8, 16], "bound_max": [9.0, 8.0], "bound_median": [9.0, 8.0],
+                          "certified_fraction": [0.0, 0.0], "certified_accuracy": [0.0, 0.0],
+                          "meets_budget_certified": [True, True]})
+    line = _certified_width(GraphBitwidth(table, 8, 0.0167, 0.05, "next-token", ("w",)), "")
+    assert line.startswith("8 bits") and "no input is certified" in line and "1.67%" in line
+    table["certified_fraction"] = [0.5, 0.9]
+    assert "no input is certified" not in _certified_width(GraphBitwidth(table, 8, 0.9, 0.05, "class", ("w",)), "")

@@ -131,8 +131,12 @@ def _certified_width(gbw: Any, reason: str) -> str:
     if isinstance(gbw, str):
         return not_applicable(f"{reason}; the graph bounds: {gbw}")
     if gbw.certified_bits is not None:
+        row = gbw.table[gbw.table["bits"] == gbw.certified_bits].iloc[0]
+        trivial = "" if row["certified_fraction"] > 0 else (
+            f"; no input is certified: the budget holds only because the clean accuracy "
+            f"({gbw.clean_accuracy:.2%}) is within the allowed drop ({gbw.max_accuracy_drop:.2%})")
         return (f"{gbw.certified_bits} bits (sound on each of the test inputs, over the model's graph; weight "
-                "rounding per-channel symmetric, float activations)")
+                f"rounding per-channel symmetric, float activations{trivial})")
     top = gbw.table.iloc[-1]
     return (f"none in the sweep: at {int(top['bits'])} bits the bound over the graph is {top['bound_max']:.3g} "
             f"(output units; certified {top['certified_fraction']:.1%} of the inputs): interval precision through "
