@@ -17,21 +17,33 @@ from hwrel.inject.general_sites import plain_forward
 VOCAB, T = 64, 16
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
+def _folder(tmp_path_factory, kind: str):
+    """A tiny transformers model saved as a folder and read back as ``hwrel`` loads it: (folder,
+    exported program, token ids)."""
     transformers = pytest.importorskip("transformers")
     from hwrel.loading import load_model
 
-    folder = tmp_path_factory.mktemp("hf") / "llama"
+    folder = tmp_path_factory.mktemp("hf") / kind
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2,
-                                       num_key_value_heads=2, intermediate_size=64, vocab_size=VOCAB,
-                                       max_position_embeddings=32, bos_token_id=0, eos_token_id=0)
-        transformers.LlamaForCausalLM(cfg).eval().save_pretrained(str(folder), safe_serialization=True)
+        if kind == "llama":
+            cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2,
+                                           num_key_value_heads=2, intermediate_size=64, vocab_size=VOCAB,
+                                           max_position_embeddings=32, bos_token_id=0, eos_token_id=0)
+            hf = transformers.LlamaForCausalLM(cfg)
+        else:
+            cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32,
+                                          bos_token_id=0, eos_token_id=0)
+            hf = transformers.GPT2LMHeadModel(cfg)
+        hf.eval().save_pretrained(str(folder), safe_serialization=True)
     x = torch.randint(0, VOCAB, (6, T), generator=torch.Generator().manual_seed(1))
     program = load_model(folder).module_for((T,), x.dtype)
     return folder, program, x
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return _folder(tmp_path_factory, "llama")
 
 
 def test_translated_graph_computes_the_exported_program(llama):
@@ -104,18 +116,7 @@ def test_weights_of_an_exported_program_are_rounded_and_bounded(llama):
 def gpt2(tmp_path_factory):
     """A transformers GPT-2: ``Conv1D`` layers (``addmm`` with weights stored (in, out)), the tanh
     GELU written out (``x ** 3``), q/k/v by ``split``, the output layer tied to the embedding."""
-    transformers = pytest.importorskip("transformers")
-    from hwrel.loading import load_model
-
-    folder = tmp_path_factory.mktemp("hf") / "gpt2"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32,
-                                      bos_token_id=0, eos_token_id=0)
-        transformers.GPT2LMHeadModel(cfg).eval().save_pretrained(str(folder), safe_serialization=True)
-    x = torch.randint(0, VOCAB, (6, T), generator=torch.Generator().manual_seed(1))
-    program = load_model(folder).module_for((T,), x.dtype)
-    return folder, program, x
+    return _folder(tmp_path_factory, "gpt2")
 
 
 def test_gpt2_translated_graph_computes_the_exported_program(gpt2):
