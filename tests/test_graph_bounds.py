@@ -413,3 +413,44 @@ def test_norm_rules_with_a_row_norm_bound(seed, n, err, frac, rms):
             faulty = F.layer_norm(xf, (n,), w.float(), b.float(), 1e-5).double()
         assert ((faulty - exact).abs() <= out.e + 1e-12).all()
         assert ((faulty - exact).norm(dim=-1, keepdim=True) <= out.l2 + 1e-12).all()
+
+
+class _WrittenOutGelu(nn.Module):
+    """GPT-2's ``gelu_new`` written out between two Linear layers: the failure layer is ``tanh``, and
+    a constant is added to it (both orders, and subtracted) before the product with ``0.5 x``."""
+
+    def __init__(self, n: int = 8) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, n), nn.Linear(n, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        t = torch.tanh(0.7978845608 * (h + 0.044715 * torch.pow(h, 3.0)))
+        return self.fc2(0.5 * h * (1.0 + t)) + self.fc2((t - 0.25) * h)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_failing_layer_plus_a_constant_keeps_its_top_f_form_and_stays_sound(seed):
+    """Every set of f crashed tanh elements (exhaustive, f = 1, 2, 3 of 8), injected exactly, against
+    the bound; the bound grows with f (the failing layer is not resolved elementwise at the add, where
+    any f would read as every element failing)."""
+    from itertools import combinations
+
+    from hwrel.bounds.graph import crash_outputs
+
+    torch.manual_seed(seed)
+    model = _WrittenOutGelu().eval()
+    x = torch.randn(16, 6) * 2
+    assert graph_layers(model) == ["tanh"]
+    clean = crash_outputs(model, x, {})
+    bounds = []
+    for f in (1, 2, 3):
+        b = graph_bound(model, {"tanh": f}, lo=x).bound
+        bounds.append(float(b.max()))
+        worst = torch.zeros_like(b)
+        for idx in combinations(range(8), f):
+            d = (crash_outputs(model, x, {"tanh": torch.tensor(idx)}) - clean).abs().flatten(1).double()
+            assert bool((d <= b).all()), (f, idx)
+            worst = torch.maximum(worst, d)
+        assert float(worst.max()) > 0
+    assert bounds[0] < bounds[1] < bounds[2]

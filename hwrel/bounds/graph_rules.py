@@ -148,7 +148,20 @@ def _cap(e: Tensor, lo_f: Tensor, hi_f: Tensor) -> Tensor:
 # --- elementwise ------------------------------------------------------------------------------
 
 def add(a: Val, b: Val, sign: float = 1.0) -> Val:
-    """``a + b`` (``sign=-1``: ``a - b``), broadcasting; one rounding of the result."""
+    """``a + b`` (``sign=-1``: ``a - b``), broadcasting; one rounding of the result. A failing layer
+    plus a tensor with none, which it is not broadcast against (``tanh(.) + 1`` in a written-out
+    GELU, a bias), stays a failing layer: elementwise, still at most ``f`` entries carry ``extra``."""
+    failing = a if a.extra is not None and b.extra is None else b if b.extra is not None and a.extra is None else None
+    if failing is not None and torch.broadcast_shapes(a.shape, b.shape) == failing.shape:
+        lo = a.lo + (b.lo if sign > 0 else -b.hi)
+        hi = a.hi + (b.hi if sign > 0 else -b.lo)
+        out = Val(lo, hi, (a.e + b.e).expand_as(lo).clone(), failing.extra, failing.f)
+        r = (SAFETY * U * (a.fmag() + b.fmag()) + TINY).expand_as(lo)  # magnitudes with the failure
+        if _mode[-1] == RECORDED:
+            out.lo, out.hi, out.e = out.lo - r, out.hi + r, out.e + 2 * r * (out.e + out.extra > 0)
+        else:
+            out.e = out.e + r
+        return out
     a, b = a.plain(), b.plain()
     lo = a.lo + (b.lo if sign > 0 else -b.hi)
     hi = a.hi + (b.hi if sign > 0 else -b.lo)
