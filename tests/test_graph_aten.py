@@ -175,3 +175,22 @@ def test_gpt2_weights_are_rounded_per_output_channel_and_the_tied_output_layer_s
         y = program(x)[:, :-1].argmax(-1)
     res = graph_bitwidth(program, x, y, bits=(12, 16))
     assert (res.table["violations"].dropna() == 0).all() and res.table["violations"].notna().any()
+
+
+def test_weight_radii_on_a_raw_exported_module_are_found_and_sound():
+    """``torch.export(...).module()`` given as it is: the bounds run on its translation (a copy of its
+    weights), and the radii, named as in the module, still reach them (they were refused before)."""
+    from torch import nn
+
+    from hwrel.quantize.graph import round_weights, weight_radii
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 3)).eval()
+    x = torch.randn(5, 6)
+    ep = torch.export.export(model, (x,)).module()
+    radii = weight_radii(ep, 6)
+    assert len(radii) == 2
+    b = graph_bound(ep, {}, lo=x, weight_radius=radii).bound
+    with plain_forward():
+        d = (round_weights(ep, 6)(x) - ep(x)).abs().flatten(1).double()
+    assert bool((d <= b).all()) and float(d.max()) > 0

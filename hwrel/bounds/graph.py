@@ -275,7 +275,8 @@ def _resolve_radii(model: nn.Module, gm: fx.GraphModule, radius: dict[str, Tenso
     name (an embedding table shared with the output layer) or read twice is the same tensor."""
     out: dict[int, tuple[str, Tensor]] = {}
     for name, r in radius.items():
-        t = next((t for t in (_lookup(model, name), _lookup(gm, name)) if isinstance(t, Tensor)), None)
+        # the graph's own tensor first: an exported program is translated on a copy of its weights
+        t = next((t for t in (_lookup(gm, name), _lookup(model, name)) if isinstance(t, Tensor)), None)
         if t is None:
             raise UnsupportedLayerError(f"weight perturbation of {name}: the model has no such parameter")
         out[id(t)] = (name, r)
@@ -410,8 +411,10 @@ class _Interpreter:
         if self.radius and n.op == "call_module":
             self._check_reads(n, self.gm.get_submodule(str(n.target)))
         has_val = any(isinstance(a, R.Val) for a in _flat(args, kwargs))
-        if not has_val and self._perturbed(n) and isinstance(args[0], Tensor) and args[0].is_floating_point():
-            args = (R.Val.const(args[0].double()), *args[1:])  # a constant input, perturbed weights
+        k = 1 if n.target is torch.addmm else 0  # the input: addmm(bias, x, W)
+        if not has_val and self._perturbed(n) and len(args) > k and isinstance(args[k], Tensor) \
+                and args[k].is_floating_point():
+            args = (*args[:k], R.Val.const(args[k].double()), *args[k + 1:])  # a constant input, perturbed weights
             has_val = True
         if not has_val:  # depends on constants only: the model's own computation
             return self._concrete(n, args, kwargs)
