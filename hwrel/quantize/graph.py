@@ -12,6 +12,7 @@ Sound on each test input; not over the input domain, where these bounds are vacu
 from __future__ import annotations
 
 import copy
+from operator import attrgetter
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -41,16 +42,14 @@ def _rounded(module: nn.Module) -> list[tuple[str, nn.Module, str, bool]]:
         reads: dict[int, list[torch.fx.Node]] = {}  # id(tensor) -> every node that reads it
         for n in module.graph.nodes:
             if n.op == "get_attr":
-                reads.setdefault(id(_attr(module, str(n.target))), []).extend(n.users)
+                reads.setdefault(id(attrgetter(str(n.target))(module)), []).extend(n.users)
         seen: set[int] = set()
         for n in module.graph.nodes:
             w = _weight_arg(n)
             if w is None or w.op != "get_attr":
                 continue
-            t = _attr(module, str(w.target))
-            if id(t) in seen or not all(_weight_arg(u) is not None and _weight_arg(u).op == "get_attr"
-                                        and _attr(module, str(_weight_arg(u).target)) is t
-                                        and sum(a is w for a in _flat_args(u)) == 1 for u in reads[id(t)]):
+            t = attrgetter(str(w.target))(module)
+            if id(t) in seen or not all(_reads_as_weight(module, u, t) for u in reads[id(t)]):
                 continue
             seen.add(id(t))
             owner, _, attr = str(w.target).rpartition(".")
@@ -87,15 +86,13 @@ def _weight_arg(n: torch.fx.Node) -> torch.fx.Node | None:
     return w if isinstance(w, torch.fx.Node) else None
 
 
-def _flat_args(n: torch.fx.Node) -> list:
-    return list(n.args) + list(n.kwargs.values())
-
-
-def _attr(gm: torch.fx.GraphModule, target: str):  # noqa: ANN202 - a tensor or a module
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
+def _reads_as_weight(module: torch.fx.GraphModule, n: torch.fx.Node, t: Tensor) -> bool:
+    """Whether node ``n`` reads tensor ``t`` only as its ``linear`` / ``addmm`` weight, once."""
+    w = _weight_arg(n)
+    if w is None or w.op != "get_attr" or attrgetter(str(w.target))(module) is not t:
+        return False
+    return sum(isinstance(a, torch.fx.Node) and a.op == "get_attr" and attrgetter(str(a.target))(module) is t
+               for a in [*n.args, *n.kwargs.values()]) == 1  # not also its input or bias
 
 
 def _per_output_channel(w: Tensor, transposed: bool, fn: Callable[[Tensor], Tensor]) -> Tensor:
