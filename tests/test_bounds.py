@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import zlib
 
 import pytest
 import torch
@@ -55,8 +56,8 @@ def measure_neuron(model, x, sizes, f, values):
             it = iter(vals)
             faults = [{i: next(it) for i in s} for s in sets]
             d = float((faulty_forward(model, x, faults) - clean).abs().max())
-            if d > worst:
-                worst, worst_faults = d, faults
+            if d > worst or worst_faults is None:  # (a set even where none moves the probes: dead ReLUs)
+                worst, worst_faults = max(d, worst), faults
     return worst, worst_faults
 
 
@@ -64,7 +65,7 @@ def measure_neuron(model, x, sizes, f, values):
 @pytest.mark.parametrize("fault", ["crash", "byzantine"])
 def test_exhaustive_neuron_failures_never_exceed_any_bound(act, fault):
     sizes = [3, 4, 3, 2]
-    model = mlp(sizes, act, seed=hash(act) % 1000)
+    model = mlp(sizes, act, seed=zlib.crc32(act.encode()) % 1000)  # hash() of a str differs per process
     net = hwrel.Network.from_module(model, (0.0, 1.0))
     x = probe_inputs(0.0, 1.0, 3, 150, seed=1)
     cap = 1.5
